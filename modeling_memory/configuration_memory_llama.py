@@ -1,0 +1,173 @@
+"""Configuration of MemoryLlama: a Llama whose decoder layers carry chapter memory and Engram.
+
+Memory settings are flat, prefixed fields (the Mixtral / Qwen-MoE convention). With both
+`chapter_layers` and `engram_layers` empty the model is exactly a Llama.
+"""
+
+from huggingface_hub.dataclasses import strict
+from transformers.models.llama.configuration_llama import LlamaConfig
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int_list(name: str, values, minimum: int, maximum: int | None = None) -> None:
+    upper = f" and <= {maximum}" if maximum is not None else ""
+    _check(
+        isinstance(values, (list, tuple)) and all(_is_int(v) for v in values),
+        f"`{name}` must be a list of integers, got {values!r}.",
+    )
+    for value in values:
+        _check(
+            value >= minimum and (maximum is None or value <= maximum),
+            f"`{name}` entry {value} is out of range: entries must be >= {minimum}{upper}.",
+        )
+    duplicates = sorted({v for v in values if list(values).count(v) > 1})
+    _check(not duplicates, f"`{name}` lists {duplicates} more than once; each entry must be unique.")
+
+
+@strict
+class MemoryLlamaConfig(LlamaConfig):
+    r"""
+    A [`LlamaConfig`] plus the settings of the two memory kinds.
+
+    Chapter memory (read by cross-attention after self-attention, at `chapter_layers`):
+        chapter_layers (`list[int]`): decoder layers that read the chapter bank; empty for none.
+        chapter_num_chapters (`int`): chapters in the bank, shared ones included.
+        chapter_size (`int`): memory tokens per chapter.
+        chapter_top_k (`int`): routed chapters each token reads.
+        chapter_num_shared (`int`): chapters every token reads (the first ones of the bank).
+        chapter_num_heads (`int`): heads of the memory cross-attention; must divide `hidden_size`.
+        chapter_share_bank (`bool`): one bank for all chapter layers (each layer keeps its own projections).
+        router_aux_loss_coef (`float`): weight of the load-balancing loss in `aux_loss`.
+        router_z_loss_coef (`float`): weight of the router z-loss in `aux_loss`.
+
+    Engram (hashed n-gram lookup added before attention, at `engram_layers`):
+        engram_layers (`list[int]`): decoder layers with an Engram; empty for none.
+        engram_ngram_orders (`list[int]`): n-gram orders, each >= 2.
+        engram_heads_per_order (`int`): hash heads (tables) per order.
+        engram_table_size (`int`): rows per table before rounding up to a distinct prime.
+        engram_dim (`int`): width of the concatenated head embeddings.
+        engram_conv_kernel (`int`): kernel of the short causal depthwise convolution.
+        engram_conv_dilation (`int`, *optional*): its dilation; defaults to the largest order.
+        engram_seed (`int`): seed of the hash multipliers.
+
+    Training helpers:
+        engram_lr_multiplier (`float`): learning-rate multiplier of the Engram tables.
+        chapter_bank_lr_multiplier (`float`): learning-rate multiplier of the chapter bank.
+    """
+
+    model_type = "memory_llama"
+    keys_to_ignore_at_inference = ["past_key_values", "router_logits", "aux_loss", "hidden_states"]
+
+    chapter_layers: list[int] | None = None
+    chapter_num_chapters: int = 64
+    chapter_size: int = 32
+    chapter_top_k: int = 2
+    chapter_num_shared: int = 1
+    chapter_num_heads: int = 4
+    chapter_share_bank: bool = True
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.001
+
+    engram_layers: list[int] | None = None
+    engram_ngram_orders: list[int] | None = None
+    engram_heads_per_order: int = 8
+    engram_table_size: int = 65536
+    engram_dim: int = 512
+    engram_conv_kernel: int = 4
+    engram_conv_dilation: int | None = None
+    engram_seed: int = 0
+
+    engram_lr_multiplier: float = 5.0
+    chapter_bank_lr_multiplier: float = 2.0
+
+    def __post_init__(self, **kwargs):
+        self.chapter_layers = list(self.chapter_layers) if self.chapter_layers is not None else []
+        self.engram_layers = list(self.engram_layers) if self.engram_layers is not None else []
+        orders = self.engram_ngram_orders
+        self.engram_ngram_orders = list(orders) if orders is not None else [2, 3]
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        super().validate_architecture()
+        n_layers = self.num_hidden_layers
+        _check_int_list("chapter_layers", self.chapter_layers, 0, n_layers - 1)
+        _check_int_list("engram_layers", self.engram_layers, 0, n_layers - 1)
+        _check_int_list("engram_ngram_orders", self.engram_ngram_orders, 2)
+        _check(len(self.engram_ngram_orders) > 0, "`engram_ngram_orders` must name at least one order (>= 2).")
+        for name in (
+            "chapter_num_chapters",
+            "chapter_size",
+            "chapter_top_k",
+            "chapter_num_heads",
+            "engram_heads_per_order",
+            "engram_table_size",
+            "engram_dim",
+            "engram_conv_kernel",
+        ):
+            value = getattr(self, name)
+            _check(_is_int(value) and value >= 1, f"`{name}` must be an integer >= 1, got {value!r}.")
+        _check(
+            _is_int(self.chapter_num_shared) and self.chapter_num_shared >= 0,
+            f"`chapter_num_shared` must be an integer >= 0, got {self.chapter_num_shared!r}.",
+        )
+        routed = self.chapter_num_chapters - self.chapter_num_shared
+        _check(
+            routed >= 1,
+            f"`chapter_num_chapters` ({self.chapter_num_chapters}) must exceed `chapter_num_shared` "
+            f"({self.chapter_num_shared}) so that at least one chapter is routed.",
+        )
+        _check(
+            self.chapter_top_k <= routed,
+            f"`chapter_top_k` ({self.chapter_top_k}) must be between 1 and the number of routed chapters "
+            f"(chapter_num_chapters - chapter_num_shared = {routed}).",
+        )
+        _check(
+            self.hidden_size % self.chapter_num_heads == 0,
+            f"`chapter_num_heads` ({self.chapter_num_heads}) must divide `hidden_size` ({self.hidden_size}).",
+        )
+        heads = len(self.engram_ngram_orders) * self.engram_heads_per_order
+        _check(
+            self.engram_dim % heads == 0,
+            f"`engram_dim` ({self.engram_dim}) must be divisible by the number of Engram heads "
+            f"(len(engram_ngram_orders) * engram_heads_per_order = {heads}).",
+        )
+        if self.engram_conv_dilation is not None:
+            _check(
+                _is_int(self.engram_conv_dilation) and self.engram_conv_dilation >= 1,
+                f"`engram_conv_dilation` must be an integer >= 1 or None, got {self.engram_conv_dilation!r}.",
+            )
+        for name in ("router_aux_loss_coef", "router_z_loss_coef", "engram_lr_multiplier", "chapter_bank_lr_multiplier"):
+            value = getattr(self, name)
+            _check(value >= 0, f"`{name}` must be >= 0, got {value!r}.")
+
+    # Derived quantities, kept as properties so they never disagree with the fields.
+    @property
+    def chapter_num_routed(self) -> int:
+        return self.chapter_num_chapters - self.chapter_num_shared
+
+    @property
+    def engram_max_order(self) -> int:
+        return max(self.engram_ngram_orders)
+
+    @property
+    def engram_num_heads(self) -> int:
+        return len(self.engram_ngram_orders) * self.engram_heads_per_order
+
+    @property
+    def engram_head_dim(self) -> int:
+        return self.engram_dim // self.engram_num_heads
+
+    @property
+    def engram_effective_dilation(self) -> int:
+        return self.engram_conv_dilation if self.engram_conv_dilation is not None else self.engram_max_order
+
+
+__all__ = ["MemoryLlamaConfig"]

@@ -1,0 +1,58 @@
+"""Chapter attention: each token attends, head by head, to the chapters it reads (its shared chapters
+and its top-k routed ones), softmax within each chapter, and the per-chapter outputs are combined
+with the token's chapter weights (MoE-style). This is the op under chapter memory.
+
+Readable PyTorch reference and the dispatcher that picks it or the Triton kernels of
+`kernels_chapter_attention.py`.
+
+Shapes: N tokens, H heads, D head width, C chapters of T memory tokens, R chapters read per token.
+"""
+
+import torch
+
+from .ops_engram import kernel_choice
+
+
+# Tokens processed together by the reference: bounds the gathered K/V to TOKEN_BLOCK * R * T * H * D.
+TOKEN_BLOCK = 1024
+
+
+def chapter_attention_reference(
+    query: torch.Tensor,
+    bank_keys: torch.Tensor,
+    bank_values: torch.Tensor,
+    chapter_ids: torch.Tensor,
+    chapter_weights: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """
+    Args:
+        query: (N, H, D).
+        bank_keys, bank_values: (C, T, H, D) projected bank.
+        chapter_ids: (N, R) int64 chapters each token reads.
+        chapter_weights: (N, R) fp32 weight of each chapter's output.
+        scale: softmax scale.
+    Returns:
+        (N, H, D) in the query's dtype; scores and softmax statistics in fp32.
+    """
+    outputs = []
+    for start in range(0, query.shape[0], TOKEN_BLOCK):
+        block = slice(start, start + TOKEN_BLOCK)
+        keys = bank_keys[chapter_ids[block]]  # (n, R, T, H, D)
+        values = bank_values[chapter_ids[block]]
+        scores = torch.einsum("nhd,nrthd->nrht", query[block].float(), keys.float()) * scale
+        probs = scores.softmax(dim=-1)
+        per_chapter = torch.einsum("nrht,nrthd->nrhd", probs, values.float())
+        outputs.append(torch.einsum("nr,nrhd->nhd", chapter_weights[block].float(), per_chapter))
+    if not outputs:
+        return query.new_zeros(query.shape)
+    return torch.cat(outputs).to(query.dtype)
+
+
+def chapter_attention(query, bank_keys, bank_values, chapter_ids, chapter_weights, scale) -> torch.Tensor:
+    """Dispatcher: Triton kernels when usable (see `ops_engram.kernel_choice`), the reference otherwise."""
+    if kernel_choice(query) == "triton":
+        from .kernels_chapter_attention import chapter_attention_triton
+
+        return chapter_attention_triton(query, bank_keys, bank_values, chapter_ids, chapter_weights, scale)
+    return chapter_attention_reference(query, bank_keys, bank_values, chapter_ids, chapter_weights, scale)

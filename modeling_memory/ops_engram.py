@@ -1,0 +1,127 @@
+"""Engram lookup: canonical-id map + n-gram hashing + gather of every head (the op under Engram).
+
+Readable PyTorch reference and the dispatcher that picks it or the Triton kernels of
+`kernels_engram.py`. Row ids depend on tokens only, so they are computed before the layer runs.
+
+Shapes: B batch, S new tokens, L = max_order - 1 history tokens prepended from the cache, H heads
+(all orders), D per-head width.
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+
+KERNELS_ENV = "MODELING_MEMORY_KERNELS"
+
+
+def kernel_choice(tensor: torch.Tensor) -> str:
+    """'triton' or 'torch' for an op on `tensor`: forced by MODELING_MEMORY_KERNELS, else Triton on
+    CUDA tensors (or anywhere under TRITON_INTERPRET=1) when Triton imports, else the reference."""
+    forced = os.environ.get(KERNELS_ENV, "").strip().lower()
+    if forced not in ("", "triton", "torch"):
+        raise ValueError(f"{KERNELS_ENV} must be 'triton' or 'torch' (or unset), got {forced!r}.")
+    if forced == "torch":
+        return "torch"
+    from .kernels_available import triton_available
+
+    usable = triton_available() and (tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    if forced == "triton" and not usable:
+        raise RuntimeError(
+            f"{KERNELS_ENV}=triton but Triton kernels cannot run here: install triton and use CUDA "
+            "tensors, or set TRITON_INTERPRET=1 before importing modeling_memory to run them on the CPU."
+        )
+    return "triton" if usable else "torch"
+
+
+def engram_history_lengths(boundary: torch.Tensor, max_history: int) -> torch.Tensor:
+    """How many tokens of n-gram history each new token may use.
+
+    Args:
+        boundary: (B, L + S) bool, True where a token ends a document (EOS) or is padding; the first
+            L entries are the cached history (or all True when there is none).
+        max_history: L.
+    Returns:
+        (B, S) int64 in [0, L]: the number of preceding tokens in the same segment, capped at L.
+    """
+    total = boundary.shape[1]
+    positions = torch.arange(total, device=boundary.device)
+    last_break = torch.where(boundary, positions, torch.full_like(positions, -1)).cummax(dim=1).values
+    # History of token t may reach back to, but not including, the last break strictly before t.
+    new_positions = positions[max_history:]
+    last_break_before = last_break[:, max_history - 1 : total - 1] if max_history > 0 else None
+    if last_break_before is None:
+        return torch.zeros(boundary.shape[0], total, dtype=torch.long, device=boundary.device)
+    return (new_positions - 1 - last_break_before).clamp(0, max_history)
+
+
+def engram_row_ids_reference(
+    token_ids: torch.Tensor,
+    history_lengths: torch.Tensor,
+    canonical_map: torch.Tensor,
+    multipliers: torch.Tensor,
+    table_primes: torch.Tensor,
+    table_offsets: torch.Tensor,
+    ngram_orders: list[int],
+    pad_id: int,
+) -> torch.Tensor:
+    """Table rows each head reads.
+
+    Args:
+        token_ids: (B, L + S) raw token ids, the L history tokens first.
+        history_lengths: (B, S) from `engram_history_lengths`.
+        canonical_map: (V,) raw id -> canonical id.
+        multipliers: (max_order,) odd int64 hash multipliers of this layer.
+        table_primes: (H,) table sizes, heads grouped by order in `ngram_orders` order.
+        table_offsets: (H,) first row of each head's table inside the layer's one embedding.
+        ngram_orders: orders, each with H / len(ngram_orders) heads.
+        pad_id: canonical id that stands for missing history.
+    Returns:
+        (B, S, H) int64 row ids into the layer's embedding.
+    """
+    history = multipliers.numel() - 1
+    canonical = canonical_map[token_ids]
+    new_len = history_lengths.shape[1]
+    heads_per_order = table_primes.numel() // len(ngram_orders)
+    mixes = {}
+    mix = canonical[:, history:] * multipliers[0]
+    for k in range(1, max(ngram_orders)):
+        previous = canonical[:, history - k : history - k + new_len]
+        previous = torch.where(history_lengths >= k, previous, torch.full_like(previous, pad_id))
+        mix = mix ^ (previous * multipliers[k])
+        mixes[k + 1] = mix
+    rows = []
+    for i, order in enumerate(ngram_orders):
+        heads = slice(i * heads_per_order, (i + 1) * heads_per_order)
+        rows.append(mixes[order].unsqueeze(-1) % table_primes[heads] + table_offsets[heads])
+    return torch.cat(rows, dim=-1)
+
+
+def engram_lookup_reference(
+    token_ids, history_lengths, canonical_map, multipliers, table_primes, table_offsets, ngram_orders, pad_id, table
+) -> torch.Tensor:
+    """Concatenated head embeddings e: (B, S, H * D). `table` is the layer's embedding module."""
+    rows = engram_row_ids_reference(
+        token_ids, history_lengths, canonical_map, multipliers, table_primes, table_offsets, ngram_orders, pad_id
+    )
+    return table(rows).flatten(-2)
+
+
+def engram_lookup(
+    token_ids, history_lengths, canonical_map, multipliers, table_primes, table_offsets, ngram_orders, pad_id, table,
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """Dispatcher: fused Triton kernel when usable and the table is a plain `nn.Embedding` (a PEFT-wrapped
+    table goes through the module so its adapter is applied), the reference otherwise."""
+    plain_table = type(table) is torch.nn.Embedding
+    if plain_table and kernel_choice(token_ids) == "triton":
+        from .kernels_engram import engram_lookup_triton
+
+        return engram_lookup_triton(
+            token_ids, history_lengths, canonical_map, multipliers, table_primes, table_offsets, ngram_orders,
+            pad_id, table.weight, deterministic=deterministic,
+        )
+    return engram_lookup_reference(
+        token_ids, history_lengths, canonical_map, multipliers, table_primes, table_offsets, ngram_orders, pad_id, table
+    )
