@@ -1,0 +1,135 @@
+"""Chapter memory: a bank of learnt latent tokens split into chapters, read by cross-attention after
+self-attention at `config.chapter_layers`.
+
+Routing is per token and causal: each token's router logits come from its own hidden state only.
+A token reads the shared chapter(s) plus its top-k routed chapters; each chapter is attended
+separately and the outputs combine MoE-style:
+
+    o_t = mean(o_t,shared) + sum_{c in topk(t)} w_t,c * o_t,c,   w = softmax over the k selected logits
+
+then `memory_output` (zero-initialised, so a fresh memory adds exactly zero).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from .configuration_memory_llama import MemoryLlamaConfig
+from .ops_chapter_attention import chapter_attention
+
+
+class MemoryLlamaChapterBank(nn.Module):
+    """The learnt memory tokens: (num_chapters * chapter_size, hidden_size), shared chapters first."""
+
+    def __init__(self, config: MemoryLlamaConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(config.chapter_num_chapters * config.chapter_size, config.hidden_size))
+
+
+class MemoryLlamaChapterMemory(nn.Module):
+    def __init__(self, config: MemoryLlamaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_chapters = config.chapter_num_chapters
+        self.chapter_size = config.chapter_size
+        self.num_shared = config.chapter_num_shared
+        self.top_k = config.chapter_top_k
+        self.num_heads = config.chapter_num_heads
+        self.head_dim = config.hidden_size // config.chapter_num_heads
+
+        # Projections carry memory_* names so that PEFT targets like "q_proj" never hit them by accident.
+        self.router = nn.Linear(config.hidden_size, config.chapter_num_routed, bias=False)
+        self.memory_query = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.memory_key = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.memory_value = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.memory_output = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.memory_output.zero_init = True  # function-preserving at birth (see _init_weights)
+        self.bank_norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.bank = None if config.chapter_share_bank else MemoryLlamaChapterBank(config)
+        self._projected_bank = None  # (version key, keys, values), reused while no weight changes
+
+    def _bank_version(self, bank: torch.Tensor) -> tuple:
+        modules = (self.bank_norm, self.memory_key, self.memory_value)
+        params = [bank] + [p for m in modules for p in m.parameters()]
+        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+
+    def project_bank(self, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-layer keys and values of the bank, each (C, T, H, D).
+
+        Without autograd (inference) they are computed once and reused until a weight they depend on
+        changes: an optimizer step, `load_state_dict` or `.to()` all change a parameter's version or storage.
+        """
+        reuse = not torch.is_grad_enabled()
+        if reuse:
+            version = self._bank_version(bank)
+            if self._projected_bank is not None and self._projected_bank[0] == version:
+                return self._projected_bank[1], self._projected_bank[2]
+        normed = self.bank_norm(bank)
+        shape = (self.num_chapters, self.chapter_size, self.num_heads, self.head_dim)
+        keys = self.memory_key(normed).view(shape)
+        values = self.memory_value(normed).view(shape)
+        self._projected_bank = (version, keys, values) if reuse else None
+        return keys, values
+
+    def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            hidden_states: (N, d) normed hidden states.
+        Returns:
+            router_logits (N, routed) fp32, chapter_ids (N, shared + k) int64 into the whole bank,
+            chapter_weights (N, shared + k) fp32.
+        """
+        router_logits = self.router(hidden_states).float()
+        top_logits, top_chapters = router_logits.topk(self.top_k, dim=-1)
+        routed_weights = top_logits.softmax(dim=-1)
+        n_tokens = hidden_states.shape[0]
+        shared_ids = torch.arange(self.num_shared, device=hidden_states.device).expand(n_tokens, -1)
+        shared_weights = routed_weights.new_full((n_tokens, self.num_shared), 1.0 / max(self.num_shared, 1))
+        chapter_ids = torch.cat([shared_ids, top_chapters + self.num_shared], dim=-1)
+        chapter_weights = torch.cat([shared_weights, routed_weights], dim=-1)
+        return router_logits, chapter_ids, chapter_weights
+
+    def forward(self, hidden_states: torch.Tensor, shared_bank: torch.Tensor | None = None):
+        """
+        Args:
+            hidden_states: (B, S, d), already normed by the layer's `memory_layernorm`.
+            shared_bank: (C * T, d) the model's bank when `chapter_share_bank`, else None.
+        Returns:
+            (B, S, d) the residual update and (B * S, routed) fp32 router logits.
+        """
+        batch, seq_len, hidden = hidden_states.shape
+        flat = hidden_states.reshape(-1, hidden)
+        router_logits, chapter_ids, chapter_weights = self.route(flat)
+        bank = self.bank.weight if self.bank is not None else shared_bank
+        keys, values = self.project_bank(bank)
+        query = self.memory_query(flat).view(-1, self.num_heads, self.head_dim)
+        attended = chapter_attention(query, keys, values, chapter_ids, chapter_weights, self.head_dim**-0.5)
+        output = self.memory_output(attended.reshape(batch, seq_len, hidden))
+        return output, router_logits
+
+
+def router_losses(
+    router_logits: tuple[torch.Tensor, ...], token_mask: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Switch-style load-balancing loss and router z-loss over non-padding tokens, averaged over layers.
+
+    Args:
+        router_logits: per chapter layer, (N, routed) fp32.
+        token_mask: (N,) bool, False at padding.
+    Returns:
+        (load_balancing, z_loss) scalars. Balanced routing gives load_balancing = 1; routing that
+        collapses onto k chapters gives routed / k.
+    """
+    mask = token_mask.float()
+    n_valid = mask.sum().clamp_min(1.0)
+    balance, z_loss = [], []
+    for logits in router_logits:
+        num_routed = logits.shape[-1]
+        probs = logits.softmax(dim=-1)
+        selected = F.one_hot(logits.topk(top_k, dim=-1).indices, num_routed).sum(1).float()
+        fraction_routed = (selected * mask[:, None]).sum(0) / (n_valid * top_k)
+        mean_prob = (probs * mask[:, None]).sum(0) / n_valid
+        balance.append(num_routed * (fraction_routed * mean_prob).sum())
+        z_loss.append((logits.logsumexp(dim=-1).square() * mask).sum() / n_valid)
+    return torch.stack(balance).mean(), torch.stack(z_loss).mean()

@@ -1,0 +1,78 @@
+"""Grafting memory onto a Llama: the memory config from a Llama config, and a MemoryLlama that starts
+from the Llama's weights. Every Llama parameter keeps its key, the memory's last projections are zero,
+so the result computes exactly what the Llama computed.
+"""
+
+import dataclasses
+import os
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.llama.configuration_llama import LlamaConfig
+
+from .canonical_ids import build_canonical_map
+from .configuration_memory_llama import MemoryLlamaConfig
+
+# Families whose checkpoints transformers loads with the Llama layout and key names.
+LLAMA_COMPATIBLE_MODEL_TYPES = ("llama", "memory_llama", "mistral")
+
+_LLAMA_FIELDS = {f.name for f in dataclasses.fields(LlamaConfig)}
+MEMORY_FIELDS = tuple(f.name for f in dataclasses.fields(MemoryLlamaConfig) if f.name not in _LLAMA_FIELDS)
+
+# Config entries describing the source checkpoint rather than the architecture.
+_SOURCE_ONLY_KEYS = ("model_type", "architectures", "quantization_config", "transformers_version", "auto_map")
+
+
+def memory_config_from_llama(base_config: PretrainedConfig, **memory_fields) -> MemoryLlamaConfig:
+    """A MemoryLlamaConfig with the base's architecture and the given memory fields.
+
+    Raises ValueError for a base family without the Llama layout or for an unknown memory field.
+    """
+    if base_config.model_type not in LLAMA_COMPATIBLE_MODEL_TYPES:
+        raise ValueError(
+            f"Cannot graft memory onto model_type={base_config.model_type!r}: supported families are "
+            f"{', '.join(LLAMA_COMPATIBLE_MODEL_TYPES)} (checkpoints with the Llama layout and key names)."
+        )
+    unknown = sorted(set(memory_fields) - set(MEMORY_FIELDS))
+    if unknown:
+        raise ValueError(f"Unknown memory field(s) {unknown}; valid fields are: {', '.join(MEMORY_FIELDS)}.")
+    fields = {k: v for k, v in base_config.to_dict().items() if k not in _SOURCE_ONLY_KEYS}
+    if base_config.model_type == "mistral" and fields.get("sliding_window") is not None:
+        raise ValueError(
+            "This Mistral checkpoint uses sliding-window attention, which the Llama layout does not have; "
+            "only Mistral checkpoints with sliding_window=None can be grafted."
+        )
+    fields = {k: v for k, v in fields.items() if k in _LLAMA_FIELDS}
+    fields.update(memory_fields)
+    return MemoryLlamaConfig(**fields)
+
+
+def graft_from_llama(model_class, llama_model_or_path, tokenizer=None, **memory_fields):
+    """See `MemoryLlamaForCausalLM.from_llama`."""
+    if isinstance(llama_model_or_path, (str, os.PathLike)):
+        base_config = AutoConfig.from_pretrained(llama_model_or_path)
+        config = memory_config_from_llama(base_config, **memory_fields)
+        model = model_class.from_pretrained(llama_model_or_path, config=config, dtype=config.dtype or "auto")
+    else:
+        llama = llama_model_or_path
+        config = memory_config_from_llama(llama.config, **memory_fields)
+        config._attn_implementation = llama.config._attn_implementation
+        dtype = next(llama.parameters()).dtype
+        model = model_class(config).to(device=next(llama.parameters()).device, dtype=dtype)
+        missing, unexpected = model.load_state_dict(llama.state_dict(), strict=False)
+        not_memory = [key for key in missing if not _is_memory_key(key)]
+        if unexpected or not_memory:
+            raise ValueError(
+                f"The base model's weights do not match the Llama layout: unexpected keys {unexpected[:5]}, "
+                f"missing non-memory keys {not_memory[:5]}."
+            )
+    model.eval()
+    if tokenizer is not None and config.engram_layers:
+        with torch.no_grad():
+            canonical = build_canonical_map(tokenizer, config.vocab_size)
+            model.model.engram_canonical_map.copy_(canonical.to(model.model.engram_canonical_map.device))
+    return model
+
+
+def _is_memory_key(key: str) -> bool:
+    return any(part in key for part in (".engram.", ".chapter_memory.", ".memory_layernorm.", "chapter_bank", "engram_canonical_map"))

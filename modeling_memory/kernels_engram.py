@@ -1,0 +1,325 @@
+"""Triton kernels of the Engram lookup (see `ops_engram.py` for the readable reference).
+
+Forward: one kernel maps raw ids to canonical ids, hashes the suffix n-grams and gathers the rows of
+every head straight into the concatenated output `e`; row ids never reach HBM.
+Backward: only the table gets a gradient. Two variants:
+- atomic (default): row ids recomputed, row gradients `atomic_add`-ed into an fp32 buffer, then cast
+  to the table dtype. Fast; the summation order of repeated rows varies from run to run.
+- deterministic: row ids recomputed into a small (N, H) tensor, (token, head) pairs stably sorted by
+  row, and each row's gradient summed in a fixed order by one program. Bitwise repeatable.
+
+This module is imported only once `kernels_available.triton_available()` is True; the guarded import
+keeps it importable (for Hub remote-code import checks) where Triton is missing. On a machine without
+a GPU the kernels run only if TRITON_INTERPRET=1 was set before this module was imported.
+"""
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where Triton is missing
+    triton = None
+    tl = None
+
+
+# Kernels are decorated as interpreted functions when this was set at import time.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Elements of the (tokens, heads, width) tile one program moves; the interpreter prefers few, large programs.
+_TILE_ELEMENTS = 1 << 16 if INTERPRETED else 1 << 12
+# Deterministic backward: (token, head) entries summed per step, and rows handled per program.
+_SEGMENT_BLOCK = 64 if INTERPRETED else 16
+_SEGMENTS_PER_PROGRAM = 256 if INTERPRETED else 4
+
+
+if triton is not None:
+
+    @triton.jit
+    def _engram_row_ids(
+        token_ids_ptr, history_lengths_ptr, canonical_map_ptr, multipliers_ptr, head_orders_ptr,
+        table_primes_ptr, table_offsets_ptr, pad_id, offs_t, offs_h, num_tokens, num_heads, new_len,
+        HISTORY: tl.constexpr, MAX_ORDER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):
+        """(BLOCK_T, BLOCK_H) int64 rows read by heads `offs_h` of flat tokens `offs_t` (= b * S + s)."""
+        token_ok = offs_t < num_tokens
+        head_ok = offs_h < num_heads
+        batch = offs_t // new_len
+        # Flat index of the token itself in token_ids (B, HISTORY + S).
+        position = batch * (new_len + HISTORY) + HISTORY + offs_t % new_len
+        history = tl.load(history_lengths_ptr + offs_t, mask=token_ok, other=0)
+        order = tl.load(head_orders_ptr + offs_h, mask=head_ok, other=1)
+        mix = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.int64)
+        for k in tl.static_range(MAX_ORDER):
+            in_segment = token_ok & (history >= k)
+            raw = tl.load(token_ids_ptr + position - k, mask=in_segment, other=0)
+            canonical = tl.load(canonical_map_ptr + raw, mask=in_segment, other=0)
+            canonical = tl.where(history >= k, canonical, pad_id).to(tl.int64)
+            term = canonical * tl.load(multipliers_ptr + k)
+            # Head h folds in the k-th previous token only if its order is above k.
+            mix = mix ^ tl.where(order[None, :] > k, term[:, None], 0)
+        prime = tl.load(table_primes_ptr + offs_h, mask=head_ok, other=1)
+        offset = tl.load(table_offsets_ptr + offs_h, mask=head_ok, other=0)
+        return mix % prime[None, :] + offset[None, :]
+
+    @triton.jit
+    def _engram_forward_kernel(
+        token_ids_ptr, history_lengths_ptr, canonical_map_ptr, multipliers_ptr, head_orders_ptr,
+        table_primes_ptr, table_offsets_ptr, table_ptr, out_ptr, pad_id, num_tokens, num_heads, new_len,
+        head_dim, table_row_stride,
+        HISTORY: tl.constexpr, MAX_ORDER: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        offs_d = tl.arange(0, BLOCK_D)
+        rows = _engram_row_ids(
+            token_ids_ptr, history_lengths_ptr, canonical_map_ptr, multipliers_ptr, head_orders_ptr,
+            table_primes_ptr, table_offsets_ptr, pad_id, offs_t, offs_h, num_tokens, num_heads, new_len,
+            HISTORY, MAX_ORDER, BLOCK_T, BLOCK_H,
+        )
+        mask = (
+            (offs_t < num_tokens)[:, None, None]
+            & (offs_h < num_heads)[None, :, None]
+            & (offs_d < head_dim)[None, None, :]
+        )
+        values = tl.load(table_ptr + rows[:, :, None] * table_row_stride + offs_d[None, None, :], mask=mask)
+        out_offsets = (
+            offs_t.to(tl.int64)[:, None, None] * (num_heads * head_dim)
+            + offs_h[None, :, None] * head_dim
+            + offs_d[None, None, :]
+        )
+        tl.store(out_ptr + out_offsets, values, mask=mask)
+
+    @triton.jit
+    def _engram_backward_atomic_kernel(
+        token_ids_ptr, history_lengths_ptr, canonical_map_ptr, multipliers_ptr, head_orders_ptr,
+        table_primes_ptr, table_offsets_ptr, grad_out_ptr, grad_table_ptr, pad_id, num_tokens, num_heads,
+        new_len, head_dim,
+        HISTORY: tl.constexpr, MAX_ORDER: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        offs_d = tl.arange(0, BLOCK_D)
+        rows = _engram_row_ids(
+            token_ids_ptr, history_lengths_ptr, canonical_map_ptr, multipliers_ptr, head_orders_ptr,
+            table_primes_ptr, table_offsets_ptr, pad_id, offs_t, offs_h, num_tokens, num_heads, new_len,
+            HISTORY, MAX_ORDER, BLOCK_T, BLOCK_H,
+        )
+        mask = (
+            (offs_t < num_tokens)[:, None, None]
+            & (offs_h < num_heads)[None, :, None]
+            & (offs_d < head_dim)[None, None, :]
+        )
+        grad_offsets = (
+            offs_t.to(tl.int64)[:, None, None] * (num_heads * head_dim)
+            + offs_h[None, :, None] * head_dim
+            + offs_d[None, None, :]
+        )
+        grad = tl.load(grad_out_ptr + grad_offsets, mask=mask, other=0.0).to(tl.float32)
+        # grad_table is a contiguous fp32 (rows, head_dim) buffer.
+        tl.atomic_add(grad_table_ptr + rows[:, :, None] * head_dim + offs_d[None, None, :], grad, mask=mask)
+
+    @triton.jit
+    def _engram_row_ids_kernel(
+        token_ids_ptr, history_lengths_ptr, canonical_map_ptr, multipliers_ptr, head_orders_ptr,
+        table_primes_ptr, table_offsets_ptr, rows_ptr, pad_id, num_tokens, num_heads, new_len,
+        HISTORY: tl.constexpr, MAX_ORDER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):
+        offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        rows = _engram_row_ids(
+            token_ids_ptr, history_lengths_ptr, canonical_map_ptr, multipliers_ptr, head_orders_ptr,
+            table_primes_ptr, table_offsets_ptr, pad_id, offs_t, offs_h, num_tokens, num_heads, new_len,
+            HISTORY, MAX_ORDER, BLOCK_T, BLOCK_H,
+        )
+        mask = (offs_t < num_tokens)[:, None] & (offs_h < num_heads)[None, :]
+        tl.store(rows_ptr + offs_t.to(tl.int64)[:, None] * num_heads + offs_h[None, :], rows, mask=mask)
+
+    @triton.jit
+    def _engram_segment_sum_kernel(
+        grad_out_ptr, sorted_entries_ptr, segment_bounds_ptr, segment_rows_ptr, grad_table_ptr,
+        num_segments, head_dim,
+        SEGMENTS_PER_PROGRAM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """Each segment is one table row: the sum of its (token, head) gradient rows, in sorted order."""
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < head_dim
+        for i in range(SEGMENTS_PER_PROGRAM):
+            segment = tl.program_id(0) * SEGMENTS_PER_PROGRAM + i
+            segment_ok = segment < num_segments
+            # Vector-shaped on purpose: the interpreter mis-types (scalar & vector) boolean masks.
+            store_ok = d_ok & (tl.zeros([BLOCK_D], dtype=tl.int32) + segment < num_segments)
+            start = tl.load(segment_bounds_ptr + segment, mask=segment_ok, other=0)
+            end = tl.load(segment_bounds_ptr + segment + 1, mask=segment_ok, other=0)
+            total = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for entry_start in range(start, end, BLOCK_E):
+                offs_e = entry_start + tl.arange(0, BLOCK_E)
+                entry_ok = offs_e < end
+                # Entry = token * H + head: its gradient is row `entry` of grad_out viewed as (N * H, D).
+                entry = tl.load(sorted_entries_ptr + offs_e, mask=entry_ok, other=0)
+                grad = tl.load(
+                    grad_out_ptr + entry[:, None] * head_dim + offs_d[None, :],
+                    mask=entry_ok[:, None] & d_ok[None, :],
+                    other=0.0,
+                )
+                total += tl.sum(grad.to(tl.float32), axis=0)
+            row = tl.load(segment_rows_ptr + segment, mask=segment_ok, other=0)
+            tl.store(
+                grad_table_ptr + row * head_dim + offs_d,
+                total.to(grad_table_ptr.dtype.element_ty),
+                mask=store_ok,
+            )
+
+
+def _next_power_of_2(value: int) -> int:
+    return 1 << max(0, int(value) - 1).bit_length()
+
+
+def _tile_sizes(num_tokens: int, num_heads: int, head_dim: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_H, BLOCK_D): a full head row per program, as many heads and tokens as the tile allows."""
+    block_d = _next_power_of_2(head_dim)
+    block_h = min(_next_power_of_2(num_heads), max(1, _TILE_ELEMENTS // block_d))
+    block_t = min(_next_power_of_2(num_tokens), max(1, _TILE_ELEMENTS // (block_h * block_d)))
+    return block_t, block_h, block_d
+
+
+def _check_device(tensor: torch.Tensor) -> None:
+    if not tensor.is_cuda and not INTERPRETED:
+        raise RuntimeError(
+            "Triton Engram kernels need CUDA tensors, or TRITON_INTERPRET=1 set before "
+            "modeling_memory.kernels_engram is first imported."
+        )
+
+
+class EngramLookupFunction(torch.autograd.Function):
+    """Fused Engram lookup; the gradient goes to the table weight only."""
+
+    @staticmethod
+    def forward(
+        ctx, table_weight, token_ids, history_lengths, canonical_map, multipliers, head_orders, table_primes,
+        table_offsets, pad_id, max_order, deterministic,
+    ):
+        batch, new_len = history_lengths.shape
+        num_heads = table_primes.numel()
+        head_dim = table_weight.shape[1]
+        num_tokens = batch * new_len
+        out = torch.empty(batch, new_len, num_heads * head_dim, dtype=table_weight.dtype, device=table_weight.device)
+        ctx.save_for_backward(token_ids, history_lengths, canonical_map, multipliers, head_orders, table_primes, table_offsets)
+        ctx.pad_id, ctx.max_order, ctx.deterministic = pad_id, max_order, deterministic
+        ctx.table_shape, ctx.table_dtype = table_weight.shape, table_weight.dtype
+        if num_tokens == 0:
+            return out
+        block_t, block_h, block_d = _tile_sizes(num_tokens, num_heads, head_dim)
+        grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(num_heads, block_h))
+        _engram_forward_kernel[grid](
+            token_ids, history_lengths, canonical_map, multipliers, head_orders, table_primes, table_offsets,
+            table_weight, out, pad_id, num_tokens, num_heads, new_len, head_dim, table_weight.stride(0),
+            HISTORY=multipliers.numel() - 1, MAX_ORDER=max_order,
+            BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
+        )
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        token_ids, history_lengths, canonical_map, multipliers, head_orders, table_primes, table_offsets = ctx.saved_tensors
+        grad_table = None
+        if ctx.needs_input_grad[0]:
+            grad_table = _engram_table_grad(
+                grad_out.contiguous(), token_ids, history_lengths, canonical_map, multipliers, head_orders,
+                table_primes, table_offsets, ctx.pad_id, ctx.max_order, ctx.table_shape, ctx.table_dtype,
+                ctx.deterministic,
+            )
+        return (grad_table,) + (None,) * 10
+
+
+def _engram_table_grad(
+    grad_out, token_ids, history_lengths, canonical_map, multipliers, head_orders, table_primes, table_offsets,
+    pad_id, max_order, table_shape, table_dtype, deterministic,
+) -> torch.Tensor:
+    """Gradient of the table (rows, D) from grad_out (B, S, H * D)."""
+    batch, new_len = history_lengths.shape
+    num_heads = table_primes.numel()
+    head_dim = table_shape[1]
+    num_tokens = batch * new_len
+    device = grad_out.device
+    history = multipliers.numel() - 1
+    if num_tokens == 0:
+        return torch.zeros(table_shape, dtype=table_dtype, device=device)
+    block_t, block_h, block_d = _tile_sizes(num_tokens, num_heads, head_dim)
+    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(num_heads, block_h))
+    if not deterministic:
+        grad_table = torch.zeros(table_shape, dtype=torch.float32, device=device)
+        _engram_backward_atomic_kernel[grid](
+            token_ids, history_lengths, canonical_map, multipliers, head_orders, table_primes, table_offsets,
+            grad_out, grad_table, pad_id, num_tokens, num_heads, new_len, head_dim,
+            HISTORY=history, MAX_ORDER=max_order, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
+        )
+        return grad_table.to(table_dtype)
+
+    rows = torch.empty(num_tokens, num_heads, dtype=torch.int64, device=device)
+    _engram_row_ids_kernel[grid](
+        token_ids, history_lengths, canonical_map, multipliers, head_orders, table_primes, table_offsets,
+        rows, pad_id, num_tokens, num_heads, new_len,
+        HISTORY=history, MAX_ORDER=max_order, BLOCK_T=block_t, BLOCK_H=block_h,
+    )
+    # Stable sort: entries of one row stay in (token, head) order, so the summation order is fixed.
+    sorted_rows, sorted_entries = torch.sort(rows.flatten(), stable=True)
+    segment_rows, segment_lengths = torch.unique_consecutive(sorted_rows, return_counts=True)
+    segment_bounds = torch.zeros(segment_rows.numel() + 1, dtype=torch.int64, device=device)
+    torch.cumsum(segment_lengths, dim=0, out=segment_bounds[1:])
+    grad_table = torch.zeros(table_shape, dtype=table_dtype, device=device)
+    num_segments = segment_rows.numel()
+    _engram_segment_sum_kernel[(triton.cdiv(num_segments, _SEGMENTS_PER_PROGRAM),)](
+        grad_out, sorted_entries, segment_bounds, segment_rows, grad_table, num_segments, head_dim,
+        SEGMENTS_PER_PROGRAM=_SEGMENTS_PER_PROGRAM, BLOCK_E=_SEGMENT_BLOCK, BLOCK_D=block_d,
+    )
+    return grad_table
+
+
+def engram_lookup_triton(
+    token_ids: torch.Tensor,
+    history_lengths: torch.Tensor,
+    canonical_map: torch.Tensor,
+    multipliers: torch.Tensor,
+    table_primes: torch.Tensor,
+    table_offsets: torch.Tensor,
+    ngram_orders: list[int],
+    pad_id: int,
+    table_weight: torch.Tensor,
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """Fused Engram lookup; same contract as `ops_engram.engram_lookup_reference`.
+
+    Args:
+        token_ids: (B, L + S) raw token ids, L = multipliers.numel() - 1 history tokens first.
+        history_lengths: (B, S) int64 usable history per new token.
+        canonical_map: (V,) int64 raw id -> canonical id.
+        multipliers: (L + 1,) odd int64 hash multipliers.
+        table_primes, table_offsets: (H,) int64 table size and first row of each head, heads grouped by order.
+        ngram_orders: orders, each with H / len(ngram_orders) heads.
+        pad_id: canonical id standing for missing history.
+        table_weight: (rows, D) the layer's embedding weight; the only input that gets a gradient.
+        deterministic: sum repeated rows' gradients in a fixed order (bitwise repeatable backward).
+    Returns:
+        (B, S, H * D) in the table's dtype.
+    """
+    _check_device(table_weight)
+    num_heads = table_primes.numel()
+    if num_heads % len(ngram_orders) != 0:
+        raise ValueError(f"{num_heads} heads cannot be split evenly over the orders {ngram_orders}.")
+    max_order = max(ngram_orders)
+    if max_order > multipliers.numel():
+        raise ValueError(f"Order {max_order} needs {max_order} hash multipliers, got {multipliers.numel()}.")
+    heads_per_order = num_heads // len(ngram_orders)
+    head_orders = torch.tensor(ngram_orders, dtype=torch.int64, device=table_weight.device).repeat_interleave(heads_per_order)
+    device = table_weight.device
+    as_long = lambda tensor: tensor.to(device=device, dtype=torch.int64).contiguous()  # noqa: E731
+    return EngramLookupFunction.apply(
+        table_weight.contiguous(), as_long(token_ids), as_long(history_lengths), as_long(canonical_map),
+        as_long(multipliers), head_orders, as_long(table_primes), as_long(table_offsets), int(pad_id), max_order,
+        bool(deterministic),
+    )
