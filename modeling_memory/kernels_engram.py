@@ -148,13 +148,11 @@ if triton is not None:
         """Each segment is one table row: the sum of its (token, head) gradient rows, in sorted order."""
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < head_dim
-        for i in range(SEGMENTS_PER_PROGRAM):
-            segment = tl.program_id(0) * SEGMENTS_PER_PROGRAM + i
-            segment_ok = segment < num_segments
-            # Vector-shaped on purpose: the interpreter mis-types (scalar & vector) boolean masks.
-            store_ok = d_ok & (tl.zeros([BLOCK_D], dtype=tl.int32) + segment < num_segments)
-            start = tl.load(segment_bounds_ptr + segment, mask=segment_ok, other=0)
-            end = tl.load(segment_bounds_ptr + segment + 1, mask=segment_ok, other=0)
+        first_segment = tl.program_id(0) * SEGMENTS_PER_PROGRAM
+        last_segment = tl.minimum(first_segment + SEGMENTS_PER_PROGRAM, num_segments)
+        for segment in range(first_segment, last_segment):
+            start = tl.load(segment_bounds_ptr + segment)
+            end = tl.load(segment_bounds_ptr + segment + 1)
             total = tl.zeros([BLOCK_D], dtype=tl.float32)
             for entry_start in range(start, end, BLOCK_E):
                 offs_e = entry_start + tl.arange(0, BLOCK_E)
@@ -167,12 +165,8 @@ if triton is not None:
                     other=0.0,
                 )
                 total += tl.sum(grad.to(tl.float32), axis=0)
-            row = tl.load(segment_rows_ptr + segment, mask=segment_ok, other=0)
-            tl.store(
-                grad_table_ptr + row * head_dim + offs_d,
-                total.to(grad_table_ptr.dtype.element_ty),
-                mask=store_ok,
-            )
+            row = tl.load(segment_rows_ptr + segment)
+            tl.store(grad_table_ptr + row * head_dim + offs_d, total.to(grad_table_ptr.dtype.element_ty), mask=d_ok)
 
 
 def _next_power_of_2(value: int) -> int:
