@@ -1,0 +1,290 @@
+"""Behaviour of the model as a whole: round trips, equivalence with Llama, causality, padding,
+generation with the cache, gradients."""
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from modeling_memory import MemoryLlamaCache, MemoryLlamaForCausalLM, MemoryLlamaModel
+from conftest import EOS, PAD, VOCAB, random_ids, tiny_config, train_steps
+
+FP32_ATOL = 1e-5
+
+
+def llama_config_of(config) -> LlamaConfig:
+    fields = {k: v for k, v in config.to_dict().items() if k in LlamaConfig.__dataclass_fields__}
+    return LlamaConfig(**fields)
+
+
+def test_save_and_auto_load_round_trip(tmp_path, trained_model):
+    trained_model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert type(loaded) is MemoryLlamaForCausalLM
+    ids = random_ids(2, 12, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, trained_model(ids).logits, rtol=0, atol=0)
+    original = dict(trained_model.named_buffers())
+    for name, buffer in loaded.named_buffers():
+        if name in original:
+            assert torch.equal(buffer, original[name]), name
+    for name, tensor in list(loaded.named_parameters()) + list(loaded.named_buffers()):
+        assert torch.isfinite(tensor.float()).all(), name
+    assert isinstance(AutoModel.from_pretrained(tmp_path, dtype=torch.float32), MemoryLlamaModel)
+
+
+def test_fresh_load_initialises_every_buffer(tmp_path):
+    """Buffers missing from a checkpoint are rebuilt exactly (not left as garbage from empty storage)."""
+    torch.manual_seed(0)
+    model = MemoryLlamaForCausalLM(tiny_config())
+    state = {k: v for k, v in model.state_dict().items() if "table_primes" not in k and "hash_multipliers" not in k}
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(tmp_path)
+    save_file({k: v.contiguous() for k, v in state.items() if k != "lm_head.weight"}, str(tmp_path / "model.safetensors"))
+    loaded = MemoryLlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    reference = dict(model.named_buffers())
+    for name, buffer in loaded.named_buffers():
+        if name in reference:
+            assert torch.equal(buffer, reference[name]), name
+
+
+def test_memories_off_is_exactly_llama():
+    config = tiny_config(chapter_layers=[], engram_layers=[])
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(llama_config_of(config)).eval()
+    memory = MemoryLlamaForCausalLM(config).eval()
+    assert set(memory.state_dict()) == set(llama.state_dict())
+    memory.load_state_dict(llama.state_dict())
+    ids = random_ids(2, 10, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(memory(ids).logits, llama(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("share_bank", [True, False])
+def test_grafted_model_computes_what_llama_computes(share_bank):
+    config = tiny_config()
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(llama_config_of(config)).eval()
+    memory_fields = {k: getattr(config, k) for k in ("chapter_layers", "engram_layers", "chapter_num_chapters",
+                     "chapter_size", "chapter_num_heads", "engram_heads_per_order", "engram_table_size", "engram_dim")}
+    grafted = MemoryLlamaForCausalLM.from_llama(llama, chapter_share_bank=share_bank, **memory_fields)
+    ids = random_ids(3, 14, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(grafted(ids).logits, llama(ids).logits, rtol=0, atol=FP32_ATOL)
+
+
+@pytest.mark.parametrize("memory", ["engram", "chapters"])
+@pytest.mark.parametrize("seed", range(4))
+def test_causality(memory, seed):
+    """Changing tokens after position t never changes logits at positions <= t."""
+    layers = dict(engram_layers=[0, 1], chapter_layers=[]) if memory == "engram" else dict(engram_layers=[], chapter_layers=[0, 2])
+    torch.manual_seed(seed)
+    model = train_steps(MemoryLlamaForCausalLM(tiny_config(**layers)), seed=seed)
+    generator = torch.Generator().manual_seed(100 + seed)
+    ids = random_ids(2, 16, generator)
+    cut = int(torch.randint(1, 15, (1,), generator=generator))
+    changed = ids.clone()
+    changed[:, cut + 1 :] = random_ids(2, 16 - cut - 1, generator)
+    with torch.no_grad():
+        before, after = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(before[:, : cut + 1], after[:, : cut + 1], rtol=0, atol=FP32_ATOL)
+    assert not torch.allclose(before[:, cut + 1 :], after[:, cut + 1 :])
+
+
+def test_memory_outputs_are_nonzero_after_training(trained_model):
+    layers = trained_model.model.layers
+    assert layers[0].engram.engram_value.weight.abs().sum() > 0
+    assert layers[2].chapter_memory.memory_output.weight.abs().sum() > 0
+
+
+def left_padded_batch(generator, lengths=(11, 7, 4)):
+    longest = max(lengths)
+    ids = torch.full((len(lengths), longest), PAD)
+    mask = torch.zeros(len(lengths), longest, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        ids[row, longest - length :] = random_ids(1, length, generator)
+        mask[row, longest - length :] = 1
+    return ids, mask
+
+
+def positions_of(mask):
+    return (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def test_padding_invariance(trained_model):
+    generator = torch.Generator().manual_seed(3)
+    ids, mask = left_padded_batch(generator)
+    with torch.no_grad():
+        batch_logits = trained_model(ids, attention_mask=mask, position_ids=positions_of(mask)).logits
+        for row in range(ids.shape[0]):
+            alone = ids[row][mask[row].bool()].unsqueeze(0)
+            alone_logits = trained_model(alone).logits[0]
+            torch.testing.assert_close(batch_logits[row][mask[row].bool()], alone_logits, rtol=1e-4, atol=FP32_ATOL)
+        # right padding
+        right_ids, right_mask = ids.flip(-1).clone(), mask.flip(-1).clone()
+        for row in range(ids.shape[0]):
+            valid = ids[row][mask[row].bool()]
+            right_ids[row] = PAD
+            right_ids[row, : valid.numel()] = valid
+        right_logits = trained_model(right_ids, attention_mask=right_mask).logits
+        for row in range(ids.shape[0]):
+            n = int(mask[row].sum())
+            torch.testing.assert_close(right_logits[row, :n], batch_logits[row][mask[row].bool()], rtol=1e-4, atol=FP32_ATOL)
+
+
+def test_cached_greedy_generation_equals_uncached(trained_model):
+    ids, mask = left_padded_batch(torch.Generator().manual_seed(4))
+    kwargs = dict(attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=PAD)
+    cached = trained_model.generate(ids, use_cache=True, **kwargs)
+    uncached = trained_model.generate(ids, use_cache=False, **kwargs)
+    assert cached.shape[1] == ids.shape[1] + 24
+    assert torch.equal(cached, uncached)
+
+
+def test_chunked_prefill_equals_full_forward(trained_model):
+    ids, mask = left_padded_batch(torch.Generator().manual_seed(5), lengths=(16, 12, 9))
+    positions = positions_of(mask)
+    with torch.no_grad():
+        full = trained_model(ids, attention_mask=mask, position_ids=positions).logits
+        cache = MemoryLlamaCache(config=trained_model.config)
+        chunks = []
+        for start in range(0, 16, 4):
+            end = start + 4
+            out = trained_model(
+                ids[:, start:end], attention_mask=mask[:, :end], position_ids=positions[:, start:end],
+                past_key_values=cache, use_cache=True,
+            )
+            chunks.append(out.logits)
+    chunked = torch.cat(chunks, dim=1)
+    valid = mask.bool()
+    torch.testing.assert_close(chunked[valid], full[valid], rtol=1e-4, atol=FP32_ATOL)
+
+
+def test_beam_search_with_cache_equals_without(trained_model):
+    ids, mask = left_padded_batch(torch.Generator().manual_seed(6))
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, num_beams=3, do_sample=False, pad_token_id=PAD)
+    assert torch.equal(trained_model.generate(ids, use_cache=True, **kwargs), trained_model.generate(ids, use_cache=False, **kwargs))
+
+
+def test_sampling_with_cache_equals_without(trained_model):
+    ids = random_ids(2, 6, torch.Generator().manual_seed(7))
+    kwargs = dict(max_new_tokens=16, do_sample=True, top_k=0, pad_token_id=PAD)
+    torch.manual_seed(0)
+    cached = trained_model.generate(ids, use_cache=True, **kwargs)
+    torch.manual_seed(0)
+    uncached = trained_model.generate(ids, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
+
+
+def test_cache_cropping_prompt_lookup_decoding(trained_model):
+    """Prompt-lookup decoding proposes tokens and crops the cache when they are rejected."""
+    pattern = random_ids(1, 5, torch.Generator().manual_seed(8))
+    ids = torch.cat([pattern, pattern, pattern[:, :3]], dim=1)
+    kwargs = dict(max_new_tokens=16, do_sample=False, pad_token_id=PAD)
+    assisted = trained_model.generate(ids, prompt_lookup_num_tokens=3, **kwargs)
+    assert torch.equal(assisted, trained_model.generate(ids, **kwargs))
+
+
+def test_cache_crop_restores_engram_state(trained_model):
+    ids = random_ids(1, 12, torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        cache = MemoryLlamaCache(config=trained_model.config)
+        trained_model(ids[:, :8], past_key_values=cache, use_cache=True)
+        trained_model(ids[:, 8:11], past_key_values=cache, use_cache=True)
+        cache.crop(-3)
+        assert cache.get_seq_length() == 8 and cache.engram_token_ids.shape[1] == 8
+        resumed = trained_model(ids[:, 8:], past_key_values=cache, use_cache=True).logits
+        full = trained_model(ids).logits[:, 8:]
+    torch.testing.assert_close(resumed, full, rtol=1e-4, atol=FP32_ATOL)
+
+
+def test_gradients_reach_all_memory_after_one_step():
+    torch.manual_seed(0)
+    model = train_steps(MemoryLlamaForCausalLM(tiny_config()), steps=1)
+    model.train()
+    ids = random_ids(4, 16, torch.Generator().manual_seed(1))
+    model(ids, labels=ids).loss.backward()
+    engram, chapters = model.model.layers[0].engram, model.model.layers[2].chapter_memory
+    for name, param in [
+        ("bank", model.model.chapter_bank.weight),
+        ("router", chapters.router.weight),
+        ("memory_query", chapters.memory_query.weight),
+        ("memory_key", chapters.memory_key.weight),
+        ("engram table", engram.table.weight),
+        ("engram_key (gate)", engram.engram_key.weight),
+        ("gate hidden norm", engram.hidden_norm.weight),
+        ("conv", engram.conv.weight),
+    ]:
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_gradient_checkpointing_same_loss_and_gradients(trained_model):
+    ids = random_ids(2, 16, torch.Generator().manual_seed(10))
+    trained_model.train()
+    results = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            trained_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        trained_model.zero_grad()
+        loss = trained_model(ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in trained_model.named_parameters() if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_eager_and_sdpa_agree(trained_model, tmp_path):
+    trained_model.save_pretrained(tmp_path)
+    ids, mask = left_padded_batch(torch.Generator().manual_seed(11))
+    logits = {}
+    for implementation in ("eager", "sdpa"):
+        model = MemoryLlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation=implementation)
+        with torch.no_grad():
+            logits[implementation] = model(ids, attention_mask=mask, position_ids=positions_of(mask)).logits
+    valid = mask.bool()
+    torch.testing.assert_close(logits["eager"][valid], logits["sdpa"][valid], rtol=1e-4, atol=FP32_ATOL)
+
+
+def test_output_options(trained_model):
+    ids = random_ids(2, 9, torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        full = trained_model(ids, output_hidden_states=True, output_router_logits=True)
+        assert len(full.hidden_states) == trained_model.config.num_hidden_layers + 1
+        assert all(h.shape == (2, 9, 32) for h in full.hidden_states)
+        assert len(full.router_logits) == 1 and full.router_logits[0].shape == (18, 8)
+        as_tuple = trained_model(ids, return_dict=False)
+        assert isinstance(as_tuple, tuple)
+        torch.testing.assert_close(as_tuple[0], full.logits)
+        last = trained_model(ids, logits_to_keep=1).logits
+        torch.testing.assert_close(last, full.logits[:, -1:])
+
+
+def test_inputs_embeds_without_ids_needs_no_engram(trained_model):
+    embeds = trained_model.get_input_embeddings()(random_ids(1, 5, torch.Generator().manual_seed(13)))
+    with pytest.raises(ValueError, match="Engram .* needs `input_ids`"):
+        trained_model(inputs_embeds=embeds)
+    chapters_only = MemoryLlamaForCausalLM(tiny_config(engram_layers=[]))
+    assert chapters_only(inputs_embeds=embeds).logits.shape == (1, 5, VOCAB)
+
+
+def test_plain_dynamic_cache_is_refused_with_engram(trained_model):
+    from transformers import DynamicCache
+
+    with pytest.raises(ValueError, match="MemoryLlamaCache"):
+        trained_model(random_ids(1, 4, torch.Generator()), past_key_values=DynamicCache(), use_cache=True)
+
+
+def test_eos_resets_ngram_history_in_the_model():
+    """Tokens after an EOS read the same Engram rows as the same tokens starting a sequence."""
+    model = train_steps(MemoryLlamaForCausalLM(tiny_config(chapter_layers=[], engram_layers=[0, 1, 2])))
+    generator = torch.Generator().manual_seed(14)
+    first, second = random_ids(1, 6, generator), random_ids(1, 5, generator)
+    model.model.layers[1].engram.table.register_forward_hook(lambda m, i, o: captured.append(o))
+    captured = []
+    with torch.no_grad():
+        model(torch.cat([first, torch.tensor([[EOS]]), second], dim=1))
+        model(second)
+    torch.testing.assert_close(captured[0][:, 7:], captured[1], rtol=1e-5, atol=FP32_ATOL)
