@@ -76,3 +76,39 @@ def graft_from_llama(model_class, llama_model_or_path, tokenizer=None, **memory_
 
 def _is_memory_key(key: str) -> bool:
     return any(part in key for part in (".engram.", ".chapter_memory.", ".memory_layernorm.", "chapter_bank", "engram_canonical_map"))
+
+
+PRESETS = ("engram", "chapters", "both")
+
+
+def memory_preset(base_config: PretrainedConfig, preset: str = "both") -> dict:
+    """Memory fields sized for a base model.
+
+    Engram sits early (about 1/15 of the depth, where n-gram knowledge helps most) and at mid-depth;
+    chapter memory at 1/3 and 2/3 of the depth. The bank holds 128 chapters of 32 tokens (4,096
+    memory tokens, 2 routed + 1 shared read per token); each Engram layer has 2 orders x 8 heads of
+    ~50K-row tables.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+    depth, hidden = base_config.num_hidden_layers, base_config.hidden_size
+    fields: dict = {"engram_layers": [], "chapter_layers": []}
+    if preset in ("engram", "both"):
+        early = max(1, depth // 15) if depth > 2 else 0
+        fields.update(
+            engram_layers=sorted({early, depth // 2}),
+            engram_heads_per_order=8,
+            engram_table_size=50021,
+            engram_dim=16 * max(8, min(64, hidden // 16)),
+        )
+    if preset in ("chapters", "both"):
+        heads = next(h for h in (base_config.num_attention_heads, 8, 4, 2, 1) if hidden % h == 0)
+        fields.update(
+            chapter_layers=sorted({depth // 3, (2 * depth) // 3}),
+            chapter_num_chapters=128,
+            chapter_size=32,
+            chapter_top_k=2,
+            chapter_num_shared=1,
+            chapter_num_heads=heads,
+        )
+    return fields
