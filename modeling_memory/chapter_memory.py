@@ -54,18 +54,18 @@ class MemoryLlamaChapterMemory(nn.Module):
         params = [bank] + [p for m in modules for p in m.parameters()]
         return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
 
-    def project_bank(self, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def project_bank(self, bank: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-layer keys and values of the bank, each (C, T, H, D).
 
-        Without autograd (inference) they are computed once and reused until a weight they depend on
+        `dtype` is the dtype of the hidden states. Without autograd (inference) they are computed once and reused until a weight they depend on
         changes: an optimizer step, `load_state_dict` or `.to()` all change a parameter's version or storage.
         """
         reuse = not torch.is_grad_enabled()
         if reuse:
-            version = self._bank_version(bank)
+            version = (self._bank_version(bank), dtype)
             if self._projected_bank is not None and self._projected_bank[0] == version:
                 return self._projected_bank[1], self._projected_bank[2]
-        normed = self.bank_norm(bank)
+        normed = self.bank_norm(bank.to(dtype))  # a bank may be kept in higher precision than the layer
         shape = (self.num_chapters, self.chapter_size, self.num_heads, self.head_dim)
         keys = self.memory_key(normed).view(shape)
         values = self.memory_value(normed).view(shape)
@@ -102,7 +102,12 @@ class MemoryLlamaChapterMemory(nn.Module):
         flat = hidden_states.reshape(-1, hidden)
         router_logits, chapter_ids, chapter_weights = self.route(flat)
         bank = self.bank.weight if self.bank is not None else shared_bank
-        keys, values = self.project_bank(bank)
+        if bank.device != hidden_states.device:
+            raise ValueError(
+                f"The chapter bank is on {bank.device} but the hidden states are on {hidden_states.device}: "
+                "move the whole model with `model.to(device)`."
+            )
+        keys, values = self.project_bank(bank, hidden_states.dtype)
         query = self.memory_query(flat).view(-1, self.num_heads, self.head_dim)
         attended = chapter_attention(query, keys, values, chapter_ids, chapter_weights, self.head_dim**-0.5)
         output = self.memory_output(attended.reshape(batch, seq_len, hidden))

@@ -161,6 +161,12 @@ class MemoryLlamaEngram(nn.Module):
         Returns:
             (B, S, d) the residual update and (B, S, d) this chunk's conv inputs (kept by the cache).
         """
+        if self.table.weight.device != hidden_states.device:
+            raise ValueError(
+                f"The Engram table of layer {self.layer_idx} is on {self.table.weight.device} but the hidden states "
+                f"are on {hidden_states.device}: move the whole model with `model.to(device)`."
+            )
+        # A table may be kept in higher precision than the layer; the gate runs in fp32 either way.
         embeddings = self.lookup(inputs).to(hidden_states.dtype)
         alpha = self.gate(hidden_states, self.engram_key(embeddings))
         gated_values = (alpha * self.engram_value(embeddings).float()).to(hidden_states.dtype)

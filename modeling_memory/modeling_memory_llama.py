@@ -209,6 +209,48 @@ class MemoryLlamaModel(MemoryLlamaPreTrainedModel):
         history_lengths = engram_history_lengths(torch.cat([past_boundaries, boundaries], dim=1), history)
         return EngramInputs(token_ids, history_lengths, self.engram_canonical_map)
 
+    def _check_inputs(self, input_ids, inputs_embeds, past_key_values) -> None:
+        """Clear errors for inputs that would otherwise fail deep inside a gather or kernel, or silently
+        produce garbage."""
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if input_ids is None and self.config.engram_layers:
+            raise ValueError(
+                f"Engram (engram_layers={self.config.engram_layers}) hashes token ids, so this model needs "
+                "`input_ids`; `inputs_embeds` alone cannot be used. Pass `input_ids` instead."
+            )
+        inputs = input_ids if input_ids is not None else inputs_embeds
+        name = "input_ids" if input_ids is not None else "inputs_embeds"
+        if inputs.dim() < 2 or inputs.shape[0] == 0 or inputs.shape[1] == 0:
+            raise ValueError(
+                f"`{name}` has shape {tuple(inputs.shape)}: expected (batch, sequence) with at least one row "
+                "and one token."
+            )
+        weight = self.embed_tokens.weight
+        if inputs.device != weight.device:
+            raise ValueError(
+                f"`{name}` is on {inputs.device} but the model is on {weight.device}: move the inputs with "
+                f"`.to(model.device)`."
+            )
+        if input_ids is not None:
+            if input_ids.dtype.is_floating_point:
+                raise ValueError(f"`input_ids` must be integer token ids, got dtype {input_ids.dtype}.")
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(
+                    f"`input_ids` holds ids in [{low}, {high}] but the vocabulary has {self.config.vocab_size} "
+                    f"tokens (valid ids: 0..{self.config.vocab_size - 1}); check the tokenizer matches the model."
+                )
+        elif not torch.isfinite(inputs_embeds).all():
+            raise ValueError("`inputs_embeds` contains NaN or Inf values.")
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past + inputs.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(
+                f"The sequence would reach {past + inputs.shape[1]} tokens ({past} cached + {inputs.shape[1]} new) "
+                f"but max_position_embeddings is {self.config.max_position_embeddings}: shorten the input or "
+                "lower max_new_tokens."
+            )
+
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -222,13 +264,7 @@ class MemoryLlamaModel(MemoryLlamaPreTrainedModel):
         output_router_logits: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MemoryLlamaModelOutputWithPast:
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if input_ids is None and self.config.engram_layers:
-            raise ValueError(
-                f"Engram (engram_layers={self.config.engram_layers}) hashes token ids, so this model needs "
-                "`input_ids`; `inputs_embeds` alone cannot be used. Pass `input_ids` instead."
-            )
+        self._check_inputs(input_ids, inputs_embeds, past_key_values)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
 
