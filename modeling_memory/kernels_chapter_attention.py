@@ -241,11 +241,15 @@ def group_pairs_by_chapter(chapter_ids: torch.Tensor, num_chapters: int, block_s
 def _kernel_settings(query: torch.Tensor, chapter_size: int) -> dict:
     head_dim = query.shape[-1]
     block_d = max(16, _next_power_of_2(head_dim))
+    # Wide fp32 rows: halve the key tile so the pipelined K/V tiles fit in shared memory.
+    block_keys = _BLOCK_KEYS // 2 if block_d * query.element_size() > 256 else _BLOCK_KEYS
     return dict(
-        BLOCK_KEYS=max(16, min(_BLOCK_KEYS, _next_power_of_2(chapter_size))),
+        BLOCK_KEYS=max(16, min(block_keys, _next_power_of_2(chapter_size))),
         BLOCK_D=block_d,
+        # "tf32" is Triton's default on CUDA and only affects fp32 operands; fp32 inputs get exact products.
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=8 if block_d >= 128 else 4,
+        num_stages=2,
     )
 
 

@@ -2,16 +2,19 @@
 
 - Reference tier (always): `ops_engram` and `ops_chapter_attention` references against naive
   per-token, per-head Python loops.
-- Interpreter tier (Triton importable): the kernels run under TRITON_INTERPRET=1 on the CPU in fp32 and
-  fp16 against the references, forward and every gradient. The kernel modules are imported fresh with
-  the variable set and both are restored afterwards, so other test modules keep dispatching to the
-  PyTorch references.
-- GPU tier (CUDA only): compiled kernels in bf16/fp16/fp32 on larger shapes.
+- Interpreter tier (`test_triton_*`, Triton installed): the kernels run on the CPU under the Triton
+  interpreter in fp32 and fp16 against the references, forward and every gradient. The interpreter must be
+  switched on (TRITON_INTERPRET=1) before Triton is first imported, which `import transformers` already
+  does, so these tests run in a child process started with the variable set; the parent session keeps
+  dispatching to the PyTorch references. `TRITON_INTERPRET=1 pytest tests/test_kernels.py -k test_triton_`
+  runs them directly.
+- GPU tier (`test_gpu_*`, CUDA only): compiled kernels in fp32/fp16/bf16 on larger shapes.
 """
 
 import importlib
 import importlib.util
 import os
+import subprocess
 import sys
 
 import pytest
@@ -31,7 +34,6 @@ GPU_RELATIVE_TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat
 
 KERNEL_MODULES = ("modeling_memory.kernels_engram", "modeling_memory.kernels_chapter_attention")
 PRIMES = [11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53]
-TRITON_INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET")
 
 
 def primes_from(start, count):
@@ -220,65 +222,64 @@ def test_chapter_attention_reference_empty_and_half_precision():
 # ----------------------------------------------------------------------------------------------------
 
 
-def _import_interpreted_kernels():
-    """The kernel modules with their kernels decorated for the Triton interpreter, and a skip reason when
-    that cannot be done here.
+def _interpreted_kernel_modules():
+    """The kernel modules, decorated for the Triton interpreter, if this process can run them; else None.
 
     The interpreter needs TRITON_INTERPRET=1 when Triton itself is first imported, not only when the kernel
-    modules are (Triton's standard library, `tl.zeros`, `tl.sum`, ..., is made of jit functions). This runs
-    at collection, before any test imports Triton, and restores the variable at once, so other test modules
-    still dispatch to the references on CPU tensors. Triton is then interpreter-only for the session, which
-    is why this is done only where there is no GPU (the GPU tier tests the compiled kernels there).
+    modules are: Triton's standard library (`tl.zeros`, `tl.sum`, ...) is made of jit functions, and
+    `import transformers` already imports Triton (through torch._dynamo). So the variable has to be set for
+    the whole process, which would send every CPU model test in the session through interpreted kernels.
+    Hence the interpreter tier normally runs in a child process (`test_interpreter_tier_in_subprocess`),
+    and runs inline only when this session was started with TRITON_INTERPRET=1.
     """
-    if torch.cuda.is_available():
-        return None, "a GPU is present: the GPU tier tests the compiled kernels"
-    if importlib.util.find_spec("triton") is None:
-        return None, "triton is not installed"
-    saved_env = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton.language as tl
+    if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None:
+        return None
+    from modeling_memory.kernels_available import triton_available
 
-        if type(tl.zeros).__name__ != "InterpretedFunction":
-            return None, "triton was imported before TRITON_INTERPRET=1 could be set; run this file on its own"
-        for name in KERNEL_MODULES:
-            if not getattr(sys.modules.get(name), "INTERPRETED", True):
-                del sys.modules[name]  # imported earlier for compiled kernels; unusable on the CPU anyway
-        return [importlib.import_module(name) for name in KERNEL_MODULES], None
-    except ImportError as error:
-        return None, f"triton does not import: {error}"
-    finally:
-        if saved_env is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved_env
+    if not triton_available():
+        return None
+    import triton.language as tl
+
+    if type(tl.zeros).__name__ != "InterpretedFunction":
+        return None
+    return [importlib.import_module(name) for name in KERNEL_MODULES]
 
 
-INTERPRETED_KERNELS, INTERPRETER_SKIP_REASON = _import_interpreted_kernels()
+INTERPRETED_KERNELS = _interpreted_kernel_modules()
 
 
 @pytest.fixture(scope="module")
 def interpreted():
     if INTERPRETED_KERNELS is None:
-        pytest.skip(INTERPRETER_SKIP_REASON)
+        pytest.skip("run by test_interpreter_tier_in_subprocess (needs TRITON_INTERPRET=1 for the whole process)")
     return INTERPRETED_KERNELS
+
+
+def test_interpreter_tier_in_subprocess():
+    """Runs the `test_triton_*` tests of this file in a child process started with TRITON_INTERPRET=1."""
+    if INTERPRETED_KERNELS is not None:
+        pytest.skip("this session runs the interpreter tier itself")
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop(ops_engram.KERNELS_ENV, None)
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "test_triton_"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    report = result.stdout[-8000:] + result.stderr[-2000:]
+    assert result.returncode == 0, report
+    summary = result.stdout.strip().splitlines()[-1]
+    assert "passed" in summary and "skipped" not in summary and "deselected" in summary, report
 
 
 @pytest.fixture(scope="module")
 def compiled():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    if TRITON_INTERPRET_AT_IMPORT == "1":
+    if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1 is set for the whole session: no compiled kernels")
     pytest.importorskip("triton")
     return [importlib.import_module(name) for name in KERNEL_MODULES]
-
-
-def test_interpreter_setting_does_not_leak(interpreted):
-    # Other test modules must still dispatch to the references on CPU tensors.
-    assert os.environ.get("TRITON_INTERPRET") == TRITON_INTERPRET_AT_IMPORT
-    if TRITON_INTERPRET_AT_IMPORT != "1" and not os.environ.get(ops_engram.KERNELS_ENV):
-        assert ops_engram.kernel_choice(torch.zeros(1)) == "torch"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -310,7 +311,7 @@ def run_engram(engram_kernels, case, dtype, deterministic, seed=0):
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", list(ENGRAM_CASES))
-def test_engram_kernel_matches_reference(interpreted, case, dtype, deterministic):
+def test_triton_engram_kernel_matches_reference(interpreted, case, dtype, deterministic):
     out, expected, grad, expected_grad = run_engram(interpreted[0], case, dtype, deterministic)
     assert out.dtype == dtype and grad.dtype == dtype
     # A gather: the forward is exact in every dtype.
@@ -319,7 +320,7 @@ def test_engram_kernel_matches_reference(interpreted, case, dtype, deterministic
     assert_close(grad, expected_grad, (1e-6, 1e-6) if dtype == torch.float32 else (1e-3, 1e-3), "table grad")
 
 
-def test_engram_repeated_rows_accumulate(interpreted):
+def test_triton_engram_repeated_rows_accumulate(interpreted):
     # Every token is the same id, so each head reads one row for all its tokens of the same history.
     out, _, grad, expected_grad = run_engram(interpreted[0], "repeated_rows", torch.float32, deterministic=False)
     touched = (expected_grad != 0).any(dim=1).sum()
@@ -328,13 +329,13 @@ def test_engram_repeated_rows_accumulate(interpreted):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_engram_deterministic_backward_is_bitwise_repeatable(interpreted, dtype):
+def test_triton_engram_deterministic_backward_is_bitwise_repeatable(interpreted, dtype):
     first = run_engram(interpreted[0], "repeated_rows", dtype, deterministic=True, seed=3)[2]
     second = run_engram(interpreted[0], "repeated_rows", dtype, deterministic=True, seed=3)[2]
     assert torch.equal(first, second)
 
 
-def test_engram_dispatcher_uses_kernel_for_plain_embedding_only(interpreted, monkeypatch):
+def test_triton_engram_dispatcher_uses_kernel_for_plain_embedding_only(interpreted, monkeypatch):
     engram_kernels = interpreted[0]
     inputs, table, _ = make_engram_inputs(2, 5, [2, 3], heads_per_order=2, head_dim=8)
     calls = []
@@ -398,18 +399,18 @@ def check_chapter(results, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", list(CHAPTER_CASES))
-def test_chapter_kernel_matches_reference(interpreted, case, dtype):
+def test_triton_chapter_kernel_matches_reference(interpreted, case, dtype):
     check_chapter(run_chapter(interpreted[1], case, dtype), dtype)
 
 
-def test_chapter_kernel_bank_grads_from_many_chunks(interpreted, monkeypatch):
+def test_triton_chapter_kernel_bank_grads_from_many_chunks(interpreted, monkeypatch):
     # Small dK/dV chunks: one chapter's gradient is atomically summed from several programs.
     chapter_kernels = interpreted[1]
     monkeypatch.setattr(chapter_kernels, "_CHUNK_PAIRS", 32)
     check_chapter(run_chapter(chapter_kernels, "same_chapter", torch.float32), torch.float32)
 
 
-def test_chapter_kernel_with_padded_grid(interpreted, monkeypatch):
+def test_triton_chapter_kernel_with_padded_grid(interpreted, monkeypatch):
     # The CUDA path launches an upper bound of blocks without a host sync; the extra blocks are empty.
     chapter_kernels = interpreted[1]
     original = chapter_kernels.group_pairs_by_chapter
@@ -419,7 +420,7 @@ def test_chapter_kernel_with_padded_grid(interpreted, monkeypatch):
     check_chapter(run_chapter(chapter_kernels, "general", torch.float32), torch.float32)
 
 
-def test_group_pairs_by_chapter(interpreted):
+def test_triton_group_pairs_by_chapter(interpreted):
     group = interpreted[1].group_pairs_by_chapter
     ids = torch.tensor([[0, 3], [0, 3], [0, 1], [0, 3], [0, 3], [0, 3]])
     sorted_pairs, chapters, starts, ends = group(ids, 5, 2, exact_grid=True)
@@ -433,7 +434,7 @@ def test_group_pairs_by_chapter(interpreted):
     assert not used[chapters.numel():].any()
 
 
-def test_chapter_dispatcher_and_frozen_bank(interpreted, monkeypatch):
+def test_triton_chapter_dispatcher_and_frozen_bank(interpreted, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     query, keys, values, ids, weights = make_chapter_inputs(**CHAPTER_CASES["general"])
     query.requires_grad_()
