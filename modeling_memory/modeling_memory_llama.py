@@ -11,6 +11,7 @@ The last projection of each memory module is zero-initialised, so a model grafte
 computes exactly what the Llama computed until training changes it.
 """
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -146,6 +147,23 @@ class MemoryLlamaPreTrainedModel(PreTrainedModel):
         "hidden_states": MemoryLlamaDecoderLayer,
         "attentions": LlamaAttention,
     }
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, use_safetensors: bool | None = True, **kwargs):
+        """As `PreTrainedModel.from_pretrained`, but weights load from safetensors only: pickle files
+        (`pytorch_model.bin`) can run code when loaded. Opt in to them with `use_safetensors=False`."""
+        if use_safetensors and os.path.isdir(str(pretrained_model_name_or_path)):
+            folder = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder", ""))
+            names = os.listdir(folder) if os.path.isdir(folder) else []
+            has_safetensors = any(name.endswith(".safetensors") or name.endswith(".safetensors.index.json") for name in names)
+            pickles = sorted(name for name in names if name.endswith((".bin", ".pt", ".pth", ".ckpt")))
+            if pickles and not has_safetensors:
+                raise OSError(
+                    f"{pretrained_model_name_or_path} holds only pickle weights ({', '.join(pickles)}), which can run "
+                    "code when loaded. Convert them to safetensors, or opt in with `use_safetensors=False` if you "
+                    "trust their source."
+                )
+        return super().from_pretrained(pretrained_model_name_or_path, *args, use_safetensors=use_safetensors, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -113,3 +113,18 @@ def test_strided_inputs_equal_contiguous(model):
     assert not ids.is_contiguous()
     with torch.no_grad():
         torch.testing.assert_close(model(ids, attention_mask=mask).logits, model(ids.contiguous()).logits)
+
+
+def test_pickle_only_checkpoint_refused_unless_opted_in(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = MemoryLlamaForCausalLM(tiny_config())
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(OSError, match="only pickle weights .*use_safetensors=False"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, use_safetensors=False, dtype=torch.float32)
+    ids = random_ids(1, 5, torch.Generator())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
