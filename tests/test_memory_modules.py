@@ -116,14 +116,14 @@ def test_projected_bank_reused_at_inference_and_never_stale():
     model = train_steps(MemoryLlamaForCausalLM(tiny_config()))
     memory, bank = model.model.layers[2].chapter_memory, model.model.chapter_bank.weight
     with torch.no_grad():
-        first = memory.project_bank(bank)
-        assert memory.project_bank(bank)[0] is first[0]  # reused
+        first = memory.project_bank(bank, torch.float32)
+        assert memory.project_bank(bank, torch.float32)[0] is first[0]  # reused
     train_steps(model, steps=1, seed=5)  # an optimizer step changes the weights in place
     with torch.no_grad():
-        after = memory.project_bank(bank)
+        after = memory.project_bank(bank, torch.float32)
     assert after[0] is not first[0] and not torch.allclose(after[0], first[0])
     model.train()
-    keys, _ = memory.project_bank(bank)
+    keys, _ = memory.project_bank(bank, torch.float32)
     assert keys.requires_grad  # training always recomputes, so gradients flow
 
 
