@@ -1,0 +1,400 @@
+"""`MemoryTrainer`: the Hugging Face `Trainer` with what memory models need on top.
+
+- Parameter groups: Engram tables at lr x `engram_lr_multiplier`, chapter banks at
+  lr x `chapter_bank_lr_multiplier`, both without weight decay; norms and biases without weight
+  decay. The scheduler scales every group by the same factor, so the ratios hold all run long.
+  Optionally the tables get the lean `RowWiseAdagrad` (one scalar of state per row).
+- The router aux loss under gradient accumulation and data parallelism. The model adds its
+  per-micro-batch `aux_loss` to `loss`; Trainer does not divide a `num_items_in_batch`-normalised
+  loss by the accumulation steps (and multiplies it by the number of processes when averaging
+  tokens across devices), which would weight the aux loss by GA x processes. `compute_loss` takes
+  the aux term out and puts it back as a mean over micro-batches and processes.
+- Memory health in the logs, from forward hooks (no model change): `chapter_usage_entropy`
+  (entropy of the routed-chapter counts divided by its maximum, 1 = uniform),
+  `chapters_used_fraction` (chapters picked at least once since the last log), `engram_gate_mean`
+  (mean gate over real tokens) and `aux_loss` (mean weighted router loss per micro-batch), each
+  averaged over memory layers and processes.
+- With a PEFT model whose memory is trained directly (see `peft_modes.py`), checkpoints also hold
+  `memory.safetensors`, and resuming loads it back.
+
+A plain `Trainer` trains these models too, just without the extras.
+"""
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from .chapter_memory import MemoryLlamaChapterBank, MemoryLlamaChapterMemory
+from .engram import MemoryLlamaEngram
+from .modeling_memory_llama import MemoryLlamaModel
+from .table_optimizer import CombinedOptimizer, RowWiseAdagrad
+
+TABLE_OPTIMIZERS = ("default", "rowwise_adagrad")
+
+
+@dataclass
+class MemoryTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the memory settings `MemoryTrainer` reads.
+
+    table_optimizer: "default" trains the Engram tables with the `optim` optimizer like everything
+        else; "rowwise_adagrad" gives them `RowWiseAdagrad` (state: one float per table row instead
+        of AdamW's two per weight).
+    engram_lr_multiplier / chapter_bank_lr_multiplier: override the model config's multipliers.
+    log_memory_health: add chapter usage, Engram gate and aux loss to the training logs.
+    """
+
+    table_optimizer: str = field(
+        default="default",
+        metadata={"help": "Optimizer of the Engram tables.", "choices": list(TABLE_OPTIMIZERS)},
+    )
+    engram_lr_multiplier: float | None = field(
+        default=None, metadata={"help": "Engram tables' learning rate / learning_rate (default: the model config's)."}
+    )
+    chapter_bank_lr_multiplier: float | None = field(
+        default=None, metadata={"help": "Chapter bank's learning rate / learning_rate (default: the model config's)."}
+    )
+    log_memory_health: bool = field(
+        default=True, metadata={"help": "Log chapter usage entropy, chapters used, Engram gate mean and aux loss."}
+    )
+
+    def __post_init__(self):
+        if self.table_optimizer not in TABLE_OPTIMIZERS:
+            raise ValueError(f"table_optimizer must be one of {TABLE_OPTIMIZERS}, got {self.table_optimizer!r}.")
+        for name in ("engram_lr_multiplier", "chapter_bank_lr_multiplier"):
+            value = getattr(self, name)
+            if value is not None and not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number >= 0 (or unset), got {value!r}.")
+        super().__post_init__()
+
+
+def engram_table_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The Engram embedding tables of `model` (found by module type, so any wrapper works)."""
+    return [module.table.weight for module in model.modules() if isinstance(module, MemoryLlamaEngram)]
+
+
+def chapter_bank_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The chapter bank(s) of `model`: the shared one or one per chapter layer."""
+    return [module.weight for module in model.modules() if isinstance(module, MemoryLlamaChapterBank)]
+
+
+def memory_parameter_groups(
+    model: nn.Module,
+    learning_rate: float,
+    weight_decay: float,
+    engram_lr_multiplier: float,
+    chapter_bank_lr_multiplier: float,
+    decay_parameter_names: list[str],
+) -> list[dict]:
+    """Optimizer parameter groups for a memory model (trainable parameters only, empty groups left out).
+
+    Groups, each with a "name": "decay" (lr, weight_decay), "no_decay" (lr, 0: names outside
+    `decay_parameter_names`, i.e. norms and biases), "engram_tables" (lr x engram multiplier, 0) and
+    "chapter_banks" (lr x bank multiplier, 0).
+    """
+    tables = {id(p) for p in engram_table_parameters(model)}
+    banks = {id(p) for p in chapter_bank_parameters(model)}
+    decay_names = set(decay_parameter_names)
+    buckets = {"decay": [], "no_decay": [], "engram_tables": [], "chapter_banks": []}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if id(param) in tables:
+            buckets["engram_tables"].append(param)
+        elif id(param) in banks:
+            buckets["chapter_banks"].append(param)
+        elif name in decay_names:
+            buckets["decay"].append(param)
+        else:
+            buckets["no_decay"].append(param)
+    settings = {
+        "decay": (learning_rate, weight_decay),
+        "no_decay": (learning_rate, 0.0),
+        "engram_tables": (learning_rate * engram_lr_multiplier, 0.0),
+        "chapter_banks": (learning_rate * chapter_bank_lr_multiplier, 0.0),
+    }
+    return [
+        {"name": name, "params": params, "lr": settings[name][0], "weight_decay": settings[name][1]}
+        for name, params in buckets.items()
+        if params
+    ]
+
+
+class MemoryHealth:
+    """Collects memory statistics from forward hooks while the model trains.
+
+    Counts stay on the model's device and are summed across processes only when read (`flush`), so
+    logging costs one small all-reduce per logging step.
+    """
+
+    def __init__(self):
+        self._handles = []
+        self._token_mask = None  # (B, S) bool of the current forward, from the model's attention_mask
+        self._engram_inputs = {}
+        self.reset()
+        self.total_chapter_counts: dict[int, torch.Tensor] = {}
+
+    def reset(self) -> None:
+        self.chapter_counts: dict[int, torch.Tensor] = {}
+        self.gate_sum = 0.0
+        self.gate_tokens = 0.0
+        self.aux_sum = 0.0
+        self.aux_count = 0
+
+    def attach(self, model: nn.Module) -> None:
+        """Register the hooks on every memory module of `model` (wrapped or not)."""
+        self.detach()
+        for module in model.modules():
+            if isinstance(module, MemoryLlamaModel):
+                self._handles.append(module.register_forward_pre_hook(self._on_model_input, with_kwargs=True))
+            elif isinstance(module, MemoryLlamaChapterMemory):
+                self._handles.append(module.register_forward_hook(self._on_chapter_output))
+            elif isinstance(module, MemoryLlamaEngram):
+                self._handles.append(module.register_forward_pre_hook(self._on_engram_input))
+                # The gate reads the retrieved keys: hook the key projection (whatever wraps it).
+                self._handles.append(module.engram_key.register_forward_hook(self._gate_hook(module)))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _on_model_input(self, module, args, kwargs):
+        if not module.training:
+            return
+        mask = kwargs.get("attention_mask")
+        self._token_mask = mask.bool() if torch.is_tensor(mask) and mask.dim() == 2 else None
+
+    def _on_chapter_output(self, module, args, output):
+        if not module.training:
+            return
+        router_logits = output[1].detach()  # (B * S, routed)
+        chosen = router_logits.topk(module.top_k, dim=-1).indices
+        if self._token_mask is not None and self._token_mask.numel() == chosen.shape[0]:
+            chosen = chosen[self._token_mask.reshape(-1)[: chosen.shape[0]]]
+        counts = torch.bincount(chosen.reshape(-1), minlength=router_logits.shape[-1]).double()
+        layer = module.layer_idx
+        self.chapter_counts[layer] = self.chapter_counts.get(layer, 0) + counts
+        self.total_chapter_counts[layer] = self.total_chapter_counts.get(layer, 0) + counts
+
+    def _on_engram_input(self, module, args):
+        if module.training:
+            self._engram_inputs[module] = (args[0], args[2])  # hidden_states (B, S, d), token_mask (B, S)
+
+    def _gate_hook(self, engram: MemoryLlamaEngram):
+        def hook(module, args, keys):
+            stashed = self._engram_inputs.pop(engram, None)
+            if stashed is None:
+                return
+            hidden_states, token_mask = stashed
+            with torch.no_grad():
+                alpha = engram.gate(hidden_states.detach(), keys.detach()).squeeze(-1)  # (B, S)
+                mask = token_mask.to(alpha.dtype)
+                self.gate_sum = self.gate_sum + (alpha * mask).sum().double()
+                self.gate_tokens = self.gate_tokens + mask.sum().double()
+
+        return hook
+
+    def record_aux_loss(self, aux_loss: torch.Tensor) -> None:
+        self.aux_sum = self.aux_sum + aux_loss.detach().double()
+        self.aux_count += 1
+
+    def flush(self, accelerator) -> dict[str, float]:
+        """The statistics since the last flush, summed over processes; then start over."""
+        device = accelerator.device
+        logs = {}
+        if self.chapter_counts:
+            layers = sorted(self.chapter_counts)
+            counts = torch.stack([self.chapter_counts[layer].to(device) for layer in layers])
+            counts = accelerator.reduce(counts, reduction="sum")
+            entropy, used = _usage_statistics(counts)
+            logs["chapter_usage_entropy"] = entropy
+            logs["chapters_used_fraction"] = used
+        if torch.is_tensor(self.gate_tokens):
+            gate = torch.stack([self.gate_sum, self.gate_tokens]).to(device)
+            gate = accelerator.reduce(gate, reduction="sum")
+            logs["engram_gate_mean"] = float(gate[0] / gate[1].clamp_min(1))
+        if self.aux_count:
+            aux = torch.stack([self.aux_sum.to(device), torch.tensor(float(self.aux_count), dtype=torch.float64, device=device)])
+            aux = accelerator.reduce(aux, reduction="sum")
+            logs["aux_loss"] = float(aux[0] / aux[1])
+        self.reset()
+        return logs
+
+    def chapter_usage(self, accelerator=None) -> dict[int, list[float]]:
+        """Routed-chapter counts of the whole run per chapter layer (summed over processes when an
+        accelerator is given; call it on every process then)."""
+        usage = {}
+        for layer in sorted(self.total_chapter_counts):
+            counts = self.total_chapter_counts[layer]
+            if accelerator is not None:
+                counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum")
+            usage[layer] = counts.cpu().tolist()
+        return usage
+
+
+def _usage_statistics(counts: torch.Tensor) -> tuple[float, float]:
+    """(normalised entropy, fraction of chapters used) of (layers, routed) counts, averaged over layers."""
+    probs = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(dim=1)
+    num_routed = counts.shape[1]
+    normalised = entropy / math.log(num_routed) if num_routed > 1 else torch.zeros_like(entropy)
+    used = (counts > 0).double().mean(dim=1)
+    return float(normalised.mean()), float(used.mean())
+
+
+class MemoryTrainer(Trainer):
+    """`Trainer` for MemoryLlama models (plain or wrapped by PEFT); see the module docstring.
+
+    Takes the same arguments as `Trainer`. With `MemoryTrainingArguments` the table optimizer, the
+    learning-rate multipliers and health logging can be chosen; with plain `TrainingArguments`
+    the defaults apply (multipliers from the model config, tables on the main optimizer, health logged).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.memory_health = MemoryHealth()
+        if self._setting("log_memory_health", True):
+            self.memory_health.attach(self.model)
+
+    def _setting(self, name: str, default):
+        value = getattr(self.args, name, None)
+        return default if value is None else value
+
+    def _memory_config(self):
+        model = self.accelerator.unwrap_model(self.model)
+        config = getattr(model, "config", None)
+        if config is None or not hasattr(config, "engram_lr_multiplier"):
+            raise ValueError(
+                "MemoryTrainer needs a MemoryLlama model (or a PEFT model around one); "
+                f"got {type(model).__name__}. Use transformers.Trainer for other models."
+            )
+        return config
+
+    # ---- optimizer ---------------------------------------------------------------------------
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """Parameter groups for tables, banks, decay and no-decay parameters (see `memory_parameter_groups`)."""
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        config = self._memory_config()
+        groups = memory_parameter_groups(
+            opt_model,
+            learning_rate=self.args.learning_rate,
+            weight_decay=self.args.weight_decay,
+            engram_lr_multiplier=self._setting("engram_lr_multiplier", config.engram_lr_multiplier),
+            chapter_bank_lr_multiplier=self._setting("chapter_bank_lr_multiplier", config.chapter_bank_lr_multiplier),
+            decay_parameter_names=self.get_decay_parameter_names(opt_model),
+        )
+        if not groups:
+            raise ValueError("The model has no trainable parameters: check the training mode (requires_grad flags).")
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        optimizer_kwargs = dict(optimizer_kwargs)
+        special = sorted({"params", "model", "optimizer_dict"} & set(optimizer_kwargs))
+        if special or not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
+            raise ValueError(
+                f"optim={self.args.optim!r} builds its own parameter groups ({special or optimizer_cls}), which would "
+                "drop the memory groups (table and bank learning rates, no weight decay). Use an optimizer such as "
+                "adamw_torch, adafactor or sgd with MemoryTrainer, or transformers.Trainer without the memory groups."
+            )
+        table_groups = [g for g in groups if g["name"] == "engram_tables"]
+        if self._setting("table_optimizer", "default") == "rowwise_adagrad" and table_groups:
+            dense_groups = [g for g in groups if g["name"] != "engram_tables"]
+            table_optimizer = RowWiseAdagrad(table_groups, lr=table_groups[0]["lr"])
+            optimizers = [optimizer_cls(dense_groups, **optimizer_kwargs)] if dense_groups else []
+            self.optimizer = CombinedOptimizer(optimizers + [table_optimizer])
+        else:
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    # ---- loss --------------------------------------------------------------------------------
+
+    def _trainer_scales_for_ga(self, num_items_in_batch) -> bool:
+        """Mirror of Trainer.training_step: whether it will *not* divide our loss by the GA steps."""
+        if self.loss_is_scaled_for_ga is not None:
+            return self.loss_is_scaled_for_ga
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+
+    def _process_scale(self, num_items_in_batch) -> float:
+        """Mirror of Trainer.compute_loss: the factor it multiplies the model's loss by when averaging
+        tokens across devices (so that DDP's gradient mean becomes a token mean)."""
+        if (
+            self.args.average_tokens_across_devices
+            and (self.model_accepts_loss_kwargs or self.compute_loss_func)
+            and num_items_in_batch is not None
+        ):
+            return self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
+        return 1
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Trainer's loss with the router aux loss weighted as a mean over micro-batches and processes
+        (training) or left out (evaluation: `eval_loss` is the language-model loss alone)."""
+        labels_reach_model = "labels" in inputs and self.label_smoother is None and self.compute_loss_func is None
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        aux_loss = outputs.get("aux_loss") if isinstance(outputs, dict) else None
+        if aux_loss is not None:
+            aux_loss = aux_loss.to(loss.device)
+            if labels_reach_model:  # the model added it to `loss`, which Trainer then scaled
+                loss = loss - self._process_scale(num_items_in_batch) * aux_loss
+            if model.training:
+                steps = self.current_gradient_accumulation_steps if self._trainer_scales_for_ga(num_items_in_batch) else 1
+                loss = loss + aux_loss / steps
+                self.memory_health.record_aux_loss(aux_loss)
+        return (loss, outputs) if return_outputs else loss
+
+    # ---- logging -----------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Training logs carry "loss"; all processes reach this point together, as the reduce needs.
+        if "loss" in logs and self._setting("log_memory_health", True):
+            logs.update(self.memory_health.flush(self.accelerator))
+        super().log(logs, start_time)
+
+    # ---- PEFT models with directly trained memory --------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        from .peft_modes import has_trainable_memory_outside_adapter, save_memory_weights
+
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        if self.args.should_save and has_trainable_memory_outside_adapter(model):
+            save_memory_weights(model, output_dir)
+
+    def _load_memory_if_saved(self, checkpoint_dir: str) -> None:
+        from .peft_modes import MEMORY_WEIGHTS_NAME, has_trainable_memory_outside_adapter, load_memory_weights
+
+        model = self.accelerator.unwrap_model(self.model)
+        if has_trainable_memory_outside_adapter(model):
+            if not os.path.isfile(os.path.join(checkpoint_dir, MEMORY_WEIGHTS_NAME)):
+                raise FileNotFoundError(
+                    f"{checkpoint_dir} has no {MEMORY_WEIGHTS_NAME}, but this PEFT model trains memory outside the "
+                    "adapter: the checkpoint was written by a plain Trainer or another training mode."
+                )
+            load_memory_weights(model, checkpoint_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_memory_if_saved(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        self._load_memory_if_saved(self.state.best_model_checkpoint)
+
+
+__all__ = [
+    "MemoryHealth",
+    "MemoryTrainer",
+    "MemoryTrainingArguments",
+    "TABLE_OPTIMIZERS",
+    "chapter_bank_parameters",
+    "engram_table_parameters",
+    "memory_parameter_groups",
+]
