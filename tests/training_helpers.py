@@ -12,6 +12,10 @@ from conftest import tiny_config
 from modeling_memory import MemoryLlamaForCausalLM
 from modeling_memory.knowledge import KnowledgeSet
 
+# Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two threads per
+# matmul can be 100x slower than one (spinning while other processes hold the cores).
+torch.set_num_threads(1)
+
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2 as in tiny_config (pad, bos, eos)
 
 
