@@ -1,0 +1,327 @@
+"""Cost of the memory against the backbone Llama, measured side by side in one run on SmolLM2-135M.
+
+    python benchmarks/throughput.py            # about 8-10 minutes on a 2-core CPU
+
+Reports, as ratios memory / backbone:
+  1. training step time (forward + backward + AdamW) at the demo configuration
+     (`memory_preset(config, "both")`: Engram at layers 2 and 15, chapter memory at 10 and 20);
+  2. peak resident memory of a training run (each variant in a fresh subprocess);
+  3. generation: prefill and decode tokens/s (greedy, batch 1);
+  4. forward + backward time as the chapter bank grows from 4K to 262K memory tokens, and as the
+     Engram tables grow from 1e4 to 1e7 rows per layer (also the inference forward for the bank);
+  5. forward + backward time against sequence length;
+  6. where the time of a memory training step goes (torch.profiler, top operators).
+Timings interleave the variants (A B A B ...) and take medians. Targets (CPU): step <= 1.3x backbone,
+<= 1.2x growth from 4K to 262K memory tokens, decode >= 0.8x backbone tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    command_line,
+    interleaved_timings,
+    machine_description,
+    markdown_table,
+    median,
+    peak_rss_mib,
+    write_section,
+)
+
+import torch  # noqa: E402
+
+from modeling_memory import MemoryLlamaForCausalLM  # noqa: E402
+from modeling_memory.grafting import memory_config_from_llama, memory_preset  # noqa: E402
+from modeling_memory.offline_checkpoints import load_smollm2  # noqa: E402
+
+
+def demo_models():
+    """(backbone LlamaForCausalLM, grafted MemoryLlama, tokenizer) at the demo configuration."""
+    base, tokenizer = load_smollm2()
+    memory = MemoryLlamaForCausalLM.from_llama(base, tokenizer=tokenizer, **memory_preset(base.config, "both"))
+    return base, memory, tokenizer
+
+
+def memory_variant(base, **overrides):
+    """A MemoryLlama with the demo memory fields changed by `overrides`, the backbone weights copied in."""
+    fields = memory_preset(base.config, "both")
+    fields.update(overrides)
+    config = memory_config_from_llama(base.config, **fields)
+    model = MemoryLlamaForCausalLM(config)
+    model.load_state_dict(base.state_dict(), strict=False)
+    return model
+
+
+def training_step(model, ids, optimizer=None):
+    def step():
+        model.train()
+        model(ids, labels=ids).loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def inference_forward(model, ids):
+    def forward():
+        model.eval()
+        with torch.no_grad():
+            model(ids)
+
+    return forward
+
+
+def ratio_rows(timings: dict, baseline: str) -> list[list]:
+    base_time = median(timings[baseline])
+    return [[name, f"{median(times):.3f}", f"{median(times) / base_time:.2f}x"] for name, times in timings.items()]
+
+
+# ---------------------------------------------------------------------------------------------- peak memory
+
+
+def peak_memory_worker(variant: str, batch: int, seq_len: int, steps: int) -> None:
+    """Runs in a fresh subprocess: load one variant, train a few steps, print peak RSS (MiB)."""
+    torch.manual_seed(0)
+    base, tokenizer = load_smollm2()
+    model = base if variant == "backbone" else memory_variant(base)
+    if variant != "backbone":
+        del base
+    loaded = peak_rss_mib()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len))
+    for _ in range(steps):
+        training_step(model, ids, optimizer)()
+    print(f"PEAK {loaded:.1f} {peak_rss_mib():.1f}")
+
+
+def measure_peak_memory(batch: int, seq_len: int) -> dict[str, tuple[float, float]]:
+    results = {}
+    for variant in ("backbone", "memory"):
+        output = subprocess.run(
+            [sys.executable, __file__, "--peak-memory-worker", variant, "--batch", str(batch), "--seq-len", str(seq_len)],
+            capture_output=True, text=True, check=True,
+        ).stdout
+        line = next(line for line in output.splitlines() if line.startswith("PEAK "))
+        loaded, peak = map(float, line.split()[1:])
+        results[variant] = (loaded, peak)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- generation
+
+
+def generation_speed(models: dict, tokenizer, prompt_len: int, new_tokens: int, repeats: int):
+    """Median prefill and decode tokens/s per model. Prefill = generate 1 token; decode = the rest."""
+    prompt = torch.randint(100, tokenizer.vocab_size - 100, (1, prompt_len))
+    attention = torch.ones_like(prompt)
+
+    def generate(model, count):
+        def run():
+            model.generate(
+                input_ids=prompt, attention_mask=attention, max_new_tokens=count, min_new_tokens=count,
+                do_sample=False, pad_token_id=tokenizer.eos_token_id,
+            )
+
+        return run
+
+    functions = {}
+    for name, model in models.items():
+        model.eval()
+        functions[f"{name} prefill"] = generate(model, 1)
+        functions[f"{name} full"] = generate(model, new_tokens + 1)
+    with torch.no_grad():
+        timings = interleaved_timings(functions, repeats)
+    speeds = {}
+    for name in models:
+        prefill = median(timings[f"{name} prefill"])
+        full = median(timings[f"{name} full"])
+        speeds[name] = (prompt_len / prefill, new_tokens / max(full - prefill, 1e-9))
+    return speeds
+
+
+# ---------------------------------------------------------------------------------------------- profile
+
+
+def profile_step(model, ids, top: int = 12) -> str:
+    """Top operators (self CPU time) of one training step, as a markdown table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = training_step(model, ids)
+    step()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        step()
+    events = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    rows = [[e.key, e.count, f"{e.self_cpu_time_total / 1e3:.0f}", f"{e.self_cpu_time_total / total:.1%}"] for e in events[:top]]
+    return markdown_table(["operator", "calls", "self CPU ms", "share"], rows)
+
+
+def bank_projection_share(model, ids, repeats: int) -> tuple[float, float]:
+    """(seconds of a forward + backward of the whole model, seconds of the chapter layers' bank
+    projections alone, forward + backward): how much of a training step the K/V projection of the
+    whole bank takes."""
+    layers = [layer.chapter_memory for layer in model.model.layers if layer.chapter_memory is not None]
+    bank = model.model.chapter_bank.weight
+
+    def projections():
+        total = sum(k.sum() + v.sum() for k, v in (layer.project_bank(bank, bank.dtype) for layer in layers))
+        total.backward()
+        model.zero_grad(set_to_none=True)
+
+    timings = interleaved_timings({"step": training_step(model, ids), "projection": projections}, repeats)
+    return median(timings["step"]), median(timings["projection"])
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions of the main comparison")
+    parser.add_argument("--sweep-repeats", type=int, default=2, help="timed repetitions in the sweeps")
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--chapters", type=int, nargs="+", default=[128, 1024, 8192], help="x 32 tokens: 4K to 262K")
+    parser.add_argument("--engram-rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000, 10_000_000])
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_argument("--peak-memory-worker", choices=["backbone", "memory"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.peak_memory_worker:
+        peak_memory_worker(args.peak_memory_worker, args.batch, args.seq_len, steps=2)
+        return
+
+    started = time.perf_counter()
+    machine = machine_description()
+    print(f"machine: {machine}", flush=True)
+    torch.manual_seed(0)
+    base, memory, tokenizer = demo_models()
+    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq_len))
+    sections = []
+
+    print(f"[1/6] training step (fwd + bwd + AdamW), batch {args.batch} x {args.seq_len} tokens ...", flush=True)
+    optimizers = {"backbone": torch.optim.AdamW(base.parameters(), lr=1e-6), "memory": torch.optim.AdamW(memory.parameters(), lr=1e-6)}
+    step_timings = interleaved_timings(
+        {
+            "backbone": training_step(base, ids, optimizers["backbone"]),
+            "memory (demo config)": training_step(memory, ids, optimizers["memory"]),
+        },
+        args.repeats,
+    )
+    del optimizers  # their state is not needed by the later measurements
+    step_ratio = median(step_timings["memory (demo config)"]) / median(step_timings["backbone"])
+    table = markdown_table(["model", "median s/step", "vs backbone"], ratio_rows(step_timings, "backbone"))
+    print(table, flush=True)
+    sections.append(
+        f"### Training step at the demo configuration (batch {args.batch} x {args.seq_len}, fwd + bwd + AdamW, "
+        f"median of {args.repeats})\n\n{table}\n\nTarget <= 1.3x: **{'met' if step_ratio <= 1.3 else 'missed'}** ({step_ratio:.2f}x)."
+    )
+
+    print("[2/6] peak memory (fresh subprocess per variant) ...", flush=True)
+    peaks = measure_peak_memory(args.batch, args.seq_len)
+    rows = [
+        [name, f"{loaded:.0f}", f"{peak:.0f}", f"{peak - loaded:.0f}", f"{peak / peaks['backbone'][1]:.2f}x"]
+        for name, (loaded, peak) in peaks.items()
+    ]
+    table = markdown_table(["model", "RSS after load MiB", "peak RSS MiB", "training extra MiB", "peak vs backbone"], rows)
+    print(table, flush=True)
+    sections.append(f"### Peak resident memory, 2 training steps (AdamW), batch {args.batch} x {args.seq_len}\n\n{table}")
+
+    print("[3/6] generation (greedy, batch 1, prompt 128, 32 new tokens) ...", flush=True)
+    speeds = generation_speed({"backbone": base, "memory": memory}, tokenizer, 128, 32, args.repeats)
+    rows = [
+        [name, f"{prefill:.0f}", f"{prefill / speeds['backbone'][0]:.2f}x", f"{decode:.1f}", f"{decode / speeds['backbone'][1]:.2f}x"]
+        for name, (prefill, decode) in speeds.items()
+    ]
+    table = markdown_table(["model", "prefill tok/s", "vs backbone", "decode tok/s", "vs backbone"], rows)
+    print(table, flush=True)
+    decode_ratio = speeds["memory"][1] / speeds["backbone"][1]
+    sections.append(
+        f"### Generation (greedy, batch 1, 128-token prompt, 32 new tokens, median of {args.repeats})\n\n{table}\n\n"
+        f"Target decode >= 0.8x: **{'met' if decode_ratio >= 0.8 else 'missed'}** ({decode_ratio:.2f}x)."
+    )
+
+    print("[4/6] scaling with memory size ...", flush=True)
+    bank_models = {f"{c * 32:,} memory tokens": memory_variant(base, chapter_num_chapters=c) for c in args.chapters}
+    train_fns = {"backbone": training_step(base, ids), **{n: training_step(m, ids) for n, m in bank_models.items()}}
+    bank_train = interleaved_timings(train_fns, args.sweep_repeats)
+    infer_fns = {"backbone": inference_forward(base, ids), **{n: inference_forward(m, ids) for n, m in bank_models.items()}}
+    bank_infer = interleaved_timings(infer_fns, args.sweep_repeats)
+    first_bank = next(iter(bank_models))
+    rows = []
+    for name in train_fns:
+        rows.append([
+            name, f"{median(bank_train[name]):.2f}", f"{median(bank_train[name]) / median(bank_train['backbone']):.2f}x",
+            f"{median(bank_train[name]) / median(bank_train[first_bank]):.2f}x" if name != "backbone" else "",
+            f"{median(bank_infer[name]):.3f}", f"{median(bank_infer[name]) / median(bank_infer['backbone']):.2f}x",
+        ])
+    bank_table = markdown_table(
+        ["chapter bank", "fwd+bwd s", "vs backbone", "vs 4K bank", "inference fwd s", "vs backbone"], rows
+    )
+    largest = list(bank_models)[-1]
+    growth = median(bank_train[largest]) / median(bank_train[first_bank])
+    print(bank_table, flush=True)
+    step_s, projection_s = bank_projection_share(bank_models[largest], ids, args.sweep_repeats)
+    del bank_models, train_fns, infer_fns
+
+    engram_models = {
+        f"{rows_per_layer:.0e} rows/layer": memory_variant(base, engram_table_size=max(3, rows_per_layer // 16))
+        for rows_per_layer in args.engram_rows
+    }
+    train_fns = {"backbone": training_step(base, ids), **{n: training_step(m, ids) for n, m in engram_models.items()}}
+    engram_train = interleaved_timings(train_fns, args.sweep_repeats)
+    first_engram = next(iter(engram_models))
+    rows = [
+        [name, f"{median(t):.2f}", f"{median(t) / median(engram_train['backbone']):.2f}x",
+         f"{median(t) / median(engram_train[first_engram]):.2f}x" if name != "backbone" else ""]
+        for name, t in engram_train.items()
+    ]
+    engram_table = markdown_table(["Engram tables", "fwd+bwd s", "vs backbone", "vs 1e4 rows"], rows)
+    print(engram_table, flush=True)
+    del engram_models, train_fns
+    sections.append(
+        f"### Scaling with memory size (fwd + bwd, batch {args.batch} x {args.seq_len}, median of {args.sweep_repeats})\n\n"
+        f"Chapter bank (demo configuration otherwise; 32 tokens per chapter, 2 routed + 1 shared read per token):\n\n"
+        f"{bank_table}\n\nTarget <= 1.2x growth from 4K to 262K memory tokens (training): "
+        f"**{'met' if growth <= 1.2 else 'missed'}** ({growth:.2f}x). Inference reuses the projected bank, so "
+        f"its cost stays flat. In training, the K/V projection of the *whole* bank for both chapter layers "
+        f"(forward + backward) takes {projection_s:.2f} s of the {step_s:.2f} s step at {largest}.\n\n"
+        f"Engram (demo configuration otherwise; 16 tables per layer, 2 layers; rows are per layer):\n\n{engram_table}"
+    )
+
+    print("[5/6] scaling with sequence length ...", flush=True)
+    seq_rows = []
+    for seq_len in args.seq_lens:
+        seq_ids = torch.randint(0, base.config.vocab_size, (1, seq_len))
+        timings = interleaved_timings({"backbone": training_step(base, seq_ids), "memory": training_step(memory, seq_ids)}, args.sweep_repeats)
+        seq_rows.append([seq_len, f"{median(timings['backbone']):.2f}", f"{median(timings['memory']):.2f}",
+                         f"{median(timings['memory']) / median(timings['backbone']):.2f}x"])
+        print(f"    {seq_rows[-1]}", flush=True)
+    table = markdown_table(["sequence length", "backbone fwd+bwd s", "memory fwd+bwd s", "ratio"], seq_rows)
+    sections.append(f"### Scaling with sequence length (fwd + bwd, batch 1, demo configuration, median of {args.sweep_repeats})\n\n{table}")
+
+    print("[6/6] profile of one memory training step ...", flush=True)
+    profile_table = profile_step(memory, ids)
+    print(profile_table, flush=True)
+    sections.append(f"### Where a memory training step's time goes (demo configuration, torch.profiler, self CPU time)\n\n{profile_table}")
+
+    elapsed = time.perf_counter() - started
+    body = (
+        f"Command: `{command_line()}` ({elapsed / 60:.1f} min)\n\nMachine: {machine}. The machine is shared with "
+        f"other work, so absolute times are noisy; the ratios come from interleaved runs in one process.\n\n"
+        + "\n\n".join(sections)
+    )
+    print(f"done in {elapsed / 60:.1f} min", flush=True)
+    if not args.no_write:
+        write_section("Throughput and cost (benchmarks/throughput.py)", body)
+
+
+if __name__ == "__main__":
+    main()
