@@ -79,13 +79,126 @@ def cmd_demo(args) -> int:
     return run_demo()
 
 
+def _add_graft(subparsers):
+    parser = subparsers.add_parser(
+        "graft",
+        help="graft memory onto a Llama-family checkpoint; OUT computes what BASE computes until trained",
+        description="Graft memory onto BASE and write a MemoryLlama checkpoint to OUT, verified against BASE.",
+    )
+    parser.add_argument("base", help="a Hugging Face checkpoint directory, a .gguf file, or a Hub id")
+    parser.add_argument("out", help="output directory (written through a temporary directory beside it)")
+    parser.add_argument("--preset", default="both", help="engram, chapters or both (default), sized for the base")
+    parser.add_argument("--memory-config", metavar="FILE", help="JSON object of memory fields, applied over the preset")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+        help="a memory field, applied last; VALUE is read as JSON when it parses (e.g. --set engram_layers=[1,5])",
+    )
+    parser.add_argument("--dtype", default="auto", help="auto (the base's; float32 for GGUF), float32, bfloat16, float16")
+    parser.add_argument("--tokenizer", help="tokenizer to use instead of the one shipped with BASE")
+    parser.add_argument("--revision", help="Hub revision when BASE is a Hub id")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest |logit difference| accepted (default 1e-4)")
+    parser.add_argument("--allow-pickle", action="store_true", help="accept pickle-only weights (pytorch_model.bin)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan (new parameters, bytes, layers); write nothing")
+    parser.set_defaults(func=cmd_graft)
+
+
+def cmd_graft(args) -> int:
+    from .graft_checkpoint import GraftError, graft_checkpoint, sigterm_raises_keyboard_interrupt
+
+    try:
+        with sigterm_raises_keyboard_interrupt():
+            graft_checkpoint(
+                args.base,
+                args.out,
+                preset=args.preset,
+                memory_json=args.memory_config,
+                overrides=args.overrides,
+                dtype=args.dtype,
+                tokenizer=args.tokenizer,
+                allow_pickle=args.allow_pickle,
+                overwrite=args.overwrite,
+                dry_run=args.dry_run,
+                max_shard_size=args.max_shard_size,
+                tolerance=args.tolerance,
+                revision=args.revision,
+            )
+    except GraftError as error:
+        raise SystemExit(f"memory-llama graft: error: {error}") from error
+    return 0
+
+
+def _add_export(subparsers):
+    parser = subparsers.add_parser(
+        "export", help="write a Hub-ready copy that loads with trust_remote_code=True without this package"
+    )
+    parser.add_argument("checkpoint", help="a MemoryLlama checkpoint directory (or Hub id when online)")
+    parser.add_argument("out", help="output directory (written through a temporary directory beside it)")
+    parser.add_argument("--repo-id", help="the Hub id the model card's loading snippets name (default: OUT's name)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    parser.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    from .graft_checkpoint import sigterm_raises_keyboard_interrupt
+    from .hub_export import ExportError, export_for_hub
+
+    try:
+        with sigterm_raises_keyboard_interrupt():
+            result = export_for_hub(
+                args.checkpoint, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size, model_id=args.repo_id
+            )
+    except ExportError as error:
+        raise SystemExit(f"memory-llama export: error: {error}") from error
+    print(f"loads without the package: max |logit difference| {result.max_abs_logit_diff:.3g}")
+    print(f"wrote {result.out}: {', '.join(result.files)}")
+    return 0
+
+
+def _add_push(subparsers):
+    parser = subparsers.add_parser(
+        "push", help="export a checkpoint (as `export` does) and upload it to the Hugging Face Hub"
+    )
+    parser.add_argument("checkpoint", help="a MemoryLlama checkpoint directory")
+    parser.add_argument("repo_id", help="Hub repository, e.g. your-name/my-memory-llama (created if missing)")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--revision", help="branch to push to (created if missing)")
+    parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    parser.add_argument("--commit-message", help="commit message")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    parser.set_defaults(func=cmd_push)
+
+
+def cmd_push(args) -> int:
+    from .hub_export import ExportError, push_checkpoint
+
+    try:
+        commit = push_checkpoint(
+            args.checkpoint,
+            args.repo_id,
+            commit_message=args.commit_message,
+            private=True if args.private else None,
+            revision=args.revision,
+            create_pr=args.create_pr,
+            max_shard_size=args.max_shard_size,
+        )
+    except ExportError as error:
+        raise SystemExit(f"memory-llama push: error: {error}") from error
+    print(f"pushed to {commit.commit_url}")
+    if commit.pr_url:
+        print(f"pull request: {commit.pr_url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="memory-llama",
         description="MemoryLlama: Llama with learnt memory (chapter memory and Engram).",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_info, _add_generate):
+    for add in (_add_demo, _add_info, _add_generate, _add_graft, _add_export, _add_push):
         add(subparsers)
     return parser
 

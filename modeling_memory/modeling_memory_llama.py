@@ -441,6 +441,30 @@ class MemoryLlamaForCausalLM(MemoryLlamaPreTrainedModel, GenerationMixin):
             router_logits=outputs.router_logits,
         )
 
+    def push_to_hub(self, repo_id: str, *, tokenizer=None, **kwargs):
+        """Upload a copy that loads with `trust_remote_code=True` where this package is not installed: weights,
+        config with `auto_map`, the flat modeling files, generation config, `tokenizer` when given, and a model
+        card. It is checked to load without the package before anything is uploaded. Other keyword arguments
+        are those of `PreTrainedModel.push_to_hub` (commit_message, private, token, revision, create_pr, ...).
+        Returns huggingface_hub's CommitInfo."""
+        import importlib
+
+        try:
+            # importlib rather than `from .hub_export import`: export tooling must stay out of the files that
+            # save_pretrained copies into Hub checkpoints (it follows `from .x import` lines).
+            hub_export = importlib.import_module(".hub_export", __package__)
+        except ModuleNotFoundError as error:
+            if error.name != f"{__package__}.hub_export":
+                raise
+            # Loaded as remote code without the package: transformers' own upload still carries the code.
+            if tokenizer is not None:
+                raise ValueError(
+                    "push_to_hub(tokenizer=...) needs the modeling_memory package; without it, push the tokenizer "
+                    "separately with tokenizer.push_to_hub(repo_id)."
+                ) from error
+            return super().push_to_hub(repo_id, **kwargs)
+        return hub_export.push_model_to_hub(self, repo_id, tokenizer=tokenizer, **kwargs)
+
 
 __all__ = [
     "MemoryLlamaCausalLMOutputWithPast",
