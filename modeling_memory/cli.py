@@ -192,13 +192,45 @@ def cmd_push(args) -> int:
     return 0
 
 
+def _add_train(subparsers):
+    from .training_cli import add_train_arguments
+
+    parser = subparsers.add_parser(
+        "train",
+        help="fine-tune with MemoryTrainer (modes: full, memory_only, lora, lora_all); TrainingArguments pass through",
+        allow_abbrev=False,  # TrainingArguments has ~200 options: no prefix guessing
+    )
+    add_train_arguments(parser)
+    parser.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from .training_cli import run_train
+
+    return run_train(args)
+
+
+def _add_eval(subparsers):
+    from .training_cli import add_eval_arguments
+
+    parser = subparsers.add_parser("eval", help="perplexity on text and exact-match recall on knowledge probes")
+    add_eval_arguments(parser)
+    parser.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    from .training_cli import run_eval
+
+    return run_eval(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="memory-llama",
         description="MemoryLlama: Llama with learnt memory (chapter memory and Engram).",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_info, _add_generate, _add_graft, _add_export, _add_push):
+    for add in (_add_demo, _add_info, _add_generate, _add_graft, _add_export, _add_push, _add_train, _add_eval):
         add(subparsers)
     return parser
 

@@ -1,0 +1,445 @@
+"""`memory-llama train` and `memory-llama eval`: fine-tuning and evaluation from the command line.
+
+train: a MemoryLlama checkpoint (or a Llama one with `--graft`), text data (`--data`) or the
+built-in knowledge set (`--knowledge-entities`), a training mode (`--mode`) and every
+`TrainingArguments` / `MemoryTrainingArguments` field passed through (`--learning_rate 1e-4`,
+`--max_steps 100`, `--resume_from_checkpoint DIR`, ...). Runs `MemoryTrainer`, saves the model (or
+adapter + memory), `trainer_state.json`, `loss_curve.png` and `chapter_usage.png` in `--output_dir`.
+Under `accelerate launch` it trains on every process (see `accelerate_config_path`).
+
+eval: perplexity on text (`--data`) and exact-match recall on knowledge probes
+(`--knowledge-entities`), computed with the project's local `evaluate` metric modules; prints a
+table and writes JSON (`--output-json`).
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+import typing
+
+from .peft_modes import TRAINING_MODES
+
+ACCELERATE_CONFIGS = ("ddp_cpu", "fsdp_cpu", "ddp_gpu", "fsdp_gpu")
+
+
+def accelerate_config_path(name: str) -> str:
+    """Path of a packaged accelerate config: ddp_cpu, fsdp_cpu, ddp_gpu or fsdp_gpu."""
+    if name not in ACCELERATE_CONFIGS:
+        raise ValueError(f"Unknown accelerate config {name!r}; the package ships {', '.join(ACCELERATE_CONFIGS)}.")
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "accelerate_configs", f"{name}.yaml")
+
+
+# ---- arguments ---------------------------------------------------------------------------------
+
+
+def _add_knowledge_arguments(parser, purpose: str) -> None:
+    parser.add_argument("--knowledge-entities", type=int, help=f"{purpose} the built-in knowledge set with this many fictional people")
+    parser.add_argument("--knowledge-seed", type=int, default=0, help="seed of the knowledge set (same seed = same people)")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Our options plus every MemoryTrainingArguments field (as HfArgumentParser would add them)."""
+    from transformers import HfArgumentParser
+
+    from .grafting import PRESETS
+    from .trainer import MemoryTrainingArguments
+
+    parser.add_argument("model", help="a MemoryLlama checkpoint folder, or a Llama one together with --graft")
+    parser.add_argument("--graft", choices=PRESETS, help="graft memory (memory_preset) onto a Llama checkpoint first")
+    parser.add_argument("--data", help="training text: a .txt/.json/.jsonl/.parquet file or folder, or a Hub dataset name")
+    parser.add_argument("--text-column", default="text", help="column holding the documents (json/parquet)")
+    _add_knowledge_arguments(parser, "train on")
+    parser.add_argument("--knowledge-statements", type=int, default=3, choices=[1, 2, 3], help="training phrasings per fact")
+    parser.add_argument("--block-size", type=int, default=256, help="tokens per packed training row")
+    parser.add_argument("--mode", choices=TRAINING_MODES, default="full", help="training mode (see README, 'Training modes')")
+    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank (lora modes)")
+    parser.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (lora modes)")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (lora modes)")
+    group = parser.add_argument_group(
+        "training arguments", "transformers.TrainingArguments and MemoryTrainingArguments fields, e.g. --learning_rate 1e-4"
+    )
+    hints = typing.get_type_hints(MemoryTrainingArguments)
+    for field in dataclasses.fields(MemoryTrainingArguments):
+        if field.init:
+            field.type = hints[field.name]
+            HfArgumentParser._parse_dataclass_field(group, field)
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a MemoryLlama checkpoint folder, or an adapter folder written by `train`")
+    parser.add_argument("--data", help="text for perplexity: a .txt/.json/.jsonl/.parquet file or folder, or a Hub dataset name")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--block-size", type=int, default=256, help="tokens per packed row for perplexity")
+    _add_knowledge_arguments(parser, "probe recall of")
+    parser.add_argument(
+        "--probes", choices=["held_out", "training"], default="held_out",
+        help="held_out: questions phrased unlike the training text; training: the training phrasing cut before the answer",
+    )
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--output-json", help="also write the results to this JSON file")
+
+
+def _training_arguments(args):
+    from .trainer import MemoryTrainingArguments
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(MemoryTrainingArguments) if f.init}
+    return MemoryTrainingArguments(**values)
+
+
+# ---- shared checks and loading ------------------------------------------------------------------
+
+
+def _check_knowledge_arguments(args) -> None:
+    if args.knowledge_entities is not None and not 1 <= args.knowledge_entities <= 100_000:
+        raise SystemExit(f"--knowledge-entities must be between 1 and 100000, got {args.knowledge_entities}.")
+
+
+def _check_data_source(source: str) -> None:
+    from .data import BUILDERS
+
+    if os.path.exists(source):
+        return
+    if source.startswith((".", "/", "~")) or os.path.splitext(source)[1].lower() in BUILDERS:
+        raise SystemExit(f"--data {source}: no such file or folder.")
+
+
+def _load_config(path: str):
+    from transformers import AutoConfig
+
+    import modeling_memory  # noqa: F401  (registers memory_llama)
+
+    if not os.path.isdir(path):
+        raise SystemExit(f"{path} is not a checkpoint folder (expected config.json and weights inside).")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"Cannot read the model config in {path}: {error}")
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as error:
+        raise SystemExit(f"No tokenizer in {path} ({error}); save the tokenizer next to the model (tokenizer.save_pretrained).")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _text_rows(args, tokenizer, text_column: str, main_process_first=None):
+    """Packed training/eval rows from --data or the knowledge set."""
+    import contextlib
+
+    from .data import knowledge_dataset, load_text_dataset, tokenize_and_pack
+    from .knowledge import KnowledgeSet
+
+    context = main_process_first(desc="tokenising") if main_process_first else contextlib.nullcontext()
+    with context:
+        if args.data is not None:
+            try:
+                dataset = load_text_dataset(args.data, text_column=text_column)
+            except (ValueError, FileNotFoundError) as error:
+                raise SystemExit(str(error))
+        else:
+            knowledge = KnowledgeSet.generate(args.knowledge_entities, args.knowledge_seed, getattr(args, "knowledge_statements", 3))
+            dataset, text_column = knowledge_dataset(knowledge), "text"
+        return tokenize_and_pack(dataset, tokenizer, args.block_size, text_column=text_column)
+
+
+# ---- train ------------------------------------------------------------------------------------
+
+
+def run_train(args) -> int:
+    """`memory-llama train`; see the module docstring."""
+    import torch
+
+    from .grafting import graft_from_llama, memory_preset
+    from .modeling_memory_llama import MemoryLlamaForCausalLM
+    from .peft_modes import prepare_model_for_mode, recommended_lora_config, trainable_parameter_counts
+    from .plots import plot_chapter_usage, plot_loss_curve
+    from .trainer import MemoryTrainer
+
+    # Every check that needs no heavy work comes first.
+    args.model = os.path.abspath(args.model)  # adapters record their base by this path
+    if (args.data is None) == (args.knowledge_entities is None):
+        raise SystemExit("Give exactly one training source: --data PATH or --knowledge-entities N.")
+    _check_knowledge_arguments(args)
+    if args.data is not None:
+        _check_data_source(args.data)
+    config = _load_config(args.model)
+    if config.model_type != "memory_llama" and args.graft is None:
+        raise SystemExit(
+            f"{args.model} is a {config.model_type!r} checkpoint: add --graft {{engram,chapters,both}} to graft memory "
+            "onto it, or pass a MemoryLlama checkpoint."
+        )
+    if config.model_type == "memory_llama" and args.graft is not None:
+        raise SystemExit(f"{args.model} already is a MemoryLlama checkpoint; drop --graft.")
+    if args.graft is not None and args.mode.startswith("lora"):
+        raise SystemExit(
+            f"--mode {args.mode} saves an adapter that needs its MemoryLlama base on disk: graft first "
+            "(`memory-llama graft`), then train the grafted checkpoint; --graft works with --mode full or memory_only."
+        )
+    max_positions = config.max_position_embeddings
+    if not 2 <= args.block_size <= max_positions:
+        raise SystemExit(f"--block-size must be between 2 and the model's max_position_embeddings ({max_positions}), got {args.block_size}.")
+    if args.mode != "full" and config.model_type == "memory_llama" and not (config.chapter_layers or config.engram_layers):
+        raise SystemExit(f"--mode {args.mode} trains the memory, but {args.model} has none; use --mode full or --graft.")
+    if args.lora_r < 1 or args.lora_alpha < 1 or not 0 <= args.lora_dropout < 1:
+        raise SystemExit("--lora-r and --lora-alpha must be >= 1 and --lora-dropout in [0, 1).")
+    if args.resume_from_checkpoint is not None and not os.path.isdir(args.resume_from_checkpoint):
+        raise SystemExit(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder.")
+    if args.eval_strategy not in (None, "no"):
+        raise SystemExit("`train` takes no evaluation data: leave --eval_strategy at 'no' and run `memory-llama eval` on the result.")
+    try:
+        training_args = _training_arguments(args)
+    except ValueError as error:
+        raise SystemExit(f"Invalid training arguments: {error}")
+
+    tokenizer = _load_tokenizer(args.model)
+    if len(tokenizer) > config.vocab_size:
+        raise SystemExit(f"The tokenizer has {len(tokenizer)} tokens but the model's vocabulary only {config.vocab_size}.")
+    if config.model_type == "memory_llama":
+        model = MemoryLlamaForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    else:
+        model = graft_from_llama(MemoryLlamaForCausalLM, args.model, tokenizer=tokenizer, **memory_preset(config, args.graft))
+        model = model.float()
+    lora_config = recommended_lora_config(args.mode, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
+    model = prepare_model_for_mode(model, args.mode, lora_config)
+    rows = _text_rows(args, tokenizer, args.text_column, training_args.main_process_first)
+
+    from transformers import default_data_collator
+
+    trainer = MemoryTrainer(
+        model=model, args=training_args, train_dataset=rows, processing_class=tokenizer, data_collator=default_data_collator
+    )
+    if trainer.is_world_process_zero():
+        counts = trainable_parameter_counts(model)
+        print(
+            f"mode {args.mode}: {counts['total']:,} trainable parameters (adapter {counts['adapter']:,}, "
+            f"memory {counts['memory']:,}, backbone {counts['backbone']:,}); {len(rows)} rows of {args.block_size} tokens"
+        )
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model()
+    trainer.save_state()
+    usage = trainer.memory_health.chapter_usage(trainer.accelerator)  # a collective: every process calls it
+
+    if trainer.is_world_process_zero():
+        output_dir = training_args.output_dir
+        written = [plot_loss_curve(trainer.state.log_history, os.path.join(output_dir, "loss_curve.png"))]
+        if usage:
+            written.append(plot_chapter_usage(usage, os.path.join(output_dir, "chapter_usage.png")))
+        else:
+            print("no chapter usage recorded (no chapter layers, or --log_memory_health false): no chapter_usage.png")
+        if args.knowledge_entities is not None:
+            from .knowledge import KnowledgeSet
+
+            knowledge = KnowledgeSet.generate(args.knowledge_entities, args.knowledge_seed, args.knowledge_statements)
+            path = os.path.join(output_dir, "knowledge.json")
+            with open(path, "w") as handle:
+                handle.write(knowledge.to_json())
+            written.append(path)
+        print(f"saved the trained model to {output_dir}; wrote {', '.join(os.path.basename(p) for p in written)}")
+    return 0
+
+
+# ---- eval -------------------------------------------------------------------------------------
+
+
+def _resolve_eval_checkpoint(checkpoint: str):
+    """(config, base model folder or None): a full checkpoint's config, or for an adapter folder the
+    config of the base model that adapter_config.json names. Reads no weights."""
+    if not os.path.isdir(checkpoint):
+        raise SystemExit(f"{checkpoint} is not a checkpoint folder.")
+    adapter_config = os.path.join(checkpoint, "adapter_config.json")
+    if os.path.isfile(adapter_config):
+        with open(adapter_config) as handle:
+            base_path = json.load(handle).get("base_model_name_or_path")
+        if not base_path or not os.path.isdir(base_path):
+            raise SystemExit(f"The adapter in {checkpoint} names base model {base_path!r}, which is not a local folder.")
+        config = _load_config(base_path)
+    else:
+        base_path, config = None, _load_config(checkpoint)
+    if config.model_type != "memory_llama":
+        raise SystemExit(f"{base_path or checkpoint} is a {config.model_type!r} checkpoint, not memory_llama.")
+    return config, base_path
+
+
+def load_for_eval(checkpoint: str):
+    """(model, tokenizer) from a full checkpoint or from an adapter folder written by `train`
+    (its base model is read from adapter_config.json; the memory from memory.safetensors)."""
+    import torch
+
+    from .modeling_memory_llama import MemoryLlamaForCausalLM
+    from .peft_modes import load_adapter_with_memory
+
+    _, base_path = _resolve_eval_checkpoint(checkpoint)
+    if base_path is not None:
+        base = MemoryLlamaForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+        model = load_adapter_with_memory(base, checkpoint)
+    else:
+        model = MemoryLlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    return model.eval(), _load_tokenizer(checkpoint)
+
+
+def _nll_per_row(logits, labels):
+    """(rows, 2): summed next-token negative log-likelihood and number of scored tokens per row."""
+    import torch
+    import torch.nn.functional as F
+
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    shifted_logits = logits[:, :-1].float()
+    shifted_labels = labels[:, 1:]
+    nll = F.cross_entropy(shifted_logits.transpose(1, 2), shifted_labels, ignore_index=-100, reduction="none")
+    return torch.stack([nll.sum(dim=1), shifted_labels.ne(-100).sum(dim=1).float()], dim=1)
+
+
+def evaluate_perplexity(model, tokenizer, rows, batch_size: int) -> dict:
+    """Token-weighted perplexity of `rows` (packed, with labels) through Trainer's evaluation loop and
+    the local `perplexity` metric (accelerate splits the rows across processes when launched so)."""
+    from transformers import default_data_collator
+
+    from .metrics import load_metric
+    from .trainer import MemoryTrainer, MemoryTrainingArguments
+
+    metric = load_metric("perplexity")
+
+    def compute_metrics(prediction):
+        per_row = prediction.predictions
+        return metric.compute(nll_sums=per_row[:, 0].tolist(), token_counts=per_row[:, 1].astype("int64").tolist())
+
+    with tempfile.TemporaryDirectory() as scratch:
+        args = MemoryTrainingArguments(
+            output_dir=scratch, per_device_eval_batch_size=batch_size, report_to="none", log_memory_health=False,
+            disable_tqdm=False, dataloader_pin_memory=False,
+        )
+        trainer = MemoryTrainer(
+            model=model, args=args, eval_dataset=rows, processing_class=tokenizer, data_collator=default_data_collator,
+            compute_metrics=compute_metrics, preprocess_logits_for_metrics=_nll_per_row,
+        )
+        results = trainer.evaluate()
+    return {
+        "perplexity": results["eval_perplexity"],
+        "mean_nll": results["eval_mean_nll"],
+        "num_tokens": int(results["eval_num_tokens"]),
+        "num_rows": len(rows),
+    }
+
+
+def greedy_continuations(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy continuation of each prompt (left-padded batches), decoded without special tokens."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    continuations = []
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = batch.to(model.device)
+        with torch.no_grad():
+            output = model.generate(
+                **batch, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        new_tokens = output[:, batch["input_ids"].shape[1] :]
+        continuations.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    return continuations
+
+
+def evaluate_knowledge_recall(model, tokenizer, probes, batch_size: int) -> dict:
+    """Exact-match recall of `probes` (greedy continuations scored by the local `knowledge_recall`
+    metric), overall and per attribute."""
+    from .metrics import load_metric
+
+    longest_answer = max(len(tokenizer(" " + p.answer, add_special_tokens=False)["input_ids"]) for p in probes)
+    continuations = greedy_continuations(model, tokenizer, [p.prompt for p in probes], longest_answer + 2, batch_size)
+    metric = load_metric("knowledge_recall")
+    overall = metric.compute(predictions=continuations, references=[p.answer for p in probes])
+    by_attribute = {}
+    for attribute in dict.fromkeys(p.attribute for p in probes):
+        chosen = [i for i, p in enumerate(probes) if p.attribute == attribute]
+        scores = metric.compute(predictions=[continuations[i] for i in chosen], references=[probes[i].answer for i in chosen])
+        by_attribute[attribute] = scores["exact_match"]
+    return {**overall, "by_attribute": by_attribute, "continuations": continuations}
+
+
+def _format_table(results: dict) -> str:
+    lines = [f"{'metric':<36} {'value':>12}", "-" * 49]
+    if "perplexity" in results:
+        ppl = results["perplexity"]
+        lines.append(f"{'perplexity':<36} {ppl['perplexity']:>12.4f}")
+        lines.append(f"{'mean NLL (nats / token)':<36} {ppl['mean_nll']:>12.4f}")
+        lines.append(f"{'tokens scored':<36} {ppl['num_tokens']:>12,}")
+    if "knowledge_recall" in results:
+        recall = results["knowledge_recall"]
+        lines.append(f"{'knowledge recall (' + recall['probes'] + ')':<36} {recall['exact_match']:>12.4f}")
+        for attribute, value in recall["by_attribute"].items():
+            lines.append(f"{'  ' + attribute:<36} {value:>12.4f}")
+        lines.append(f"{'probes':<36} {recall['num_probes']:>12,}")
+    return "\n".join(lines)
+
+
+def run_eval(args) -> int:
+    """`memory-llama eval`; see the module docstring."""
+    from .knowledge import KnowledgeSet
+
+    if args.data is None and args.knowledge_entities is None:
+        raise SystemExit("Nothing to evaluate: give --data PATH (perplexity) and/or --knowledge-entities N (recall).")
+    _check_knowledge_arguments(args)
+    if args.data is not None:
+        _check_data_source(args.data)
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}.")
+    if args.block_size < 2:
+        raise SystemExit(f"--block-size must be >= 2, got {args.block_size}.")
+    if args.output_json is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.output_json))):
+        raise SystemExit(f"--output-json {args.output_json}: its folder does not exist.")
+
+    config, _ = _resolve_eval_checkpoint(args.checkpoint)
+    if args.data is not None and args.block_size > config.max_position_embeddings:
+        raise SystemExit(
+            f"--block-size {args.block_size} exceeds the model's max_position_embeddings ({config.max_position_embeddings})."
+        )
+    model, tokenizer = load_for_eval(args.checkpoint)
+    results = {"checkpoint": os.path.abspath(args.checkpoint)}
+    if args.data is not None:
+        data_args = argparse.Namespace(data=args.data, knowledge_entities=None, block_size=args.block_size)
+        rows = _text_rows(data_args, tokenizer, args.text_column)
+        results["perplexity"] = {**evaluate_perplexity(model, tokenizer, rows, args.batch_size), "data": args.data}
+    if args.knowledge_entities is not None:
+        knowledge = KnowledgeSet.generate(args.knowledge_entities, args.knowledge_seed)
+        probes = knowledge.probes(held_out=args.probes == "held_out")
+        recall = evaluate_knowledge_recall(model, tokenizer, probes, args.batch_size)
+        recall.pop("continuations")
+        results["knowledge_recall"] = {
+            **recall, "probes": args.probes, "knowledge_entities": args.knowledge_entities, "knowledge_seed": args.knowledge_seed,
+        }
+    print(_format_table(results))
+    text = json.dumps(results, indent=2)
+    if args.output_json is not None:
+        directory = os.path.dirname(os.path.abspath(args.output_json))
+        handle, staging = tempfile.mkstemp(prefix=".eval-", suffix=".json", dir=directory)
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text + "\n")
+        os.replace(staging, args.output_json)
+        print(f"wrote {args.output_json}")
+    else:
+        print(text)
+    return 0
+
+
+__all__ = [
+    "ACCELERATE_CONFIGS",
+    "accelerate_config_path",
+    "add_eval_arguments",
+    "add_train_arguments",
+    "evaluate_knowledge_recall",
+    "evaluate_perplexity",
+    "greedy_continuations",
+    "load_for_eval",
+    "run_eval",
+    "run_train",
+]
