@@ -245,3 +245,93 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- small models
+
+
+class ReducedVocabulary:
+    """The real tokenizer's ids restricted to the `size - 1` most frequent ids of some texts, plus <unk>.
+
+    Small models trained from scratch would spend most of their FLOPs in a 49K-row embedding and output
+    layer; a reduced vocabulary keeps the comparison about the layers. Ids outside it map to <unk> (id 0).
+    """
+
+    def __init__(self, tokenizer, texts, size: int, always_keep=()):
+        counts = torch.zeros(len(tokenizer), dtype=torch.long)
+        for text in list(texts) + list(always_keep):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            counts.index_add_(0, torch.tensor(ids, dtype=torch.long), torch.ones(len(ids), dtype=torch.long))
+        kept_always = {tokenizer.eos_token_id}
+        for text in always_keep:  # every token of the knowledge set must be representable
+            kept_always.update(tokenizer(text, add_special_tokens=False)["input_ids"])
+        order = [i for i in counts.argsort(descending=True).tolist() if i not in kept_always]
+        kept = sorted(kept_always) + order[: max(0, size - 1 - len(kept_always))]
+        self.tokenizer = tokenizer
+        self.to_original = torch.tensor([tokenizer.unk_token_id or 0] + kept, dtype=torch.long)
+        self.from_original = torch.zeros(len(tokenizer), dtype=torch.long)  # 0 = <unk>
+        self.from_original[torch.tensor(kept)] = torch.arange(1, len(kept) + 1)
+        self.size = len(kept) + 1
+        self.eos_id = int(self.from_original[tokenizer.eos_token_id])
+
+    def encode(self, text: str) -> list[int]:
+        ids = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        return self.from_original[ids].tolist()
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(self.to_original[torch.as_tensor(ids)].tolist(), skip_special_tokens=True)
+
+    def blocks(self, texts, block_size: int, max_blocks: int | None = None) -> torch.Tensor:
+        """Texts joined with EOS, cut into (N, block_size) rows."""
+        ids: list[int] = []
+        for text in texts:
+            ids.extend(self.encode(text) + [self.eos_id])
+            if max_blocks is not None and len(ids) >= max_blocks * block_size:
+                break
+        usable = len(ids) // block_size * block_size
+        if max_blocks is not None:
+            usable = min(usable, max_blocks * block_size)
+        return torch.tensor(ids[:usable], dtype=torch.long).view(-1, block_size)
+
+    def document_blocks(self, documents, block_size: int) -> torch.Tensor:
+        """One document per row (EOS-padded), so a biography is always seen whole."""
+        rows = []
+        for text in documents:
+            ids = self.encode(text) + [self.eos_id]
+            for start in range(0, len(ids), block_size):
+                piece = ids[start : start + block_size]
+                rows.append(piece + [self.eos_id] * (block_size - len(piece)))
+        return torch.tensor(rows, dtype=torch.long)
+
+
+@torch.no_grad()
+def reduced_probe_recall(model, vocabulary: ReducedVocabulary, probes, max_new_tokens: int = 5) -> float:
+    """Share of probes whose greedy continuation (decoded through the reduced vocabulary) starts with
+    the answer. Prompts of equal token length are decoded together (no padding needed)."""
+    model.eval()
+    by_length: dict[int, list] = {}
+    for probe in probes:
+        by_length.setdefault(len(vocabulary.encode(probe.prompt)), []).append(probe)
+    recalled = 0
+    for group in by_length.values():
+        ids = torch.tensor([vocabulary.encode(p.prompt) for p in group], dtype=torch.long)
+        for _ in range(max_new_tokens):  # plain greedy loop: tiny models, short answers
+            next_ids = model(ids).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, next_ids], dim=1)
+        prompt_len = ids.shape[1] - max_new_tokens
+        for probe, row in zip(group, ids[:, prompt_len:]):
+            recalled += probe.is_recalled(vocabulary.decode(row))
+    return recalled / len(probes)
+
+
+def small_llama_fields(vocab_size: int, hidden: int, layers: int, intermediate: int, heads: int, max_positions: int) -> dict:
+    """Config fields of a small Llama trained from scratch (tied embeddings)."""
+    return dict(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_positions,
+        tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+
+
+def parameter_total(model) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
