@@ -21,11 +21,11 @@ import typing
 
 from .peft_modes import TRAINING_MODES
 
-ACCELERATE_CONFIGS = ("ddp_cpu", "fsdp_cpu", "ddp_gpu", "fsdp_gpu")
+ACCELERATE_CONFIGS = ("ddp_cpu", "ddp_gpu", "fsdp_gpu")
 
 
 def accelerate_config_path(name: str) -> str:
-    """Path of a packaged accelerate config: ddp_cpu, fsdp_cpu, ddp_gpu or fsdp_gpu."""
+    """Path of a packaged accelerate config: ddp_cpu, ddp_gpu or fsdp_gpu."""
     if name not in ACCELERATE_CONFIGS:
         raise ValueError(f"Unknown accelerate config {name!r}; the package ships {', '.join(ACCELERATE_CONFIGS)}.")
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "accelerate_configs", f"{name}.yaml")
@@ -199,6 +199,16 @@ def run_train(args) -> int:
     except ValueError as error:
         raise SystemExit(f"Invalid training arguments: {error}")
 
+    fsdp_requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(training_args.fsdp)
+    if fsdp_requested and training_args.device.type == "cpu":
+        # accelerate 1.15 turns FSDP on only for GPU-like process groups; on CPU it would silently
+        # train plain data parallel instead, which is not what was asked for.
+        raise SystemExit(
+            "FSDP was requested, but these are CPU processes: accelerate enables FSDP only on GPUs (and other "
+            "accelerators) and would silently fall back to plain data parallel here. On CPUs use the ddp_cpu "
+            "config; for FSDP use GPUs (fsdp_gpu config)."
+        )
+
     tokenizer = _load_tokenizer(args.model)
     if len(tokenizer) > config.vocab_size:
         raise SystemExit(f"The tokenizer has {len(tokenizer)} tokens but the model's vocabulary only {config.vocab_size}.")
@@ -218,9 +228,11 @@ def run_train(args) -> int:
     )
     if trainer.is_world_process_zero():
         counts = trainable_parameter_counts(model)
+        accelerator = trainer.accelerator
         print(
             f"mode {args.mode}: {counts['total']:,} trainable parameters (adapter {counts['adapter']:,}, "
-            f"memory {counts['memory']:,}, backbone {counts['backbone']:,}); {len(rows)} rows of {args.block_size} tokens"
+            f"memory {counts['memory']:,}, backbone {counts['backbone']:,}); {len(rows)} rows of {args.block_size} tokens; "
+            f"{accelerator.distributed_type.value} on {accelerator.num_processes} process(es)"
         )
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model()
@@ -229,7 +241,11 @@ def run_train(args) -> int:
 
     if trainer.is_world_process_zero():
         output_dir = training_args.output_dir
-        written = [plot_loss_curve(trainer.state.log_history, os.path.join(output_dir, "loss_curve.png"))]
+        written = []
+        if any("loss" in entry for entry in trainer.state.log_history):
+            written.append(plot_loss_curve(trainer.state.log_history, os.path.join(output_dir, "loss_curve.png")))
+        else:
+            print(f"no training loss was logged (logging_steps {training_args.logging_steps} > steps run): no loss_curve.png")
         if usage:
             written.append(plot_chapter_usage(usage, os.path.join(output_dir, "chapter_usage.png")))
         else:
@@ -242,7 +258,8 @@ def run_train(args) -> int:
             with open(path, "w") as handle:
                 handle.write(knowledge.to_json())
             written.append(path)
-        print(f"saved the trained model to {output_dir}; wrote {', '.join(os.path.basename(p) for p in written)}")
+        names = ", ".join(os.path.basename(p) for p in written) or "no plots"
+        print(f"saved the trained model to {output_dir}; wrote {names}")
     return 0
 
 
