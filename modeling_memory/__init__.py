@@ -15,7 +15,29 @@ AutoModelForCausalLM.register(MemoryLlamaConfig, MemoryLlamaForCausalLM)
 
 __version__ = "0.1.0"
 
+# Training helpers load on first use, so that importing the model does not import Trainer and PEFT.
+_TRAINING_EXPORTS = {
+    "MemoryTrainer": "trainer",
+    "MemoryTrainingArguments": "trainer",
+    "RowWiseAdagrad": "table_optimizer",
+    "KnowledgeSet": "knowledge",
+    "prepare_model_for_mode": "peft_modes",
+    "recommended_lora_config": "peft_modes",
+    "save_adapter_with_memory": "peft_modes",
+    "load_adapter_with_memory": "peft_modes",
+}
+
+
+def __getattr__(name):
+    if name in _TRAINING_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_TRAINING_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    *_TRAINING_EXPORTS,
     "MemoryLlamaCache",
     "MemoryLlamaConfig",
     "MemoryLlamaForCausalLM",
