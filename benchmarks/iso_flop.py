@@ -102,8 +102,11 @@ def main() -> None:
     parser.add_argument("--chapters", type=int, default=32, help="x 16 tokens per chapter")
     parser.add_argument("--engram-table-size", type=int, default=2053)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads: one is fastest for these tiny models, above all on a busy machine")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     machine = machine_description()
     print(f"machine: {machine}", flush=True)
