@@ -142,15 +142,15 @@ def _add_export(subparsers):
 
 
 def cmd_export(args) -> int:
-    from .graft_checkpoint import sigterm_raises_keyboard_interrupt
-    from .hub_export import ExportError, export_for_hub
+    from .graft_checkpoint import GraftError, sigterm_raises_keyboard_interrupt
+    from .hub_export import export_for_hub
 
     try:
         with sigterm_raises_keyboard_interrupt():
             result = export_for_hub(
                 args.checkpoint, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size, model_id=args.repo_id
             )
-    except ExportError as error:
+    except GraftError as error:  # ExportError included
         raise SystemExit(f"memory-llama export: error: {error}") from error
     print(f"loads without the package: max |logit difference| {result.max_abs_logit_diff:.3g}")
     print(f"wrote {result.out}: {', '.join(result.files)}")
@@ -172,19 +172,21 @@ def _add_push(subparsers):
 
 
 def cmd_push(args) -> int:
-    from .hub_export import ExportError, push_checkpoint
+    from .graft_checkpoint import GraftError, sigterm_raises_keyboard_interrupt
+    from .hub_export import push_checkpoint
 
     try:
-        commit = push_checkpoint(
-            args.checkpoint,
-            args.repo_id,
-            commit_message=args.commit_message,
-            private=True if args.private else None,
-            revision=args.revision,
-            create_pr=args.create_pr,
-            max_shard_size=args.max_shard_size,
-        )
-    except ExportError as error:
+        with sigterm_raises_keyboard_interrupt():
+            commit = push_checkpoint(
+                args.checkpoint,
+                args.repo_id,
+                commit_message=args.commit_message,
+                private=True if args.private else None,
+                revision=args.revision,
+                create_pr=args.create_pr,
+                max_shard_size=args.max_shard_size,
+            )
+    except GraftError as error:  # ExportError included
         raise SystemExit(f"memory-llama push: error: {error}") from error
     print(f"pushed to {commit.commit_url}")
     if commit.pr_url:

@@ -23,6 +23,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.utils import logging as hf_logging
@@ -171,6 +172,15 @@ def _looks_like_hub_id(text: str) -> bool:
     return True
 
 
+def _check_llama_layout(config: PretrainedConfig, where: str) -> None:
+    """What the raw model type cannot tell: Mistral's sliding window, which the Llama layout does not have."""
+    if config.model_type == "mistral" and getattr(config, "sliding_window", None) is not None:
+        raise GraftError(
+            f"{where} is a Mistral model with sliding-window attention (sliding_window={config.sliding_window}), "
+            "which the Llama layout does not have; only Mistral checkpoints with sliding_window=None can be grafted."
+        )
+
+
 def _check_model_type(model_type: str | None, where: str, has_memory: bool = False) -> None:
     if model_type not in LLAMA_COMPATIBLE_MODEL_TYPES:
         raise GraftError(
@@ -199,9 +209,11 @@ def _read_config(directory: Path, where: str) -> PretrainedConfig:
         raise GraftError(f"{config_file} does not hold a JSON object; it is not a model config.")
     _check_model_type(raw.get("model_type"), where, bool(raw.get("engram_layers") or raw.get("chapter_layers")))
     try:
-        return AutoConfig.from_pretrained(directory)
+        config = AutoConfig.from_pretrained(directory)
     except (ValueError, TypeError, KeyError) as error:
         raise GraftError(f"{config_file} is not a valid {raw.get('model_type')} config: {error}") from error
+    _check_llama_layout(config, where)
+    return config
 
 
 def _inspect_directory(directory: Path, name: str, allow_pickle: bool, hub_id: str | None = None) -> BaseCheckpoint:
@@ -290,6 +302,7 @@ def _inspect_gguf(file: Path) -> BaseCheckpoint:
     except (ValueError, KeyError, RuntimeError, OSError) as error:
         raise GraftError(f"transformers cannot read {where}: {error}") from error
     _check_model_type(config.model_type, where)
+    _check_llama_layout(config, where)
     return BaseCheckpoint(
         name=file.name,
         kind="gguf",
@@ -411,14 +424,13 @@ def build_memory_config(base_config: PretrainedConfig, preset: str = "both", fie
     _check_field_names(memory_fields, "memory settings")
     try:
         return memory_config_from_llama(base_config, **memory_fields)
-    except GraftError:
-        raise
-    except (ValueError, TypeError) as error:
-        # strict-dataclass type errors and validate_architecture's range errors both land here
+    except (ValueError, TypeError, StrictDataclassError) as error:
+        # Strict-dataclass type errors wrap the validator's message: report the cause itself.
+        cause = error.__cause__ if isinstance(error, StrictDataclassError) and error.__cause__ else error
         depth = base_config.num_hidden_layers
         raise GraftError(
             f"Invalid memory settings for this base ({depth} layers, valid layer indices 0..{depth - 1}, "
-            f"hidden size {base_config.hidden_size}): {error}"
+            f"hidden size {base_config.hidden_size}): {' '.join(str(cause).split())}"
         ) from error
 
 
@@ -513,6 +525,12 @@ def resolve_dtype(dtype: str, base: BaseCheckpoint) -> torch.dtype:
 
 def load_base_tokenizer(base: BaseCheckpoint, tokenizer_path: str | None = None):
     """The tokenizer that ships with BASE (or the one at `tokenizer_path`)."""
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if tokenizer_path is None and base.kind != "gguf" and not any((base.path / f).is_file() for f in tokenizer_files):
+        raise GraftError(
+            f"BASE {base.name!r} has no tokenizer files ({', '.join(tokenizer_files)}). The Engram canonical-id map "
+            "and OUT need the checkpoint's tokenizer: add its tokenizer files, or pass --tokenizer PATH."
+        )
     try:
         if tokenizer_path is not None:
             return AutoTokenizer.from_pretrained(tokenizer_path)
@@ -521,8 +539,9 @@ def load_base_tokenizer(base: BaseCheckpoint, tokenizer_path: str | None = None)
         return AutoTokenizer.from_pretrained(base.path)
     except (OSError, ValueError, TypeError, KeyError) as error:
         where = tokenizer_path or base.name
+        reason = " ".join(str(error).split())
         raise GraftError(
-            f"Cannot load a tokenizer from {where!r} ({error}). The Engram canonical-id map and OUT need the "
+            f"Cannot load a tokenizer from {where!r} ({reason}). The Engram canonical-id map and OUT need the "
             "checkpoint's tokenizer: add its tokenizer files, or pass --tokenizer PATH."
         ) from error
 
@@ -618,6 +637,19 @@ def _check_shard_size(max_shard_size: str) -> None:
         convert_file_size_to_int(max_shard_size)
     except (ValueError, TypeError) as error:
         raise GraftError(f"--max-shard-size {max_shard_size!r}: use digits and a unit, e.g. 5GB or 500MB.") from error
+
+
+def base_license(base: BaseCheckpoint) -> str | None:
+    """The license in the base's own model card (directory or Hub snapshot), carried over to OUT's card."""
+    readme = base.path / "README.md" if base.kind != "gguf" else None
+    if readme is None or not readme.is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        return ModelCard.load(readme).data.license
+    except (ValueError, OSError):  # a base card without valid metadata names no license
+        return None
 
 
 def load_base_model(base: BaseCheckpoint, dtype: torch.dtype):
@@ -728,6 +760,7 @@ def run_graft(plan: GraftPlan, tokenizer, *, overwrite: bool = False, tolerance:
             base_hub_id=plan.base.hub_id,
             remote_code=False,
             verification=f"max |logit difference| {difference:.3g} against the base on {len(VERIFICATION_PROMPTS)} fixed prompts",
+            license=base_license(plan.base),
         )
         card.save(staging / "README.md")
         files = sorted(p.name for p in staging.iterdir())
