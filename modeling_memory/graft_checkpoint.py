@@ -163,7 +163,7 @@ def inspect_base(base: str, *, allow_pickle: bool = False, revision: str | None 
 
 
 def _looks_like_hub_id(text: str) -> bool:
-    if text.startswith((".", "/", "~")) or os.sep in text.replace("/", "") or text.count("/") > 1:
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:
         return False
     try:
         validate_repo_id(text)
@@ -736,6 +736,8 @@ def run_graft(plan: GraftPlan, tokenizer, *, overwrite: bool = False, tolerance:
     canonical_ids = None
     if plan.memory_config.engram_layers:
         canonical_ids = int(model.model.engram_canonical_map.unique().numel())
+        vocab = plan.memory_config.vocab_size
+        say(f"canonical token ids: {canonical_ids:,} of {vocab:,} ({1 - canonical_ids / vocab:.1%} fewer)")
 
     with atomic_output_dir(plan.out, overwrite) as staging:
         say(f"writing {plan.out} ...")

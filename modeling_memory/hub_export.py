@@ -76,9 +76,10 @@ save_file({"logits": logits.float().contiguous()}, logits_file)
 """
 
 
-def _verification_ids(vocab_size: int) -> torch.Tensor:
-    """Two fixed rows of 16 token ids spread over the vocabulary (no tokenizer needed)."""
-    return (torch.arange(32, dtype=torch.int64).reshape(2, 16) * 7919 + 11) % vocab_size
+def _verification_ids(config) -> torch.Tensor:
+    """Two fixed rows of up to 16 token ids spread over the vocabulary (no tokenizer needed)."""
+    length = min(16, config.max_position_embeddings)
+    return (torch.arange(2 * length, dtype=torch.int64).reshape(2, length) * 7919 + 11) % config.vocab_size
 
 
 def logits_without_package(folder, input_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -171,7 +172,7 @@ def export_model_for_hub(
             model.save_pretrained(staging, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        input_ids = _verification_ids(model.config.vocab_size)
+        input_ids = _verification_ids(model.config)
         with torch.no_grad():
             expected = model(input_ids=input_ids.to(model.device)).logits.float().cpu()
         actual = logits_without_package(staging, input_ids, dtype=model.dtype)

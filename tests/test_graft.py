@@ -16,6 +16,7 @@ from modeling_memory import MemoryLlamaForCausalLM
 from modeling_memory.canonical_ids import build_canonical_map
 from modeling_memory.cli import main
 from modeling_memory.graft_checkpoint import GraftError, graft_checkpoint, sigterm_raises_keyboard_interrupt
+from modeling_memory.model_card import read_base_info
 
 # Keeps the memory small so a graft takes a second; the presets themselves are checked by the dry run.
 SMALL_MEMORY = ["engram_table_size=101", "chapter_num_chapters=9", "chapter_size=4"]
@@ -114,7 +115,9 @@ def test_graft_directory_end_to_end(base_dir, tmp_path, capsys):
     upper, lower = tokenizer.convert_tokens_to_ids(["Q", "q"])
     assert canonical[upper] == canonical[lower]
 
+    assert "canonical token ids: 84 of 112 (25.0% fewer)" in printed  # 26 letter pairs + 2 whitespace tokens merge
     card = (out / "README.md").read_text()
+    assert read_base_info(out) == ("tiny-llama", None, None)
     assert "tiny-llama" in card and "layers (4): ECCE" in card
     assert "memory-llama export" in card and "trust_remote_code=True" in card
     assert "{{" not in card and "base_model_name: tiny-llama" in card

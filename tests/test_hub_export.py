@@ -30,6 +30,7 @@ from modeling_memory import MemoryLlamaConfig, MemoryLlamaForCausalLM
 from modeling_memory.cli import main
 from modeling_memory.graft_checkpoint import GraftError, graft_checkpoint
 from modeling_memory.hub_export import ExportError, export_for_hub
+from modeling_memory.model_card import read_base_info
 from conftest import random_ids, tiny_config, train_steps
 from test_graft import SMALL_MEMORY, assert_same_as_base, char_tokenizer, write_base
 
@@ -269,7 +270,7 @@ def test_export_refuses_bad_input(trained, tmp_path):
 
 def test_export_that_fails_its_check_leaves_nothing(trained, tmp_path, monkeypatch):
     _, checkpoint = trained
-    monkeypatch.setattr("modeling_memory.hub_export.logits_without_package", lambda folder, ids, dtype: torch.zeros(2, 16, 112))
+    monkeypatch.setattr("modeling_memory.hub_export.logits_without_package", lambda folder, ids, dtype: torch.zeros(*ids.shape, 112))
     with pytest.raises(ExportError, match="logits differ from the model's"):
         export_for_hub(str(checkpoint), tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
@@ -327,6 +328,7 @@ def test_graft_from_a_hub_id(fake_hub, tmp_path, monkeypatch):
     assert_same_as_base(base, out)
     card = (out / "README.md").read_text()
     assert "base_model: org/tiny-llama" in card and "license: apache-2.0" in card
+    assert read_base_info(out) == ("org/tiny-llama", "org/tiny-llama", "apache-2.0")  # what an export carries over
 
     # Offline, the Hub cache serves it without a request.
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
