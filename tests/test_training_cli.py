@@ -129,6 +129,7 @@ def test_eval_refuses_bad_input(base, tmp_path):
         main(["eval", base, "--knowledge-entities", "2", "--output-json", str(tmp_path / "no" / "r.json")])
 
 
+@pytest.mark.slow
 def test_train_then_eval_against_independent_computations(base, tmp_path, capsys):
     knowledge = KnowledgeSet.generate(2, seed=3, statements_per_fact=1)
     text_file = tmp_path / "facts.txt"
