@@ -316,48 +316,46 @@ def _inspect_gguf(file: Path) -> BaseCheckpoint:
 
 def _inspect_hub(repo_id: str, allow_pickle: bool, revision: str | None) -> BaseCheckpoint:
     """Download config and tokenizer first, check them, then the weights."""
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi, snapshot_download, try_to_load_from_cache
     from huggingface_hub.constants import is_offline_mode
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
     where = f"BASE {repo_id!r}"
     if is_offline_mode():
-        try:
-            snapshot = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
-        except (LocalEntryNotFoundError, OfflineModeIsEnabled, FileNotFoundError) as error:
+        # A copy downloaded earlier is a snapshot folder in the Hub cache; the directory checks take it from there.
+        cached_config = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+        if not isinstance(cached_config, str):
             raise GraftError(
                 f"{where} is not a local path, so it was taken as a Hub id, but Hugging Face offline mode is on "
                 f"(HF_HUB_OFFLINE=1) and the repository is not in the local Hub cache. Unset HF_HUB_OFFLINE to "
                 f"download it, or pass a local checkpoint directory or .gguf file."
-            ) from error
+            )
+        snapshot = Path(cached_config).parent
         return _inspect_directory(snapshot, name=repo_id, allow_pickle=allow_pickle, hub_id=repo_id)
 
     try:
         repo_files = set(HfApi().list_repo_files(repo_id, revision=revision))
-        has_safetensors = any(f.endswith(".safetensors") for f in repo_files)
-        has_pickle = PICKLE_SINGLE in repo_files or PICKLE_INDEX in repo_files
-        if not has_safetensors and has_pickle and not allow_pickle:
-            raise GraftError(
-                f"{where} holds only pickle weights ({PICKLE_SINGLE}), and loading pickle can run arbitrary code. "
-                "Pass --allow-pickle if you trust this repository."
-            )
         if "config.json" not in repo_files:
             ggufs = sorted(f for f in repo_files if f.endswith(".gguf"))
             hint = f" It holds GGUF files ({', '.join(ggufs[:3])}): download one and pass its path." if ggufs else ""
             raise GraftError(f"{where} has no config.json: it is not a transformers checkpoint.{hint}")
-        snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(_HUB_SMALL_FILES)))
+        # Only the transformers-format weights: some repositories also hold other copies (consolidated.*).
+        weights = next(
+            ([name] for name in (SAFETENSORS_INDEX, SAFETENSORS_SINGLE, PICKLE_INDEX, PICKLE_SINGLE) if name in repo_files),
+            None,
+        )
+        if weights is None:
+            raise GraftError(f"{where} has no weights: expected {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} with its shards.")
+        if weights[0] in (PICKLE_INDEX, PICKLE_SINGLE) and not allow_pickle:
+            raise GraftError(
+                f"{where} holds only pickle weights ({PICKLE_SINGLE}), and loading pickle can run arbitrary code. "
+                "Pass --allow-pickle if you trust this repository."
+            )
+        small_files = [*_HUB_SMALL_FILES, *(w for w in weights if w.endswith(".json"))]
+        snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=small_files))
         _read_config(snapshot, where)  # architecture checks before the (large) weights are fetched
-        if has_safetensors:
-            weights = ["*.safetensors", SAFETENSORS_INDEX]
-        else:
-            weights = ["pytorch_model*.bin", PICKLE_INDEX]
+        if weights[0].endswith(".index.json"):
+            weights += _shards_of(snapshot / weights[0], where)
         snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=weights))
     except (RepositoryNotFoundError, GatedRepoError) as error:
         raise GraftError(

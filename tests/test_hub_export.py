@@ -320,12 +320,16 @@ def test_push_refused_offline_or_with_a_bad_repo_id(trained, monkeypatch):
 
 
 def test_graft_from_a_hub_id(fake_hub, tmp_path, monkeypatch):
-    base = write_base(tmp_path / "published")
+    base = write_base(tmp_path / "published", max_shard_size="100KB")
     (base / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny llama\n")
-    fake_hub.serve("org/tiny-llama", {p.name: p.read_bytes() for p in base.iterdir()})
+    files = {p.name: p.read_bytes() for p in base.iterdir()}
+    fake_hub.serve("org/tiny-llama", {**files, "consolidated.safetensors": b"another copy, never fetched"})
     out = tmp_path / "from-hub"
     graft_checkpoint("org/tiny-llama", out, preset="engram", overrides=SMALL_MEMORY)
     assert_same_as_base(base, out)
+    shards = [name for name in files if name.startswith("model-")]
+    assert len(shards) > 1 and all(fake_hub.downloaded("org/tiny-llama", name) for name in shards)
+    assert not fake_hub.downloaded("org/tiny-llama", "consolidated.safetensors")
     card = (out / "README.md").read_text()
     assert "base_model: org/tiny-llama" in card and "license: apache-2.0" in card
     assert read_base_info(out) == ("org/tiny-llama", "org/tiny-llama", "apache-2.0")  # what an export carries over
@@ -339,8 +343,9 @@ def test_graft_from_a_hub_id(fake_hub, tmp_path, monkeypatch):
 
     # Pickle-only and missing repositories fail before any weights are downloaded.
     torch.save({}, tmp_path / "pytorch_model.bin")
-    files = {p.name: p.read_bytes() for p in base.iterdir() if p.suffix != ".safetensors"}
-    fake_hub.serve("org/pickled", {**files, "pytorch_model.bin": (tmp_path / "pytorch_model.bin").read_bytes()})
+    small = {name: data for name, data in files.items() if name.endswith((".json", ".md"))}
+    small.pop("model.safetensors.index.json")
+    fake_hub.serve("org/pickled", {**small, "pytorch_model.bin": (tmp_path / "pytorch_model.bin").read_bytes()})
     with pytest.raises(GraftError, match="only pickle weights .* --allow-pickle"):
         graft_checkpoint("org/pickled", tmp_path / "out")
     assert not fake_hub.downloaded("org/pickled", "pytorch_model.bin")
