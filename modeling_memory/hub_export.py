@@ -219,7 +219,10 @@ def _check_memory_checkpoint(checkpoint: str) -> None:
 def load_checkpoint_for_export(checkpoint: str):
     """(model, tokenizer or None, base name, base Hub id, license) of a MemoryLlama checkpoint."""
     _check_memory_checkpoint(checkpoint)
-    model = MemoryLlamaForCausalLM.from_pretrained(checkpoint, dtype="auto").eval()
+    try:
+        model = MemoryLlamaForCausalLM.from_pretrained(checkpoint, dtype="auto").eval()
+    except OSError as error:  # missing or pickle-only weights
+        raise ExportError(f"Cannot load the weights of {checkpoint!r}: {error}") from error
     try:
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     except (OSError, ValueError, TypeError):
@@ -240,7 +243,6 @@ def export_for_hub(
     Hub id when online). The base model named on the checkpoint's card carries over to the new card."""
     local = Path(checkpoint).expanduser()
     check_output_dir(Path(out), overwrite, sources=(local,) if local.exists() else ())
-    _check_memory_checkpoint(checkpoint)
     model, tokenizer, base_name, base_hub_id, license = load_checkpoint_for_export(checkpoint)
     return export_model_for_hub(
         model,
