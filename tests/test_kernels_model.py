@@ -67,3 +67,30 @@ def test_model_forward_backward_triton_equals_torch(tmp_path):
     assert triton["grads"].keys() == grads.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(triton["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# Per-dtype tolerances of the GPU model test (Triton vs PyTorch on the same GPU, a tiny trained model).
+GPU_TOLERANCE = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_on_gpu_triton_equals_torch(monkeypatch, dtype):
+    torch.manual_seed(0)
+    trained = train_steps(MemoryLlamaForCausalLM(tiny_config(chapter_layers=[1, 2], engram_layers=[0, 2])))
+    ids = random_ids(4, 64, torch.Generator().manual_seed(2)).cuda()
+    results = {}
+    for kernels in ("torch", "triton"):
+        monkeypatch.setenv("MODELING_MEMORY_KERNELS", kernels)
+        model = MemoryLlamaForCausalLM(trained.config)
+        model.load_state_dict(trained.state_dict())
+        model = model.to("cuda", dtype).train()
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+        results[kernels] = (out.logits.float().detach(), grads)
+    (logits_torch, grads_torch), (logits_triton, grads_triton) = results["torch"], results["triton"]
+    torch.testing.assert_close(logits_triton, logits_torch, **GPU_TOLERANCE[dtype])
+    for name, grad in grads_torch.items():
+        scale = grad.abs().max().clamp_min(1e-6)
+        torch.testing.assert_close(grads_triton[name] / scale, grad / scale, **GPU_TOLERANCE[dtype], msg=name)
