@@ -653,7 +653,10 @@ def base_license(base: BaseCheckpoint) -> str | None:
 def load_base_model(base: BaseCheckpoint, dtype: torch.dtype):
     """The base model as transformers loads it (GGUF dequantised)."""
     if base.kind == "gguf":
-        model = AutoModelForCausalLM.from_pretrained(base.path.parent, gguf_file=base.path.name, dtype=dtype)
+        # The config read while inspecting saves parsing the GGUF metadata once more.
+        model = AutoModelForCausalLM.from_pretrained(
+            base.path.parent, gguf_file=base.path.name, config=base.config, dtype=dtype
+        )
     else:
         model = AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype)
     return model.eval()
