@@ -149,6 +149,23 @@ def test_sharded_base_and_sharded_output(tmp_path):
     assert_same_as_base(base, out)
 
 
+def test_bfloat16_output(base_dir, tmp_path):
+    out = tmp_path / "out"
+    graft_checkpoint(str(base_dir), out, preset="engram", overrides=SMALL_MEMORY, dtype="bfloat16")
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", framework="pt") as weights:
+        dtypes = {weights.get_slice(key).get_dtype() for key in weights.keys()}
+    assert dtypes == {"BF16", "I64"}  # floats in bfloat16; Engram's hash buffers stay integer
+    # Reference: the base's own weights rounded to bfloat16, computed in float32.
+    tokenizer = char_tokenizer()
+    ids = tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+    base = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16).float().eval()
+    grafted = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(grafted(ids).logits, base(ids).logits, rtol=0, atol=1e-5)
+
+
 def test_mistral_base(tmp_path):
     from transformers import MistralConfig, MistralForCausalLM
 
