@@ -52,7 +52,10 @@ def graft_from_llama(model_class, llama_model_or_path, tokenizer=None, **memory_
     if isinstance(llama_model_or_path, (str, os.PathLike)):
         base_config = AutoConfig.from_pretrained(llama_model_or_path)
         config = memory_config_from_llama(base_config, **memory_fields)
-        model = model_class.from_pretrained(llama_model_or_path, config=config, dtype=config.dtype or "auto")
+        model, info = model_class.from_pretrained(
+            llama_model_or_path, config=config, dtype=config.dtype or "auto", output_loading_info=True
+        )
+        missing, unexpected = info["missing_keys"], info["unexpected_keys"]
     else:
         llama = llama_model_or_path
         config = memory_config_from_llama(llama.config, **memory_fields)
@@ -60,12 +63,13 @@ def graft_from_llama(model_class, llama_model_or_path, tokenizer=None, **memory_
         dtype = next(llama.parameters()).dtype
         model = model_class(config).to(device=next(llama.parameters()).device, dtype=dtype)
         missing, unexpected = model.load_state_dict(llama.state_dict(), strict=False)
-        not_memory = [key for key in missing if not _is_memory_key(key)]
-        if unexpected or not_memory:
-            raise ValueError(
-                f"The base model's weights do not match the Llama layout: unexpected keys {unexpected[:5]}, "
-                f"missing non-memory keys {not_memory[:5]}."
-            )
+    # Only the memory may start fresh: anything else missing would be silently random.
+    not_memory = sorted(key for key in missing if not _is_memory_key(key))
+    if unexpected or not_memory:
+        raise ValueError(
+            f"The base model's weights do not match the Llama layout: unexpected keys {sorted(unexpected)[:5]}, "
+            f"missing non-memory keys {not_memory[:5]}."
+        )
     model.eval()
     if tokenizer is not None and config.engram_layers:
         with torch.no_grad():

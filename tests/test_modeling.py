@@ -288,3 +288,22 @@ def test_eos_resets_ngram_history_in_the_model():
         model(torch.cat([first, torch.tensor([[EOS]]), second], dim=1))
         model(second)
     torch.testing.assert_close(captured[0][:, 7:], captured[1], rtol=1e-5, atol=FP32_ATOL)
+
+
+def test_from_llama_path_refuses_missing_backbone_weights(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    config = tiny_config(chapter_layers=[], engram_layers=[])
+    llama = LlamaForCausalLM(llama_config_of(config))
+    llama.save_pretrained(tmp_path)
+    grafted = MemoryLlamaForCausalLM.from_llama(str(tmp_path), engram_layers=[0], engram_table_size=31, engram_dim=16,
+                                                engram_heads_per_order=2)
+    ids = random_ids(1, 6, torch.Generator())
+    with torch.no_grad():
+        torch.testing.assert_close(grafted(ids).logits, llama.eval()(ids).logits, rtol=0, atol=FP32_ATOL)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing non-memory keys \\['model.layers.1.mlp.up_proj.weight'\\]"):
+        MemoryLlamaForCausalLM.from_llama(str(tmp_path), engram_layers=[0], engram_table_size=31, engram_dim=16,
+                                          engram_heads_per_order=2)
