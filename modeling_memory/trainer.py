@@ -20,8 +20,12 @@
 A plain `Trainer` trains these models too, just without the extras.
 """
 
+import json
 import math
 import os
+import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -246,6 +250,27 @@ def _usage_statistics(counts: torch.Tensor) -> tuple[float, float]:
     return float(normalised.mean()), float(used.mean())
 
 
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest `checkpoint-N` folder of `output_dir` whose trainer_state.json (Trainer writes it after
+    the weights, optimizer and RNG states) parses; None when there is none."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        match = re.fullmatch(r"checkpoint-(\d+)", name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            steps.append(int(match.group(1)))
+    for step in sorted(steps, reverse=True):
+        folder = os.path.join(output_dir, f"checkpoint-{step}")
+        try:
+            with open(os.path.join(folder, "trainer_state.json")) as handle:
+                json.load(handle)
+        except (OSError, ValueError):
+            continue
+        return folder
+    return None
+
+
 class MemoryTrainer(Trainer):
     """`Trainer` for MemoryLlama models (plain or wrapped by PEFT); see the module docstring.
 
@@ -360,13 +385,31 @@ class MemoryTrainer(Trainer):
     # ---- PEFT models with directly trained memory --------------------------------------------
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        super()._save(output_dir, state_dict=state_dict)
+        """Write into a staging folder, then move each file into place: a process killed mid-save never
+        leaves a half-written weight file where a loader would read it."""
         from .peft_modes import has_trainable_memory_outside_adapter, save_memory_weights
 
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        model = self.accelerator.unwrap_model(self.model)
-        if self.args.should_save and has_trainable_memory_outside_adapter(model):
-            save_memory_weights(model, output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".saving-", dir=output_dir)
+        try:
+            super()._save(staging, state_dict=state_dict)
+            model = self.accelerator.unwrap_model(self.model)
+            if self.args.should_save and has_trainable_memory_outside_adapter(model):
+                save_memory_weights(model, staging)
+            for name in sorted(os.listdir(staging)):
+                os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """`resume_from_checkpoint=True` resumes from the newest *complete* checkpoint in `output_dir`
+        (one whose trainer_state.json, written last, reads back), skipping any a killed run left half-written."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete checkpoint to resume from in {self.args.output_dir}.")
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _load_memory_if_saved(self, checkpoint_dir: str) -> None:
         from .peft_modes import MEMORY_WEIGHTS_NAME, has_trainable_memory_outside_adapter, load_memory_weights
@@ -390,6 +433,7 @@ class MemoryTrainer(Trainer):
 
 
 __all__ = [
+    "last_complete_checkpoint",
     "MemoryHealth",
     "MemoryTrainer",
     "MemoryTrainingArguments",

@@ -3,7 +3,7 @@
 train: a MemoryLlama checkpoint (or a Llama one with `--graft`), text data (`--data`) or the
 built-in knowledge set (`--knowledge-entities`), a training mode (`--mode`) and every
 `TrainingArguments` / `MemoryTrainingArguments` field passed through (`--learning_rate 1e-4`,
-`--max_steps 100`, `--resume_from_checkpoint DIR`, ...). Runs `MemoryTrainer`, saves the model (or
+`--max_steps 100`, `--resume_from_checkpoint DIR` or `last` — the newest complete checkpoint —, ...). Runs `MemoryTrainer`, saves the model (or
 adapter + memory), `trainer_state.json`, `loss_curve.png` and `chapter_usage.png` in `--output_dir`.
 Under `accelerate launch` it trains on every process (see `accelerate_config_path`).
 
@@ -89,6 +89,19 @@ def _training_arguments(args):
 
 
 # ---- shared checks and loading ------------------------------------------------------------------
+
+
+def _check_writable(output_dir: str) -> None:
+    """Fail before any work when --output_dir cannot be created or written (its nearest existing ancestor
+    is a file, or is not writable)."""
+    path = os.path.abspath(output_dir)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise SystemExit(f"--output_dir {output_dir} cannot be created: {existing} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(f"--output_dir {output_dir} cannot be written: {existing} is not writable.")
 
 
 def _check_knowledge_arguments(args) -> None:
@@ -190,7 +203,12 @@ def run_train(args) -> int:
         raise SystemExit(f"--mode {args.mode} trains the memory, but {args.model} has none; use --mode full or --graft.")
     if args.lora_r < 1 or args.lora_alpha < 1 or not 0 <= args.lora_dropout < 1:
         raise SystemExit("--lora-r and --lora-alpha must be >= 1 and --lora-dropout in [0, 1).")
-    if args.resume_from_checkpoint is not None and not os.path.isdir(args.resume_from_checkpoint):
+    if args.resume_from_checkpoint == "last":
+        from .trainer import last_complete_checkpoint
+
+        if last_complete_checkpoint(args.output_dir) is None:
+            raise SystemExit(f"--resume_from_checkpoint last: no complete checkpoint in {args.output_dir}.")
+    elif args.resume_from_checkpoint is not None and not os.path.isdir(args.resume_from_checkpoint):
         raise SystemExit(f"--resume_from_checkpoint {args.resume_from_checkpoint}: no such checkpoint folder.")
     if args.eval_strategy not in (None, "no"):
         raise SystemExit("`train` takes no evaluation data: leave --eval_strategy at 'no' and run `memory-llama eval` on the result.")
@@ -198,6 +216,8 @@ def run_train(args) -> int:
         training_args = _training_arguments(args)
     except ValueError as error:
         raise SystemExit(f"Invalid training arguments: {error}")
+
+    _check_writable(training_args.output_dir)
 
     fsdp_requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(training_args.fsdp)
     if fsdp_requested and training_args.device.type == "cpu":
@@ -234,7 +254,7 @@ def run_train(args) -> int:
             f"memory {counts['memory']:,}, backbone {counts['backbone']:,}); {len(rows)} rows of {args.block_size} tokens; "
             f"{accelerator.distributed_type.value} on {accelerator.num_processes} process(es)"
         )
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=True if args.resume_from_checkpoint == "last" else args.resume_from_checkpoint)
     trainer.save_model()
     trainer.save_state()
     usage = trainer.memory_health.chapter_usage(trainer.accelerator)  # a collective: every process calls it
