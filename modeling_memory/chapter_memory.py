@@ -54,23 +54,38 @@ class MemoryLlamaChapterMemory(nn.Module):
         params = [bank] + [p for m in modules for p in m.parameters()]
         return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
 
-    def project_bank(self, bank: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-layer keys and values of the bank, each (C, T, H, D).
+    def _project(self, rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chapters * T, d) bank rows -> keys and values, each (chapters, T, H, D)."""
+        normed = self.bank_norm(rows.to(dtype))  # a bank may be kept in higher precision than the layer
+        shape = (-1, self.chapter_size, self.num_heads, self.head_dim)
+        return self.memory_key(normed).view(shape), self.memory_value(normed).view(shape)
 
-        `dtype` is the dtype of the hidden states. Without autograd (inference) they are computed once and reused until a weight they depend on
-        changes: an optimizer step, `load_state_dict` or `.to()` all change a parameter's version or storage.
+    def project_bank(self, bank: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the whole bank, each (C, T, H, D), for inference (no autograd).
+
+        `dtype` is the dtype of the hidden states. They are computed once and reused until a weight they
+        depend on changes: an optimizer step, `load_state_dict` or `.to()` all change a parameter's
+        version or storage.
         """
-        reuse = not torch.is_grad_enabled()
-        if reuse:
-            version = (self._bank_version(bank), dtype)
-            if self._projected_bank is not None and self._projected_bank[0] == version:
-                return self._projected_bank[1], self._projected_bank[2]
-        normed = self.bank_norm(bank.to(dtype))  # a bank may be kept in higher precision than the layer
-        shape = (self.num_chapters, self.chapter_size, self.num_heads, self.head_dim)
-        keys = self.memory_key(normed).view(shape)
-        values = self.memory_value(normed).view(shape)
-        self._projected_bank = (version, keys, values) if reuse else None
-        return keys, values
+        version = (self._bank_version(bank), dtype)
+        if self._projected_bank is None or self._projected_bank[0] != version:
+            self._projected_bank = (version, *self._project(bank, dtype))
+        return self._projected_bank[1], self._projected_bank[2]
+
+    def project_read_chapters(
+        self, bank: torch.Tensor, chapter_ids: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys and values of only the chapters this batch reads (training: the projection must be part of
+        the graph, so it is recomputed every step; limiting it to the read chapters keeps a step's cost
+        bounded by tokens x (shared + k) chapters instead of growing with the bank).
+
+        Returns keys, values (U, T, H, D) for the U distinct chapters read and chapter_ids renumbered into them.
+        """
+        read, local_ids = torch.unique(chapter_ids, return_inverse=True)
+        if read.numel() == self.num_chapters:
+            return *self._project(bank, dtype), chapter_ids
+        rows = bank.view(self.num_chapters, self.chapter_size, -1)[read].flatten(0, 1)
+        return *self._project(rows, dtype), local_ids
 
     def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """
@@ -107,7 +122,10 @@ class MemoryLlamaChapterMemory(nn.Module):
                 f"The chapter bank is on {bank.device} but the hidden states are on {hidden_states.device}: "
                 "move the whole model with `model.to(device)`."
             )
-        keys, values = self.project_bank(bank, hidden_states.dtype)
+        if torch.is_grad_enabled():
+            keys, values, chapter_ids = self.project_read_chapters(bank, chapter_ids, hidden_states.dtype)
+        else:
+            keys, values = self.project_bank(bank, hidden_states.dtype)
         query = self.memory_query(flat).view(-1, self.num_heads, self.head_dim)
         attended = chapter_attention(query, keys, values, chapter_ids, chapter_weights, self.head_dim**-0.5)
         output = self.memory_output(attended.reshape(batch, seq_len, hidden))

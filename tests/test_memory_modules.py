@@ -122,9 +122,26 @@ def test_projected_bank_reused_at_inference_and_never_stale():
     with torch.no_grad():
         after = memory.project_bank(bank, torch.float32)
     assert after[0] is not first[0] and not torch.allclose(after[0], first[0])
-    model.train()
-    keys, _ = memory.project_bank(bank, torch.float32)
-    assert keys.requires_grad  # training always recomputes, so gradients flow
+
+
+def test_training_projects_only_the_chapters_read():
+    """With autograd the bank projection is recomputed every step, for the chapters the batch reads only;
+    the result equals the inference path that projects (and caches) the whole bank."""
+    torch.manual_seed(0)
+    model = train_steps(MemoryLlamaForCausalLM(tiny_config(chapter_num_chapters=40, chapter_top_k=1)))
+    memory, bank = model.model.layers[2].chapter_memory, model.model.chapter_bank.weight
+    hidden = torch.randn(1, 3, 32)
+    projected_rows = []
+    hook = memory.memory_key.register_forward_hook(lambda module, args, output: projected_rows.append(args[0].shape[0]))
+    with torch.no_grad():
+        expected, _ = memory(hidden, bank)
+    trained, _ = memory(hidden, bank)
+    hook.remove()
+    _, chapter_ids, _ = memory.route(hidden.reshape(-1, 32))
+    assert projected_rows == [40 * 5, chapter_ids.unique().numel() * 5]
+    torch.testing.assert_close(trained, expected, rtol=1e-5, atol=1e-6)
+    trained.sum().backward()
+    assert bank.grad is not None and bank.grad.abs().sum() > 0
 
 
 def test_aux_loss_balanced_low_collapsed_high_padding_excluded():
