@@ -9,8 +9,12 @@ log-sum-exp in fp32; the outputs are then combined with the chapter weights.
 Backward (flash-attention 2 style, softmax recomputed from the saved log-sum-exp):
 - dq: per block of pairs, looping over the chapter's key tiles; per-pair dq summed over R afterwards.
 - dK, dV: per (chunk of one chapter's pairs, key tile, head), looping over the chunk's pairs with the
-  K/V tile held in registers, then one fp32 `atomic_add` per chunk into the bank gradients.
-- dweights[n, r] = <dout[n], o[n, r]> over heads and width.
+  K/V tile held in registers. A chapter read by one chunk only (all but the most-read chapters) stores
+  its tile straight into the bank gradient in the bank's dtype; the chunks of a chapter read by several
+  add their tiles with fp32 `atomic_add`s into a scratch whose tiles are zeroed first and rounded into
+  the gradient last (two cheap extra launches), so no pass ever touches the whole bank in fp32.
+- dweights[n, r] = <dout[n], o[n, r]> over heads and width: per head in the dq kernel, which also
+  stores the flash-attention delta that the dK/dV kernel reads.
 
 Statistics and accumulators are fp32 for every input dtype. fp32 inputs use IEEE (not TF32) dots.
 Imported only once `kernels_available.triton_available()` is True; the guarded import keeps it
@@ -36,6 +40,8 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Pairs per forward / dq program, and per dK/dV program (a chunk is looped over in BLOCK_PAIRS steps).
 _BLOCK_PAIRS = 64
 _CHUNK_PAIRS = 1024 if INTERPRETED else 256
+# Tokens per program of the kernel that merges the R pair outputs of each token.
+_COMBINE_TOKENS = 64 if INTERPRETED else 16
 # Memory tokens per key tile (reduced for short chapters).
 _BLOCK_KEYS = 64
 
@@ -102,8 +108,8 @@ if triton is not None:
 
     @triton.jit
     def _chapter_attention_dq_kernel(
-        query_ptr, keys_ptr, values_ptr, grad_out_ptr, weights_ptr, pair_lse_ptr, pair_delta_ptr,
-        sorted_pairs_ptr, block_chapter_ptr, block_start_ptr, block_end_ptr, pair_dq_ptr,
+        query_ptr, keys_ptr, values_ptr, grad_out_ptr, weights_ptr, pair_out_ptr, pair_lse_ptr, pair_delta_ptr,
+        head_dots_ptr, sorted_pairs_ptr, block_chapter_ptr, block_start_ptr, block_end_ptr, pair_dq_ptr,
         stride_qn, stride_qh, stride_kc, stride_kt, stride_kh, stride_vc, stride_vt, stride_vh,
         stride_gn, stride_gh,
         chapter_size, head_dim, num_heads, reads_per_token, scale,
@@ -122,10 +128,16 @@ if triton is not None:
         # The pair's output is weight * o_pair, so its output gradient is weight * dout[token].
         weight = tl.load(weights_ptr + pair, mask=pair_ok, other=0.0)
         grad = tl.load(grad_out_ptr + token[:, None] * stride_gn + head * stride_gh + offs_d[None, :], mask=row_mask, other=0.0)
-        grad = (weight[:, None] * grad.to(tl.float32)).to(q.dtype)
         stat_rows = pair.to(tl.int64) * num_heads + head
+        # <dout, o_pair> of this head: summed over heads it is the weight's gradient; times the weight it is
+        # the flash-attention "delta" (rowsum of dO_pair * O_pair), which the dK/dV kernel reads back.
+        pair_out = tl.load(pair_out_ptr + stat_rows[:, None] * head_dim + offs_d[None, :], mask=row_mask, other=0.0)
+        head_dot = tl.sum(grad.to(tl.float32) * pair_out, axis=1)
+        delta = weight * head_dot
+        tl.store(head_dots_ptr + stat_rows, head_dot, mask=pair_ok)
+        tl.store(pair_delta_ptr + stat_rows, delta, mask=pair_ok)
+        grad = (weight[:, None] * grad.to(tl.float32)).to(q.dtype)
         lse = tl.load(pair_lse_ptr + stat_rows, mask=pair_ok, other=0.0)
-        delta = tl.load(pair_delta_ptr + stat_rows, mask=pair_ok, other=0.0)
         keys_base = keys_ptr + chapter * stride_kc + head * stride_kh
         values_base = values_ptr + chapter * stride_vc + head * stride_vh
 
@@ -146,25 +158,70 @@ if triton is not None:
         tl.store(pair_dq_ptr + stat_rows[:, None] * head_dim + offs_d[None, :], dq, mask=row_mask)
 
     @triton.jit
+    def _chapter_attention_combine_kernel(
+        pair_out_ptr, weights_ptr, out_ptr, num_tokens, reads_per_token, row_width,
+        BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    ):
+        """out[n] = sum_r weights[n, r] * pair_out[n, r] over rows of width H * D, summed in fp32."""
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_w = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        token_ok = offs_n < num_tokens
+        mask = token_ok[:, None] & (offs_w < row_width)[None, :]
+        total = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+        for r in range(reads_per_token):
+            pair = offs_n.to(tl.int64) * reads_per_token + r
+            weight = tl.load(weights_ptr + pair, mask=token_ok, other=0.0)
+            rows = tl.load(pair_out_ptr + pair[:, None] * row_width + offs_w[None, :], mask=mask, other=0.0)
+            total += weight[:, None] * rows
+        tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * row_width + offs_w[None, :], total.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _chapter_attention_dkdv_kernel(
         query_ptr, keys_ptr, values_ptr, grad_out_ptr, weights_ptr, pair_lse_ptr, pair_delta_ptr,
-        sorted_pairs_ptr, chunk_chapter_ptr, chunk_start_ptr, chunk_end_ptr, grad_keys_ptr, grad_values_ptr,
+        sorted_pairs_ptr, chunk_chapter_ptr, chunk_start_ptr, chunk_end_ptr, chapter_ids_ptr, grad_keys_ptr,
+        grad_values_ptr, scratch_keys_ptr, scratch_values_ptr,
         stride_qn, stride_qh, stride_kc, stride_kt, stride_kh, stride_vc, stride_vt, stride_vh,
         stride_gn, stride_gh,
-        chapter_size, head_dim, num_heads, reads_per_token, scale,
+        chapter_size, head_dim, num_heads, reads_per_token, num_pairs, scale,
+        STAGE: tl.constexpr,
         BLOCK_PAIRS: tl.constexpr, BLOCK_KEYS: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):
+        """STAGE 0: zero the scratch tiles of chapters read by several chunks; 1: dK/dV of the chunk;
+        2: round those scratch tiles into the bank gradients. Stages 0 and 2 act in each such chapter's first chunk."""
         chunk = tl.program_id(0)
         key_block = tl.program_id(1)
         head = tl.program_id(2)
         chapter = tl.load(chunk_chapter_ptr + chunk)
         start = tl.load(chunk_start_ptr + chunk)
         end = tl.load(chunk_end_ptr + chunk)
+        # The chunk starts (ends) its chapter's run of sorted pairs when the pair before (after) it reads another chapter.
+        pair_before = tl.load(sorted_pairs_ptr + tl.maximum(start - 1, 0))
+        pair_after = tl.load(sorted_pairs_ptr + tl.minimum(end, num_pairs - 1))
+        first_chunk = (start == 0) | (tl.load(chapter_ids_ptr + pair_before) != chapter)
+        last_chunk = (end >= num_pairs) | (tl.load(chapter_ids_ptr + pair_after) != chapter)
+        shared_tile = (start < end) & (first_chunk.to(tl.int32) + last_chunk.to(tl.int32) < 2)
         offs_n = key_block * BLOCK_KEYS + tl.arange(0, BLOCK_KEYS)
-        # Empty chunks (padding of the grid on CUDA) see no keys, so they neither load nor add anything.
-        key_ok = offs_n < tl.where(start < end, chapter_size, 0)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < head_dim
+        # Bank gradients and scratches are contiguous (C, T, H, D).
+        bank_offsets = ((chapter * chapter_size + offs_n.to(tl.int64)) * num_heads + head)[:, None] * head_dim + offs_d[None, :]
+        # Stages 0 and 2 cover the keys of the first chunk of a chapter read by several chunks, none elsewhere.
+        scratch_keys = tl.where(shared_tile & first_chunk, chapter_size, 0)
+        if STAGE == 0:
+            zero_mask = (offs_n < scratch_keys)[:, None] & d_ok[None, :]
+            zeros = tl.zeros([BLOCK_KEYS, BLOCK_D], dtype=tl.float32)
+            tl.store(scratch_keys_ptr + bank_offsets, zeros, mask=zero_mask)
+            tl.store(scratch_values_ptr + bank_offsets, zeros, mask=zero_mask)
+            return
+        if STAGE == 2:
+            copy_mask = (offs_n < scratch_keys)[:, None] & d_ok[None, :]
+            dk = tl.load(scratch_keys_ptr + bank_offsets, mask=copy_mask, other=0.0)
+            dv = tl.load(scratch_values_ptr + bank_offsets, mask=copy_mask, other=0.0)
+            tl.store(grad_keys_ptr + bank_offsets, dk.to(grad_keys_ptr.dtype.element_ty), mask=copy_mask)
+            tl.store(grad_values_ptr + bank_offsets, dv.to(grad_values_ptr.dtype.element_ty), mask=copy_mask)
+            return
+        # Empty chunks (padding of the grid on CUDA) see no keys, so they neither load nor add anything.
+        key_ok = offs_n < tl.where(start < end, chapter_size, 0)
         kv_mask = key_ok[:, None] & d_ok[None, :]
         k = tl.load(keys_ptr + chapter * stride_kc + head * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(values_ptr + chapter * stride_vc + head * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -188,10 +245,13 @@ if triton is not None:
             grad_scores = probs * (grad_probs - delta[:, None])
             dk += tl.dot(tl.trans(grad_scores.to(q.dtype)), q, input_precision=DOT_PRECISION)
         dk = dk * scale
-        # Bank gradients are contiguous fp32 (C, T, H, D); other chunks of the same chapter add to the same tile.
-        bank_offsets = ((chapter * chapter_size + offs_n.to(tl.int64)) * num_heads + head)[:, None] * head_dim + offs_d[None, :]
-        tl.atomic_add(grad_keys_ptr + bank_offsets, dk, mask=kv_mask)
-        tl.atomic_add(grad_values_ptr + bank_offsets, dv, mask=kv_mask)
+        if shared_tile:
+            # Other chunks of the same chapter add to the same tile.
+            tl.atomic_add(scratch_keys_ptr + bank_offsets, dk, mask=kv_mask)
+            tl.atomic_add(scratch_values_ptr + bank_offsets, dv, mask=kv_mask)
+        else:
+            tl.store(grad_keys_ptr + bank_offsets, dk.to(grad_keys_ptr.dtype.element_ty), mask=kv_mask)
+            tl.store(grad_values_ptr + bank_offsets, dv.to(grad_values_ptr.dtype.element_ty), mask=kv_mask)
 
 
 def _next_power_of_2(value: int) -> int:
@@ -215,8 +275,9 @@ def group_pairs_by_chapter(chapter_ids: torch.Tensor, num_chapters: int, block_s
     device = chapter_ids.device
     flat = chapter_ids.reshape(-1)
     num_pairs = flat.numel()
-    # Stable: pairs of one chapter stay in token order, which keeps the kernels' reads local.
-    sorted_chapters, sorted_pairs = torch.sort(flat, stable=True)
+    # Stable: pairs of one chapter stay in token order, which keeps the kernels' reads local. int32 keys
+    # halve the radix sort's passes.
+    sorted_chapters, sorted_pairs = torch.sort(flat.to(torch.int32) if num_chapters < 2**31 else flat, stable=True)
     chapters = torch.arange(num_chapters, device=device, dtype=sorted_chapters.dtype)
     chapter_start = torch.searchsorted(sorted_chapters, chapters)
     chapter_end = torch.searchsorted(sorted_chapters, chapters, right=True)
@@ -294,8 +355,13 @@ class ChapterAttentionFunction(torch.autograd.Function):
                 chapter_size, head_dim, num_heads, reads, scale,
                 BLOCK_PAIRS=_BLOCK_PAIRS, **settings,
             )
-        pair_out = pair_out.view(num_tokens, reads, num_heads, head_dim)
-        out = torch.einsum("nr,nrhd->nhd", weights, pair_out).to(query.dtype)
+        # One pass over pair_out (einsum would run this as a slow batched GEMV).
+        out = torch.empty(num_tokens, num_heads, head_dim, dtype=query.dtype, device=query.device)
+        row_width = num_heads * head_dim
+        block_w = min(_next_power_of_2(row_width), 256)
+        _chapter_attention_combine_kernel[(triton.cdiv(num_tokens, _COMBINE_TOKENS), triton.cdiv(row_width, block_w))](
+            pair_out, weights, out, num_tokens, reads, row_width, BLOCK_N=_COMBINE_TOKENS, BLOCK_W=block_w,
+        )
         ctx.save_for_backward(
             query, bank_keys, bank_values, chapter_ids, weights, pair_out, pair_lse, sorted_pairs, block_chapter,
             block_start, block_end,
@@ -312,11 +378,6 @@ class ChapterAttentionFunction(torch.autograd.Function):
         num_chapters, chapter_size = bank_keys.shape[:2]
         reads = weights.shape[1]
         grad_out = grad_out.contiguous()
-        # <dout, o_pair> per head: summed over heads it is the weight's gradient; times the weight it is the
-        # flash-attention "delta" (rowsum of dO_pair * O_pair) of the pair.
-        head_dots = torch.einsum("nhd,nrhd->nrh", grad_out.float(), pair_out)
-        grad_weights = head_dots.sum(-1).to(ctx.weights_dtype)
-        pair_delta = (weights[:, :, None] * head_dots).reshape(num_tokens * reads, num_heads).contiguous()
         settings = _kernel_settings(query, chapter_size)
         strides = (
             query.stride(0), query.stride(1), *bank_keys.stride()[:3], *bank_values.stride()[:3],
@@ -324,30 +385,41 @@ class ChapterAttentionFunction(torch.autograd.Function):
         )
         sizes = (chapter_size, head_dim, num_heads, reads, ctx.scale)
         grad_query = grad_keys = grad_values = None
+        # The dq kernel also writes every pair's per-head <dout, o_pair> and delta (needed by dK/dV), so it
+        # always runs. Every pair row of its outputs is written.
+        pair_dq = torch.empty(num_tokens * reads, num_heads, head_dim, dtype=torch.float32, device=query.device)
+        head_dots = torch.empty(num_tokens * reads, num_heads, dtype=torch.float32, device=query.device)
+        pair_delta = torch.empty_like(head_dots)
+        if block_chapter.numel() > 0:
+            _chapter_attention_dq_kernel[(block_chapter.numel(), num_heads)](
+                query, bank_keys, bank_values, grad_out, weights, pair_out, pair_lse, pair_delta, head_dots,
+                sorted_pairs, block_chapter, block_start, block_end, pair_dq, *strides, *sizes,
+                BLOCK_PAIRS=_BLOCK_PAIRS, **settings,
+            )
+        grad_weights = head_dots.view(num_tokens, reads, num_heads).sum(-1).to(ctx.weights_dtype)
         if ctx.needs_input_grad[0]:
-            pair_dq = torch.zeros(num_tokens * reads, num_heads, head_dim, dtype=torch.float32, device=query.device)
-            if block_chapter.numel() > 0:
-                _chapter_attention_dq_kernel[(block_chapter.numel(), num_heads)](
-                    query, bank_keys, bank_values, grad_out, weights, pair_lse, pair_delta,
-                    sorted_pairs, block_chapter, block_start, block_end, pair_dq, *strides, *sizes,
-                    BLOCK_PAIRS=_BLOCK_PAIRS, **settings,
-                )
             grad_query = pair_dq.view(num_tokens, reads, num_heads, head_dim).sum(1).to(query.dtype)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_keys = torch.zeros(bank_keys.shape, dtype=torch.float32, device=query.device)
-            grad_values = torch.zeros(bank_values.shape, dtype=torch.float32, device=query.device)
+            # Zeros for the chapters no token reads; every read chapter's tiles are written by the kernel.
+            grad_keys = torch.zeros(bank_keys.shape, dtype=bank_keys.dtype, device=query.device)
+            grad_values = torch.zeros(bank_values.shape, dtype=bank_values.dtype, device=query.device)
+            # Uninitialised on purpose: only the tiles of chapters read by several chunks are zeroed and used.
+            scratch_keys = torch.empty(bank_keys.shape, dtype=torch.float32, device=query.device)
+            scratch_values = torch.empty(bank_values.shape, dtype=torch.float32, device=query.device)
             _, chunk_chapter, chunk_start, chunk_end = group_pairs_by_chapter(
                 chapter_ids, num_chapters, _CHUNK_PAIRS, exact_grid=not query.is_cuda
             )
             key_blocks = triton.cdiv(chapter_size, settings["BLOCK_KEYS"])
             if chunk_chapter.numel() > 0:
-                _chapter_attention_dkdv_kernel[(chunk_chapter.numel(), key_blocks, num_heads)](
-                    query, bank_keys, bank_values, grad_out, weights, pair_lse, pair_delta,
-                    sorted_pairs, chunk_chapter, chunk_start, chunk_end, grad_keys, grad_values, *strides, *sizes,
-                    BLOCK_PAIRS=_BLOCK_PAIRS, **settings,
-                )
-            grad_keys = grad_keys.to(bank_keys.dtype) if ctx.needs_input_grad[1] else None
-            grad_values = grad_values.to(bank_values.dtype) if ctx.needs_input_grad[2] else None
+                for stage in (0, 1, 2):
+                    _chapter_attention_dkdv_kernel[(chunk_chapter.numel(), key_blocks, num_heads)](
+                        query, bank_keys, bank_values, grad_out, weights, pair_lse, pair_delta,
+                        sorted_pairs, chunk_chapter, chunk_start, chunk_end, chapter_ids, grad_keys, grad_values,
+                        scratch_keys, scratch_values, *strides, chapter_size, head_dim, num_heads, reads,
+                        num_tokens * reads, ctx.scale, STAGE=stage, BLOCK_PAIRS=_BLOCK_PAIRS, **settings,
+                    )
+            grad_keys = grad_keys if ctx.needs_input_grad[1] else None
+            grad_values = grad_values if ctx.needs_input_grad[2] else None
         return grad_query, grad_keys, grad_values, None, grad_weights, None
 
 

@@ -1,12 +1,18 @@
 """Triton kernels of the Engram lookup (see `ops_engram.py` for the readable reference).
 
 Forward: one kernel maps raw ids to canonical ids, hashes the suffix n-grams and gathers the rows of
-every head straight into the concatenated output `e`; row ids never reach HBM.
-Backward: only the table gets a gradient. Two variants:
-- atomic (default): row ids recomputed, row gradients `atomic_add`-ed into an fp32 buffer, then cast
-  to the table dtype. Fast; the summation order of repeated rows varies from run to run.
-- deterministic: row ids recomputed into a small (N, H) tensor, (token, head) pairs stably sorted by
-  row, and each row's gradient summed in a fixed order by one program. Bitwise repeatable.
+every head straight into the concatenated output `e`. Only when the table needs a gradient does it
+also write the row ids, a small (N, H) tensor (int32 where they fit), so the backward does not hash again.
+Backward: only the table gets a gradient, a dense (rows, D) tensor of which only the rows read are
+non-zero. No pass touches the whole table except the one zero fill of the gradient, which is the floor
+of the backward's time.
+- sorted (deterministic, and the default for fp16/bf16 tables): (token, head) entries stably sorted by
+  row; the first entry of each run of equal rows sums the run in sorted order, in fp32, and writes the
+  row once in the table dtype. Bitwise repeatable, no host sync.
+- atomic (the default for fp32 tables): each entry `atomic_add`s its gradient straight into the fp32
+  gradient; the summation order of repeated rows varies from run to run. Half tables do not take this
+  path: summing in fp32 would need an fp32 scratch and an extra pass over the rows, which measured slower
+  than the sort (and adding in the half dtype would round at every repeated row).
 
 This module is imported only once `kernels_available.triton_available()` is True; the guarded import
 keeps it importable (for Hub remote-code import checks) where Triton is missing. On a machine without
@@ -30,9 +36,11 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Elements of the (tokens, heads, width) tile one program moves; the interpreter prefers few, large programs.
 _TILE_ELEMENTS = 1 << 16 if INTERPRETED else 1 << 12
-# Deterministic backward: (token, head) entries summed per step, and rows handled per program.
-_SEGMENT_BLOCK = 64 if INTERPRETED else 16
-_SEGMENTS_PER_PROGRAM = 256 if INTERPRETED else 4
+# Backward passes over the (N * H) entries: entries per program.
+_ENTRY_BLOCK = 1024 if INTERPRETED else 128
+
+# Per-head n-gram orders as a device tensor, cached: building it on every call costs a host-to-device copy.
+_HEAD_ORDERS = {}
 
 
 if triton is not None:
@@ -67,11 +75,12 @@ if triton is not None:
     @triton.jit
     def _engram_forward_kernel(
         token_ids_ptr, history_lengths_ptr, canonical_map_ptr, multipliers_ptr, head_orders_ptr,
-        table_primes_ptr, table_offsets_ptr, table_ptr, out_ptr, pad_id, num_tokens, num_heads, new_len,
+        table_primes_ptr, table_offsets_ptr, table_ptr, out_ptr, rows_ptr, pad_id, num_tokens, num_heads, new_len,
         head_dim, table_row_stride,
-        HISTORY: tl.constexpr, MAX_ORDER: tl.constexpr,
+        HISTORY: tl.constexpr, MAX_ORDER: tl.constexpr, STORE_ROWS: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
+        """Gathers the rows of every head into `out`; with STORE_ROWS also writes the (N, H) row ids for the backward."""
         offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         offs_d = tl.arange(0, BLOCK_D)
@@ -92,81 +101,54 @@ if triton is not None:
             + offs_d[None, None, :]
         )
         tl.store(out_ptr + out_offsets, values, mask=mask)
+        if STORE_ROWS:
+            rows_mask = (offs_t < num_tokens)[:, None] & (offs_h < num_heads)[None, :]
+            rows_offsets = offs_t.to(tl.int64)[:, None] * num_heads + offs_h[None, :]
+            tl.store(rows_ptr + rows_offsets, rows.to(rows_ptr.dtype.element_ty), mask=rows_mask)
 
     @triton.jit
-    def _engram_backward_atomic_kernel(
-        token_ids_ptr, history_lengths_ptr, canonical_map_ptr, multipliers_ptr, head_orders_ptr,
-        table_primes_ptr, table_offsets_ptr, grad_out_ptr, grad_table_ptr, pad_id, num_tokens, num_heads,
-        new_len, head_dim,
-        HISTORY: tl.constexpr, MAX_ORDER: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    def _engram_atomic_kernel(
+        rows_ptr, grad_out_ptr, grad_table_ptr, num_entries, head_dim, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        """fp32 tables: each entry e = token * H + head `atomic_add`s its gradient (row e of grad_out viewed as
+        (N * H, D)) into its table row."""
+        offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
         offs_d = tl.arange(0, BLOCK_D)
-        rows = _engram_row_ids(
-            token_ids_ptr, history_lengths_ptr, canonical_map_ptr, multipliers_ptr, head_orders_ptr,
-            table_primes_ptr, table_offsets_ptr, pad_id, offs_t, offs_h, num_tokens, num_heads, new_len,
-            HISTORY, MAX_ORDER, BLOCK_T, BLOCK_H,
-        )
-        mask = (
-            (offs_t < num_tokens)[:, None, None]
-            & (offs_h < num_heads)[None, :, None]
-            & (offs_d < head_dim)[None, None, :]
-        )
-        grad_offsets = (
-            offs_t.to(tl.int64)[:, None, None] * (num_heads * head_dim)
-            + offs_h[None, :, None] * head_dim
-            + offs_d[None, None, :]
-        )
-        grad = tl.load(grad_out_ptr + grad_offsets, mask=mask, other=0.0).to(tl.float32)
-        # grad_table is a contiguous fp32 (rows, head_dim) buffer.
-        tl.atomic_add(grad_table_ptr + rows[:, :, None] * head_dim + offs_d[None, None, :], grad, mask=mask)
+        entry_ok = offs_e < num_entries
+        mask = entry_ok[:, None] & (offs_d < head_dim)[None, :]
+        rows = tl.load(rows_ptr + offs_e, mask=entry_ok, other=0).to(tl.int64)
+        grad = tl.load(grad_out_ptr + offs_e.to(tl.int64)[:, None] * head_dim + offs_d[None, :], mask=mask, other=0.0)
+        tl.atomic_add(grad_table_ptr + rows[:, None] * head_dim + offs_d[None, :], grad, mask=mask)
 
     @triton.jit
-    def _engram_row_ids_kernel(
-        token_ids_ptr, history_lengths_ptr, canonical_map_ptr, multipliers_ptr, head_orders_ptr,
-        table_primes_ptr, table_offsets_ptr, rows_ptr, pad_id, num_tokens, num_heads, new_len,
-        HISTORY: tl.constexpr, MAX_ORDER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    def _engram_sorted_sum_kernel(
+        grad_out_ptr, sorted_rows_ptr, sorted_entries_ptr, grad_table_ptr, num_entries, head_dim,
+        BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        rows = _engram_row_ids(
-            token_ids_ptr, history_lengths_ptr, canonical_map_ptr, multipliers_ptr, head_orders_ptr,
-            table_primes_ptr, table_offsets_ptr, pad_id, offs_t, offs_h, num_tokens, num_heads, new_len,
-            HISTORY, MAX_ORDER, BLOCK_T, BLOCK_H,
-        )
-        mask = (offs_t < num_tokens)[:, None] & (offs_h < num_heads)[None, :]
-        tl.store(rows_ptr + offs_t.to(tl.int64)[:, None] * num_heads + offs_h[None, :], rows, mask=mask)
-
-    @triton.jit
-    def _engram_segment_sum_kernel(
-        grad_out_ptr, sorted_entries_ptr, segment_bounds_ptr, segment_rows_ptr, grad_table_ptr,
-        num_segments, head_dim,
-        SEGMENTS_PER_PROGRAM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):
-        """Each segment is one table row: the sum of its (token, head) gradient rows, in sorted order."""
+        """Entries sorted by row: the first entry of each run of equal rows sums the run, in sorted order, in fp32."""
+        offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < head_dim
-        first_segment = tl.program_id(0) * SEGMENTS_PER_PROGRAM
-        last_segment = tl.minimum(first_segment + SEGMENTS_PER_PROGRAM, num_segments)
-        for segment in range(first_segment, last_segment):
-            start = tl.load(segment_bounds_ptr + segment)
-            end = tl.load(segment_bounds_ptr + segment + 1)
-            total = tl.zeros([BLOCK_D], dtype=tl.float32)
-            for entry_start in range(start, end, BLOCK_E):
-                offs_e = entry_start + tl.arange(0, BLOCK_E)
-                entry_ok = offs_e < end
-                # Entry = token * H + head: its gradient is row `entry` of grad_out viewed as (N * H, D).
-                entry = tl.load(sorted_entries_ptr + offs_e, mask=entry_ok, other=0)
-                grad = tl.load(
-                    grad_out_ptr + entry[:, None] * head_dim + offs_d[None, :],
-                    mask=entry_ok[:, None] & d_ok[None, :],
-                    other=0.0,
-                )
-                total += tl.sum(grad.to(tl.float32), axis=0)
-            row = tl.load(segment_rows_ptr + segment)
-            tl.store(grad_table_ptr + row * head_dim + offs_d, total.to(grad_table_ptr.dtype.element_ty), mask=d_ok)
+        entry_ok = offs_e < num_entries
+        rows = tl.load(sorted_rows_ptr + offs_e, mask=entry_ok, other=-1).to(tl.int64)
+        previous = tl.load(sorted_rows_ptr + offs_e - 1, mask=entry_ok & (offs_e > 0), other=-1)
+        active = entry_ok & (rows != previous)
+        total = tl.zeros([BLOCK_E, BLOCK_D], dtype=tl.float32)
+        position = offs_e
+        # Runs are short (distinct n-grams rarely share a row); the loop runs as long as the block's longest run.
+        while tl.max(active.to(tl.int32), axis=0) > 0:
+            entry = tl.load(sorted_entries_ptr + position, mask=active, other=0)
+            grad = tl.load(grad_out_ptr + entry[:, None] * head_dim + offs_d[None, :], mask=active[:, None] & d_ok[None, :], other=0.0)
+            total += grad.to(tl.float32)
+            position += 1
+            next_row = tl.load(sorted_rows_ptr + position, mask=active & (position < num_entries), other=-1)
+            active = active & (next_row == rows)
+        is_first = entry_ok & (rows != previous)
+        tl.store(
+            grad_table_ptr + rows[:, None] * head_dim + offs_d[None, :],
+            total.to(grad_table_ptr.dtype.element_ty),
+            mask=is_first[:, None] & d_ok[None, :],
+        )
 
 
 def _next_power_of_2(value: int) -> int:
@@ -202,8 +184,13 @@ class EngramLookupFunction(torch.autograd.Function):
         head_dim = table_weight.shape[1]
         num_tokens = batch * new_len
         out = torch.empty(batch, new_len, num_heads * head_dim, dtype=table_weight.dtype, device=table_weight.device)
-        ctx.save_for_backward(token_ids, history_lengths, canonical_map, multipliers, head_orders, table_primes, table_offsets)
-        ctx.pad_id, ctx.max_order, ctx.deterministic = pad_id, max_order, deterministic
+        # The backward needs the row ids: the forward writes them (2-4 MB) rather than the backward hashing again.
+        # int32 where they fit: the deterministic path's radix sort then takes half the passes.
+        store_rows = ctx.needs_input_grad[0]
+        rows_dtype = torch.int32 if table_weight.shape[0] < 2**31 else torch.int64
+        rows = torch.empty(num_tokens if store_rows else 0, num_heads, dtype=rows_dtype, device=table_weight.device)
+        ctx.save_for_backward(rows)
+        ctx.deterministic = deterministic
         ctx.table_shape, ctx.table_dtype = table_weight.shape, table_weight.dtype
         if num_tokens == 0:
             return out
@@ -211,65 +198,41 @@ class EngramLookupFunction(torch.autograd.Function):
         grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(num_heads, block_h))
         _engram_forward_kernel[grid](
             token_ids, history_lengths, canonical_map, multipliers, head_orders, table_primes, table_offsets,
-            table_weight, out, pad_id, num_tokens, num_heads, new_len, head_dim, table_weight.stride(0),
-            HISTORY=multipliers.numel() - 1, MAX_ORDER=max_order,
+            table_weight, out, rows, pad_id, num_tokens, num_heads, new_len, head_dim, table_weight.stride(0),
+            HISTORY=multipliers.numel() - 1, MAX_ORDER=max_order, STORE_ROWS=store_rows,
             BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
         )
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        token_ids, history_lengths, canonical_map, multipliers, head_orders, table_primes, table_offsets = ctx.saved_tensors
+        (rows,) = ctx.saved_tensors
         grad_table = None
         if ctx.needs_input_grad[0]:
-            grad_table = _engram_table_grad(
-                grad_out.contiguous(), token_ids, history_lengths, canonical_map, multipliers, head_orders,
-                table_primes, table_offsets, ctx.pad_id, ctx.max_order, ctx.table_shape, ctx.table_dtype,
-                ctx.deterministic,
-            )
+            grad_table = _engram_table_grad(grad_out.contiguous(), rows, ctx.table_shape, ctx.table_dtype, ctx.deterministic)
         return (grad_table,) + (None,) * 10
 
 
-def _engram_table_grad(
-    grad_out, token_ids, history_lengths, canonical_map, multipliers, head_orders, table_primes, table_offsets,
-    pad_id, max_order, table_shape, table_dtype, deterministic,
-) -> torch.Tensor:
-    """Gradient of the table (rows, D) from grad_out (B, S, H * D)."""
-    batch, new_len = history_lengths.shape
-    num_heads = table_primes.numel()
+def _engram_table_grad(grad_out, rows, table_shape, table_dtype, deterministic) -> torch.Tensor:
+    """Gradient of the table (rows, D) from grad_out (B, S, H * D) and the forward's (N, H) row ids."""
     head_dim = table_shape[1]
-    num_tokens = batch * new_len
     device = grad_out.device
-    history = multipliers.numel() - 1
-    if num_tokens == 0:
-        return torch.zeros(table_shape, dtype=table_dtype, device=device)
-    block_t, block_h, block_d = _tile_sizes(num_tokens, num_heads, head_dim)
-    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(num_heads, block_h))
-    if not deterministic:
-        grad_table = torch.zeros(table_shape, dtype=torch.float32, device=device)
-        _engram_backward_atomic_kernel[grid](
-            token_ids, history_lengths, canonical_map, multipliers, head_orders, table_primes, table_offsets,
-            grad_out, grad_table, pad_id, num_tokens, num_heads, new_len, head_dim,
-            HISTORY=history, MAX_ORDER=max_order, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
+    block_d = _next_power_of_2(head_dim)
+    num_entries = rows.numel()
+    entry_grid = (triton.cdiv(num_entries, _ENTRY_BLOCK),)
+    grad_table = torch.zeros(table_shape, dtype=table_dtype, device=device)
+    if num_entries == 0:
+        return grad_table
+    if table_dtype == torch.float32 and not deterministic:
+        _engram_atomic_kernel[entry_grid](
+            rows, grad_out, grad_table, num_entries, head_dim, BLOCK_E=_ENTRY_BLOCK, BLOCK_D=block_d,
         )
-        return grad_table.to(table_dtype)
-
-    rows = torch.empty(num_tokens, num_heads, dtype=torch.int64, device=device)
-    _engram_row_ids_kernel[grid](
-        token_ids, history_lengths, canonical_map, multipliers, head_orders, table_primes, table_offsets,
-        rows, pad_id, num_tokens, num_heads, new_len,
-        HISTORY=history, MAX_ORDER=max_order, BLOCK_T=block_t, BLOCK_H=block_h,
-    )
+        return grad_table
     # Stable sort: entries of one row stay in (token, head) order, so the summation order is fixed.
     sorted_rows, sorted_entries = torch.sort(rows.flatten(), stable=True)
-    segment_rows, segment_lengths = torch.unique_consecutive(sorted_rows, return_counts=True)
-    segment_bounds = torch.zeros(segment_rows.numel() + 1, dtype=torch.int64, device=device)
-    torch.cumsum(segment_lengths, dim=0, out=segment_bounds[1:])
-    grad_table = torch.zeros(table_shape, dtype=table_dtype, device=device)
-    num_segments = segment_rows.numel()
-    _engram_segment_sum_kernel[(triton.cdiv(num_segments, _SEGMENTS_PER_PROGRAM),)](
-        grad_out, sorted_entries, segment_bounds, segment_rows, grad_table, num_segments, head_dim,
-        SEGMENTS_PER_PROGRAM=_SEGMENTS_PER_PROGRAM, BLOCK_E=_SEGMENT_BLOCK, BLOCK_D=block_d,
+    _engram_sorted_sum_kernel[entry_grid](
+        grad_out, sorted_rows, sorted_entries, grad_table, num_entries, head_dim,
+        BLOCK_E=_ENTRY_BLOCK, BLOCK_D=block_d,
     )
     return grad_table
 
@@ -297,7 +260,8 @@ def engram_lookup_triton(
         ngram_orders: orders, each with H / len(ngram_orders) heads.
         pad_id: canonical id standing for missing history.
         table_weight: (rows, D) the layer's embedding weight; the only input that gets a gradient.
-        deterministic: sum repeated rows' gradients in a fixed order (bitwise repeatable backward).
+        deterministic: sum repeated rows' gradients in a fixed order (bitwise repeatable backward; half tables
+            always are).
     Returns:
         (B, S, H * D) in the table's dtype.
     """
@@ -309,8 +273,12 @@ def engram_lookup_triton(
     if max_order > multipliers.numel():
         raise ValueError(f"Order {max_order} needs {max_order} hash multipliers, got {multipliers.numel()}.")
     heads_per_order = num_heads // len(ngram_orders)
-    head_orders = torch.tensor(ngram_orders, dtype=torch.int64, device=table_weight.device).repeat_interleave(heads_per_order)
     device = table_weight.device
+    key = (tuple(ngram_orders), heads_per_order, device)
+    head_orders = _HEAD_ORDERS.get(key)
+    if head_orders is None:
+        head_orders = torch.tensor([order for order in ngram_orders for _ in range(heads_per_order)], device=device)
+        _HEAD_ORDERS[key] = head_orders
     as_long = lambda tensor: tensor.to(device=device, dtype=torch.int64).contiguous()  # noqa: E731
     return EngramLookupFunction.apply(
         table_weight.contiguous(), as_long(token_ids), as_long(history_lengths), as_long(canonical_map),
