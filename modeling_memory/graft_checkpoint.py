@@ -34,7 +34,7 @@ from .grafting import (
     LLAMA_COMPATIBLE_MODEL_TYPES,
     MEMORY_FIELDS,
     PRESETS,
-    _is_memory_key,
+    is_memory_parameter_name,
     memory_config_from_llama,
     memory_preset,
 )
@@ -575,7 +575,7 @@ def _checkpoint_bytes(model, float_dtype: torch.dtype) -> tuple[int, int, int]:
     for name, tensor in tensors.items():
         size = tensor.numel() * (float_dtype.itemsize if tensor.is_floating_point() else tensor.element_size())
         total_bytes += size
-        if _is_memory_key(name):
+        if is_memory_parameter_name(name):
             new_bytes += size
             new_parameters += tensor.numel() if isinstance(tensor, torch.nn.Parameter) else 0
     return new_parameters, new_bytes, total_bytes
@@ -686,7 +686,7 @@ def load_grafted_model(plan: GraftPlan, tokenizer, base_model=None) -> MemoryLla
         mismatched = info.get("mismatched_keys") or []
         if mismatched:
             raise GraftError(f"BASE's weights have unexpected shapes: {sorted(mismatched)[:5]}")
-    not_memory = sorted(key for key in missing if not _is_memory_key(key))
+    not_memory = sorted(key for key in missing if not is_memory_parameter_name(key))
     if unexpected or not_memory:
         raise GraftError(
             f"BASE's weights do not match the Llama layout: unexpected keys {sorted(unexpected)[:5]}, "

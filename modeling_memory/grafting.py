@@ -64,7 +64,7 @@ def graft_from_llama(model_class, llama_model_or_path, tokenizer=None, **memory_
         model = model_class(config).to(device=next(llama.parameters()).device, dtype=dtype)
         missing, unexpected = model.load_state_dict(llama.state_dict(), strict=False)
     # Only the memory may start fresh: anything else missing would be silently random.
-    not_memory = sorted(key for key in missing if not _is_memory_key(key))
+    not_memory = sorted(key for key in missing if not is_memory_parameter_name(key))
     if unexpected or not_memory:
         raise ValueError(
             f"The base model's weights do not match the Llama layout: unexpected keys {sorted(unexpected)[:5]}, "
@@ -78,8 +78,14 @@ def graft_from_llama(model_class, llama_model_or_path, tokenizer=None, **memory_
     return model
 
 
-def _is_memory_key(key: str) -> bool:
-    return any(part in key for part in (".engram.", ".chapter_memory.", ".memory_layernorm.", "chapter_bank", "engram_canonical_map"))
+# Name segments of everything the memory adds to a Llama (parameters and buffers).
+_MEMORY_SEGMENTS = ("engram", "chapter_memory", "memory_layernorm", "chapter_bank", "engram_canonical_map")
+
+
+def is_memory_parameter_name(name: str) -> bool:
+    """Whether a parameter, buffer or module name belongs to the memory: Engram, chapter memory, its layer
+    norm, the shared chapter bank or the canonical-id map."""
+    return any(segment in _MEMORY_SEGMENTS for segment in name.split("."))
 
 
 PRESETS = ("engram", "chapters", "both")

@@ -48,12 +48,10 @@ def engram_history_lengths(boundary: torch.Tensor, max_history: int) -> torch.Te
     total = boundary.shape[1]
     positions = torch.arange(total, device=boundary.device)
     last_break = torch.where(boundary, positions, torch.full_like(positions, -1)).cummax(dim=1).values
-    # History of token t may reach back to, but not including, the last break strictly before t.
-    new_positions = positions[max_history:]
-    last_break_before = last_break[:, max_history - 1 : total - 1] if max_history > 0 else None
-    if last_break_before is None:
-        return torch.zeros(boundary.shape[0], total, dtype=torch.long, device=boundary.device)
-    return (new_positions - 1 - last_break_before).clamp(0, max_history)
+    # History of token t may reach back to, but not including, the last break strictly before t
+    # (max_history >= 1: every n-gram order is at least 2).
+    last_break_before = last_break[:, max_history - 1 : total - 1]
+    return (positions[max_history:] - 1 - last_break_before).clamp(0, max_history)
 
 
 def engram_row_ids_reference(

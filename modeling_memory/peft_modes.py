@@ -32,6 +32,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
 from .engram import MemoryLlamaEngram
+from .grafting import is_memory_parameter_name
 
 TRAINING_MODES = ("full", "memory_only", "lora", "lora_all")
 BACKBONE_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -48,18 +49,11 @@ _MEMORY_PATTERN = (
     r"model\.layers\.\d+\.(?:chapter_memory\.(?:" + "|".join(CHAPTER_LORA_TARGETS) + r")"
     r"|engram\.(?:" + "|".join(ENGRAM_LORA_TARGETS) + r"))"
 )
-_MEMORY_SEGMENTS = ("engram", "chapter_memory", "memory_layernorm", "chapter_bank")
 
 
 def _check_mode(mode: str) -> None:
     if mode not in TRAINING_MODES:
         raise ValueError(f"Unknown training mode {mode!r}; choose one of {', '.join(TRAINING_MODES)}.")
-
-
-def is_memory_parameter_name(name: str) -> bool:
-    """Whether a parameter (or module) name belongs to the memory: Engram, chapter memory, its
-    layer norm or the shared chapter bank."""
-    return any(segment in _MEMORY_SEGMENTS for segment in name.split("."))
 
 
 def recommended_lora_config(mode: str, r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.0) -> LoraConfig | None:

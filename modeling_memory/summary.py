@@ -3,6 +3,7 @@
 import torch
 
 from .configuration_memory_llama import MemoryLlamaConfig
+from .grafting import is_memory_parameter_name
 
 
 def memory_layout(config: MemoryLlamaConfig) -> str:
@@ -46,7 +47,7 @@ def parameter_counts(model) -> dict[str, int]:
             counts["chapter_bank"] += param.numel()
         elif ".engram.table." in name:
             counts["engram_tables"] += param.numel()
-        elif ".engram." in name or ".chapter_memory." in name or ".memory_layernorm." in name:
+        elif is_memory_parameter_name(name):
             counts["memory_other"] += param.numel()
         else:
             counts["backbone"] += param.numel()
