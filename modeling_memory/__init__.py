@@ -5,7 +5,6 @@ Importing the package registers `memory_llama` with AutoConfig, AutoModel and Au
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .cache_memory_llama import MemoryLlamaCache
 from .configuration_memory_llama import MemoryLlamaConfig
 from .modeling_memory_llama import MemoryLlamaForCausalLM, MemoryLlamaModel, MemoryLlamaPreTrainedModel
 
@@ -38,7 +37,6 @@ def __getattr__(name):
 
 __all__ = [
     *_TRAINING_EXPORTS,
-    "MemoryLlamaCache",
     "MemoryLlamaConfig",
     "MemoryLlamaForCausalLM",
     "MemoryLlamaModel",

@@ -11,7 +11,6 @@ then `memory_output` (zero-initialised, so a fresh memory adds exactly zero).
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -87,23 +86,24 @@ class MemoryLlamaChapterMemory(nn.Module):
         rows = bank.view(self.num_chapters, self.chapter_size, -1)[read].flatten(0, 1)
         return *self._project(rows, dtype), local_ids
 
-    def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """
         Args:
             hidden_states: (N, d) normed hidden states.
         Returns:
-            router_logits (N, routed) fp32, chapter_ids (N, shared + k) int64 into the whole bank,
-            chapter_weights (N, shared + k) fp32.
+            router_logits (N, routed) fp32; routed_chapters (N, k) int64, the top-k routed chapters (0-based
+            among the routed ones); chapter_ids (N, shared + k) int64 into the whole bank; chapter_weights
+            (N, shared + k) fp32.
         """
         router_logits = self.router(hidden_states).float()
-        top_logits, top_chapters = router_logits.topk(self.top_k, dim=-1)
+        top_logits, routed_chapters = router_logits.topk(self.top_k, dim=-1)
         routed_weights = top_logits.softmax(dim=-1)
         n_tokens = hidden_states.shape[0]
         shared_ids = torch.arange(self.num_shared, device=hidden_states.device).expand(n_tokens, -1)
         shared_weights = routed_weights.new_full((n_tokens, self.num_shared), 1.0 / max(self.num_shared, 1))
-        chapter_ids = torch.cat([shared_ids, top_chapters + self.num_shared], dim=-1)
+        chapter_ids = torch.cat([shared_ids, routed_chapters + self.num_shared], dim=-1)
         chapter_weights = torch.cat([shared_weights, routed_weights], dim=-1)
-        return router_logits, chapter_ids, chapter_weights
+        return router_logits, routed_chapters, chapter_ids, chapter_weights
 
     def forward(self, hidden_states: torch.Tensor, shared_bank: torch.Tensor | None = None):
         """
@@ -111,11 +111,12 @@ class MemoryLlamaChapterMemory(nn.Module):
             hidden_states: (B, S, d), already normed by the layer's `memory_layernorm`.
             shared_bank: (C * T, d) the model's bank when `chapter_share_bank`, else None.
         Returns:
-            (B, S, d) the residual update and (B * S, routed) fp32 router logits.
+            (B, S, d) the residual update, (B * S, routed) fp32 router logits and (B * S, k) the routed
+            chapters each token read (recorded by the model as `router_logits` / `router_indices`).
         """
         batch, seq_len, hidden = hidden_states.shape
         flat = hidden_states.reshape(-1, hidden)
-        router_logits, chapter_ids, chapter_weights = self.route(flat)
+        router_logits, routed_chapters, chapter_ids, chapter_weights = self.route(flat)
         bank = self.bank.weight if self.bank is not None else shared_bank
         if bank.device != hidden_states.device:
             raise ValueError(
@@ -129,30 +130,31 @@ class MemoryLlamaChapterMemory(nn.Module):
         query = self.memory_query(flat).view(-1, self.num_heads, self.head_dim)
         attended = chapter_attention(query, keys, values, chapter_ids, chapter_weights, self.head_dim**-0.5)
         output = self.memory_output(attended.reshape(batch, seq_len, hidden))
-        return output, router_logits
+        return output, router_logits, routed_chapters
 
 
 def router_losses(
-    router_logits: tuple[torch.Tensor, ...], token_mask: torch.Tensor, top_k: int
+    router_logits: tuple[torch.Tensor, ...], router_indices: tuple[torch.Tensor, ...], token_mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Switch-style load-balancing loss and router z-loss over non-padding tokens, averaged over layers.
 
     Args:
         router_logits: per chapter layer, (N, routed) fp32.
-        token_mask: (N,) bool, False at padding.
+        router_indices: per chapter layer, (N, k) the routed chapters the layer chose (not recomputed here).
+        token_mask: (N,) bool, False at padding; None when every token is real.
     Returns:
         (load_balancing, z_loss) scalars. Balanced routing gives load_balancing = 1; routing that
         collapses onto k chapters gives routed / k.
     """
-    mask = token_mask.float()
-    n_valid = mask.sum().clamp_min(1.0)
     balance, z_loss = [], []
-    for logits in router_logits:
-        num_routed = logits.shape[-1]
-        probs = logits.softmax(dim=-1)
-        selected = F.one_hot(logits.topk(top_k, dim=-1).indices, num_routed).sum(1).float()
-        fraction_routed = (selected * mask[:, None]).sum(0) / (n_valid * top_k)
-        mean_prob = (probs * mask[:, None]).sum(0) / n_valid
+    for logits, chosen in zip(router_logits, router_indices):
+        num_routed, top_k = logits.shape[-1], chosen.shape[-1]
+        mask = torch.ones_like(logits[:, 0]) if token_mask is None else token_mask.to(logits.device, logits.dtype)
+        n_valid = mask.sum().clamp_min(1.0)
+        # scatter_add rather than bincount: no device-to-host sync
+        picks = logits.new_zeros(num_routed).scatter_add_(0, chosen.reshape(-1), mask.repeat_interleave(top_k))
+        fraction_routed = picks / (n_valid * top_k)
+        mean_prob = (logits.softmax(dim=-1) * mask[:, None]).sum(0) / n_valid
         balance.append(num_routed * (fraction_routed * mean_prob).sum())
         z_loss.append((logits.logsumexp(dim=-1).square() * mask).sum() / n_valid)
     return torch.stack(balance).mean(), torch.stack(z_loss).mean()

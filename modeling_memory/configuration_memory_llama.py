@@ -47,6 +47,9 @@ class MemoryLlamaConfig(LlamaConfig):
         chapter_share_bank (`bool`): one bank for all chapter layers (each layer keeps its own projections).
         router_aux_loss_coef (`float`): weight of the load-balancing loss in `aux_loss`.
         router_z_loss_coef (`float`): weight of the router z-loss in `aux_loss`.
+        output_router_logits (`bool`): return the router logits and chosen chapters, and compute `aux_loss`
+            (added to `loss` when labels are given), as Mixtral does. Off by default so that inference and
+            `generate` skip the losses; `MemoryTrainer` asks for them while training.
 
     Engram (hashed n-gram lookup added before attention, at `engram_layers`):
         engram_layers (`list[int]`): decoder layers with an Engram; empty for none.
@@ -64,7 +67,7 @@ class MemoryLlamaConfig(LlamaConfig):
     """
 
     model_type = "memory_llama"
-    keys_to_ignore_at_inference = ["past_key_values", "router_logits", "aux_loss", "hidden_states"]
+    keys_to_ignore_at_inference = ["cache", "router_logits", "router_indices", "aux_loss", "hidden_states"]
 
     chapter_layers: list[int] | None = None
     chapter_num_chapters: int = 64
@@ -75,6 +78,7 @@ class MemoryLlamaConfig(LlamaConfig):
     chapter_share_bank: bool = True
     router_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.001
+    output_router_logits: bool = False
 
     engram_layers: list[int] | None = None
     engram_ngram_orders: list[int] | None = None
@@ -149,6 +153,19 @@ class MemoryLlamaConfig(LlamaConfig):
             _check(value >= 0, f"`{name}` must be >= 0, got {value!r}.")
 
     # Derived quantities, kept as properties so they never disagree with the fields.
+    @property
+    def layer_types(self) -> list[str]:
+        """Cache layout read by transformers' caches: an Engram layer keeps, besides its key/value states, two
+        bounded windows ("hybrid" layers, as hybrid attention/convolution models do): its last max_order - 1
+        token ids and its convolution's last (kernel - 1) * dilation inputs."""
+        engram_layers = set(self.engram_layers)
+        return ["hybrid" if i in engram_layers else "full_attention" for i in range(self.num_hidden_layers)]
+
+    @property
+    def number_of_conv_states(self) -> int:
+        """Windows an Engram layer keeps in the cache: token context (0) and convolution inputs (1)."""
+        return 2
+
     @property
     def chapter_num_routed(self) -> int:
         return self.chapter_num_chapters - self.chapter_num_shared

@@ -12,15 +12,15 @@ self-attention at `config.engram_layers`).
 import functools
 import itertools
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import Cache
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from .configuration_memory_llama import MemoryLlamaConfig
-from .ops_engram import engram_lookup
+from .ops_engram import engram_history_lengths, engram_lookup
 
 
 def _is_prime(n: int) -> bool:
@@ -76,24 +76,15 @@ def engram_hash_multipliers(config: MemoryLlamaConfig, layer_idx: int) -> torch.
     return halves * 2 + 1
 
 
-@dataclass
-class EngramInputs:
-    """What every Engram layer of one forward reads; built once by the model from the token ids.
-
-    token_ids: (B, L + S) raw ids, the L = max_order - 1 history tokens first.
-    history_lengths: (B, S) usable history per new token (0 after EOS, padding or the start).
-    canonical_map: (V,) raw id -> canonical id.
-    """
-
-    token_ids: torch.Tensor
-    history_lengths: torch.Tensor
-    canonical_map: torch.Tensor
+# Marks an EOS or padding token in the cached token window (real ids are >= 0).
+BOUNDARY_ID = -1
 
 
 class MemoryLlamaEngram(nn.Module):
     def __init__(self, config: MemoryLlamaConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
+        self.history = config.engram_max_order - 1
         self.hidden_size = config.hidden_size
         self.ngram_orders = list(config.engram_ngram_orders)
         self.pad_id = config.vocab_size
@@ -123,12 +114,40 @@ class MemoryLlamaEngram(nn.Module):
             bias=False,
         )
 
-    def lookup(self, inputs: EngramInputs) -> torch.Tensor:
+    def ngram_context(
+        self, input_ids: torch.Tensor, boundaries: torch.Tensor, cache: Cache | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids with the L = max_order - 1 tokens before them, and how much of that history each new
+        token may use (history never crosses an EOS or padding).
+
+        The cache keeps this layer's last L ids as conv state 0, boundaries marked `BOUNDARY_ID`: a boundary
+        token is never history of a later one, so its id need not be kept.
+
+        Returns:
+            token_ids (B, L + S) raw ids, history first; history_lengths (B, S) in [0, L].
+        """
+        marked = input_ids.masked_fill(boundaries, BOUNDARY_ID)
+        past = cache.get_conv_state(self.layer_idx, state_idx=0) if cache is not None else None
+        if past is None:
+            past = marked.new_full((marked.shape[0], self.history), BOUNDARY_ID)
+            to_store = torch.cat([past, marked], dim=1)  # the window always holds >= L ids, even after a crop
+        else:
+            # A copy: the cache overwrites its window in place below. A cache recording its past (to allow
+            # cropping) keeps more than L ids.
+            past = past[:, -self.history :].clone()
+            to_store = marked
+        if cache is not None:
+            cache.update_conv_state(to_store, self.layer_idx, state_idx=0, conv_kernel_size=self.history)
+        token_ids = torch.cat([past.clamp_min(0), input_ids], dim=1)
+        history_lengths = engram_history_lengths(torch.cat([past == BOUNDARY_ID, boundaries], dim=1), self.history)
+        return token_ids, history_lengths
+
+    def lookup(self, token_ids: torch.Tensor, history_lengths: torch.Tensor, canonical_map: torch.Tensor) -> torch.Tensor:
         """(B, S, engram_dim) concatenated head embeddings."""
         return engram_lookup(
-            inputs.token_ids,
-            inputs.history_lengths,
-            inputs.canonical_map,
+            token_ids,
+            history_lengths,
+            canonical_map,
             self.hash_multipliers,
             self.table_primes,
             self.table_offsets,
@@ -145,38 +164,47 @@ class MemoryLlamaEngram(nn.Module):
         score = score.sign() * score.abs().clamp_min(1e-6).sqrt()
         return torch.sigmoid(score)
 
+    def short_conv(self, conv_inputs: torch.Tensor, cache: Cache | None) -> torch.Tensor:
+        """SiLU of the depthwise causal convolution; (B, S, d) -> (B, S, d). The cache keeps this layer's
+        last (kernel - 1) * dilation inputs as conv state 1."""
+        seq_len = conv_inputs.shape[1]
+        window = conv_inputs.transpose(1, 2)  # (B, d, S)
+        if cache is not None and self.conv_history > 0:
+            window = cache.update_conv_state(window, self.layer_idx, state_idx=1, conv_kernel_size=self.conv_history)
+        # Zeros stand for inputs before the sequence start (or a crop that removed them).
+        window = F.pad(window, (self.conv_history, 0))[..., -(self.conv_history + seq_len) :]
+        return F.silu(self.conv(window)).transpose(1, 2)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
-        inputs: EngramInputs,
+        input_ids: torch.Tensor,
+        boundaries: torch.Tensor,
         token_mask: torch.Tensor,
-        conv_history: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        canonical_map: torch.Tensor,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
         """
         Args:
             hidden_states: (B, S, d) residual stream entering the layer.
-            inputs: token ids and history shared by all Engram layers.
+            input_ids: (B, S) raw token ids of the new tokens.
+            boundaries: (B, S) bool, True at EOS and padding: n-gram history never reaches across them.
             token_mask: (B, S) bool, False at padding.
-            conv_history: (B, (kernel - 1) * dilation, d) conv inputs of earlier tokens, or None.
+            canonical_map: (V,) raw id -> canonical id.
+            cache: transformers' cache whose layer `layer_idx` keeps conv states ("hybrid" layer), or None.
         Returns:
-            (B, S, d) the residual update and (B, S, d) this chunk's conv inputs (kept by the cache).
+            (B, S, d) the residual update.
         """
         if self.table.weight.device != hidden_states.device:
             raise ValueError(
                 f"The Engram table of layer {self.layer_idx} is on {self.table.weight.device} but the hidden states "
                 f"are on {hidden_states.device}: move the whole model with `model.to(device)`."
             )
+        token_ids, history_lengths = self.ngram_context(input_ids, boundaries, cache)
         # A table may be kept in higher precision than the layer; the gate runs in fp32 either way.
-        embeddings = self.lookup(inputs).to(hidden_states.dtype)
+        embeddings = self.lookup(token_ids, history_lengths, canonical_map).to(hidden_states.dtype)
         alpha = self.gate(hidden_states, self.engram_key(embeddings))
         gated_values = (alpha * self.engram_value(embeddings).float()).to(hidden_states.dtype)
-
         # Padding must not leak into later tokens through the convolution.
         conv_inputs = self.conv_norm(gated_values) * token_mask.unsqueeze(-1).to(gated_values.dtype)
-        if conv_history is None:
-            conv_history = conv_inputs.new_zeros(conv_inputs.shape[0], self.conv_history, conv_inputs.shape[2])
-        window = torch.cat([conv_history.to(conv_inputs.dtype), conv_inputs], dim=1).transpose(1, 2)
-        conv_out = F.conv1d(window, self.conv.weight, dilation=self.conv_dilation, groups=self.hidden_size)
-        output = gated_values + F.silu(conv_out.transpose(1, 2))
-        return output, conv_inputs
-
+        return gated_values + self.short_conv(conv_inputs, cache)

@@ -17,7 +17,7 @@ Backward (flash-attention 2 style, softmax recomputed from the saved log-sum-exp
   stores the flash-attention delta that the dK/dV kernel reads.
 
 Statistics and accumulators are fp32 for every input dtype. fp32 inputs use IEEE (not TF32) dots.
-Imported only once `kernels_available.triton_available()` is True; the guarded import keeps it
+Imported only once `kernel_backend.triton_available()` is True; the guarded import keeps it
 importable where Triton is missing. Without a GPU the kernels run only if TRITON_INTERPRET=1 was set
 before this module was imported.
 """

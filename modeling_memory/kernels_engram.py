@@ -14,7 +14,7 @@ of the backward's time.
   path: summing in fp32 would need an fp32 scratch and an extra pass over the rows, which measured slower
   than the sort (and adding in the half dtype would round at every repeated row).
 
-This module is imported only once `kernels_available.triton_available()` is True; the guarded import
+This module is imported only once `kernel_backend.triton_available()` is True; the guarded import
 keeps it importable (for Hub remote-code import checks) where Triton is missing. On a machine without
 a GPU the kernels run only if TRITON_INTERPRET=1 was set before this module was imported.
 """

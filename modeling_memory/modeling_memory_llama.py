@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import initialization as init
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import PreTrainedModel
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaDecoderLayer,
@@ -30,48 +30,52 @@ from transformers.models.llama.modeling_llama import (
 )
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import capture_outputs
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .cache_memory_llama import MemoryLlamaCache
 from .chapter_memory import MemoryLlamaChapterBank, MemoryLlamaChapterMemory, router_losses
 from .configuration_memory_llama import MemoryLlamaConfig
-from .engram import EngramInputs, MemoryLlamaEngram, engram_hash_multipliers, engram_table_primes
-from .ops_engram import engram_history_lengths
+from .engram import MemoryLlamaEngram, engram_hash_multipliers, engram_table_primes
 
 
 @dataclass
-class MemoryLlamaModelOutputWithPast(BaseModelOutputWithPast):
+class MemoryLlamaModelOutputWithPast(MoeModelOutputWithPast):
     r"""
-    aux_loss (`torch.FloatTensor`, *optional*):
-        Weighted router losses (load balancing + z-loss) of the chapter layers; None without chapter layers.
     router_logits (`tuple(torch.FloatTensor)`, *optional*):
         Per chapter layer, (batch * seq_len, routed chapters) fp32; returned with `output_router_logits=True`.
+    router_indices (`tuple(torch.LongTensor)`, *optional*):
+        Per chapter layer, (batch * seq_len, chapter_top_k) the routed chapters each token read; returned with
+        `output_router_indices=True`.
     """
 
-    aux_loss: torch.FloatTensor | None = None
-    router_logits: tuple[torch.FloatTensor, ...] | None = None
+    router_indices: tuple[torch.LongTensor, ...] | None = None
 
 
 @dataclass
-class MemoryLlamaCausalLMOutputWithPast(CausalLMOutputWithPast):
+class MemoryLlamaCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     r"""
     aux_loss (`torch.FloatTensor`, *optional*):
-        Weighted router losses; already included in `loss` when labels are given.
+        Weighted router losses (load balancing + z-loss) of the chapter layers, with `output_router_logits=True`;
+        already included in `loss` when labels are given.
     router_logits (`tuple(torch.FloatTensor)`, *optional*):
         Per chapter layer, (batch * seq_len, routed chapters) fp32; returned with `output_router_logits=True`.
+    router_indices (`tuple(torch.LongTensor)`, *optional*):
+        Per chapter layer, (batch * seq_len, chapter_top_k) the routed chapters each token read; returned with
+        `output_router_logits=True`.
     """
 
-    aux_loss: torch.FloatTensor | None = None
-    router_logits: tuple[torch.FloatTensor, ...] | None = None
+    router_indices: tuple[torch.LongTensor, ...] | None = None
 
 
 @dataclass
 class MemoryLlamaLayerInputs:
     """What the memory modules of every layer read in one forward (built once by the model)."""
 
+    input_ids: torch.Tensor | None  # (B, S)
     token_mask: torch.Tensor  # (B, S) bool, False at padding
-    engram: EngramInputs | None
+    boundaries: torch.Tensor | None  # (B, S) bool, True at EOS and padding (Engram's n-grams stop there)
+    canonical_map: torch.Tensor | None  # (V,) raw id -> canonical id, for Engram
     shared_bank: torch.Tensor | None  # (C * T, d) when the bank is shared
 
 
@@ -86,25 +90,27 @@ class MemoryLlamaDecoderLayer(LlamaDecoderLayer):
         else:
             self.memory_layernorm = self.chapter_memory = None
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         memory_inputs: MemoryLlamaLayerInputs | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> torch.Tensor:
         if self.engram is not None:
-            conv_history = None
-            if isinstance(past_key_values, MemoryLlamaCache):
-                conv_history = past_key_values.engram_conv_history(self.layer_idx, self.engram.conv_history)
-            update, conv_inputs = self.engram(hidden_states, memory_inputs.engram, memory_inputs.token_mask, conv_history)
-            if isinstance(past_key_values, MemoryLlamaCache):
-                past_key_values.append_engram_conv_inputs(self.layer_idx, conv_inputs.detach())
-            hidden_states = hidden_states + update
+            hidden_states = hidden_states + self.engram(
+                hidden_states,
+                memory_inputs.input_ids,
+                memory_inputs.boundaries,
+                memory_inputs.token_mask,
+                memory_inputs.canonical_map,
+                cache,
+            )
 
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
@@ -112,23 +118,23 @@ class MemoryLlamaDecoderLayer(LlamaDecoderLayer):
             hidden_states=hidden_states,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             position_embeddings=position_embeddings,
             **kwargs,
         )
         hidden_states = residual + hidden_states
 
-        router_logits = None
         if self.chapter_memory is not None:
-            update, router_logits = self.chapter_memory(self.memory_layernorm(hidden_states), memory_inputs.shared_bank)
+            # The router outputs are recorded from the module's outputs (see `_can_record_outputs`).
+            update, _, _ = self.chapter_memory(self.memory_layernorm(hidden_states), memory_inputs.shared_bank)
             hidden_states = hidden_states + update
 
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
         hidden_states = self.mlp(hidden_states)
         hidden_states = residual + hidden_states
-        return hidden_states, router_logits
+        return hidden_states
 
 
 class MemoryLlamaPreTrainedModel(PreTrainedModel):
@@ -137,15 +143,17 @@ class MemoryLlamaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MemoryLlamaDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = False  # the routed memory and the cache's Engram state are dynamic
+    _can_compile_fullgraph = True
     _can_record_outputs = {
         "hidden_states": MemoryLlamaDecoderLayer,
         "attentions": LlamaAttention,
+        "router_logits": OutputRecorder(MemoryLlamaChapterMemory, index=1),
+        "router_indices": OutputRecorder(MemoryLlamaChapterMemory, index=2),
     }
 
     @classmethod
@@ -210,26 +218,17 @@ class MemoryLlamaModel(MemoryLlamaPreTrainedModel):
         self._eos_token_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         self.post_init()
 
-    def _engram_inputs(self, input_ids, token_mask, past_key_values) -> EngramInputs:
-        """Token ids with their cached history, and how much history each token may use: history never
-        crosses an EOS or padding."""
-        history = self.config.engram_max_order - 1
+    def engram_boundaries(self, input_ids: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """(B, S) bool, True at EOS and padding: Engram's n-gram history never reaches across them."""
         boundaries = ~token_mask
         for eos in self._eos_token_ids:
             boundaries = boundaries | (input_ids == eos)
-        if isinstance(past_key_values, MemoryLlamaCache):
-            past_ids, past_boundaries = past_key_values.engram_history(input_ids.shape[0], history, input_ids.device)
-            past_key_values.append_engram_tokens(input_ids, boundaries)
-        else:
-            past_ids = input_ids.new_zeros(input_ids.shape[0], history)
-            past_boundaries = torch.ones_like(past_ids, dtype=torch.bool)
-        token_ids = torch.cat([past_ids, input_ids], dim=1)
-        history_lengths = engram_history_lengths(torch.cat([past_boundaries, boundaries], dim=1), history)
-        return EngramInputs(token_ids, history_lengths, self.engram_canonical_map)
+        return boundaries
 
-    def _check_inputs(self, input_ids, inputs_embeds, past_key_values) -> None:
+    def _check_inputs(self, input_ids, inputs_embeds, cache) -> None:
         """Clear errors for inputs that would otherwise fail deep inside a gather or kernel, or silently
-        produce garbage."""
+        produce garbage. Values are read on the host (one sync) only for a prefill or an uncached forward; a
+        decode step (one new token on a cache) checks its ids on the device, without waiting for it."""
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if input_ids is None and self.config.engram_layers:
@@ -250,25 +249,53 @@ class MemoryLlamaModel(MemoryLlamaPreTrainedModel):
                 f"`{name}` is on {inputs.device} but the model is on {weight.device}: move the inputs with "
                 f"`.to(model.device)`."
             )
-        if input_ids is not None:
-            if input_ids.dtype.is_floating_point:
-                raise ValueError(f"`input_ids` must be integer token ids, got dtype {input_ids.dtype}.")
+        if input_ids is not None and input_ids.dtype.is_floating_point:
+            raise ValueError(f"`input_ids` must be integer token ids, got dtype {input_ids.dtype}.")
+        if self.config.engram_layers and cache is not None:
+            self._check_cache_layout(cache)
+
+        vocab = self.config.vocab_size
+        decode_step = cache is not None and inputs.shape[1] == 1
+        if decode_step or torch.compiler.is_compiling():
+            if input_ids is not None:
+                torch._assert_async(
+                    ((input_ids >= 0) & (input_ids < vocab)).all(),
+                    f"`input_ids` holds ids outside 0..{vocab - 1}; check the tokenizer matches the model.",
+                )
+        elif input_ids is not None:
             low, high = int(input_ids.min()), int(input_ids.max())
-            if low < 0 or high >= self.config.vocab_size:
+            if low < 0 or high >= vocab:
                 raise ValueError(
-                    f"`input_ids` holds ids in [{low}, {high}] but the vocabulary has {self.config.vocab_size} "
-                    f"tokens (valid ids: 0..{self.config.vocab_size - 1}); check the tokenizer matches the model."
+                    f"`input_ids` holds ids in [{low}, {high}] but the vocabulary has {vocab} tokens (valid ids: "
+                    f"0..{vocab - 1}); check the tokenizer matches the model."
                 )
         elif not torch.isfinite(inputs_embeds).all():
             raise ValueError("`inputs_embeds` contains NaN or Inf values.")
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if past + inputs.shape[1] > self.config.max_position_embeddings:
+
+        past = cache.get_seq_length() if cache is not None else 0
+        # A static cache counts on the device; its length is bounded by the cache anyway.
+        if isinstance(past, int) and past + inputs.shape[1] > self.config.max_position_embeddings:
             raise ValueError(
                 f"The sequence would reach {past + inputs.shape[1]} tokens ({past} cached + {inputs.shape[1]} new) "
                 f"but max_position_embeddings is {self.config.max_position_embeddings}: shorten the input or "
                 "lower max_new_tokens."
             )
 
+    def _check_cache_layout(self, cache: Cache) -> None:
+        """Engram keeps bounded windows in the cache's "hybrid" layers, which a cache built without the
+        model's config does not have."""
+        layers = getattr(cache, "layers", [])
+        if not all(
+            layer_idx < len(layers) and isinstance(layers[layer_idx], LinearAttentionCacheLayerMixin)
+            for layer_idx in self.config.engram_layers
+        ):
+            raise ValueError(
+                f"Engram layers {self.config.engram_layers} keep their n-gram and convolution windows in the cache, "
+                f"so the cache must be built from the model's config: `DynamicCache(config=model.config)` or "
+                f"`StaticCache(config=model.config, max_cache_len=...)`; got a {type(cache).__name__} without them."
+            )
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -276,26 +303,23 @@ class MemoryLlamaModel(MemoryLlamaPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
-        output_router_logits: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MemoryLlamaModelOutputWithPast:
-        self._check_inputs(input_ids, inputs_embeds, past_key_values)
+        r"""
+        Besides Llama's options: `output_router_logits=True` / `output_router_indices=True` return each chapter
+        layer's router logits / chosen chapters.
+        """
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        self._check_inputs(input_ids, inputs_embeds, cache)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
 
-        if use_cache and past_key_values is None:
-            past_key_values = MemoryLlamaCache(config=self.config)
-        if self.config.engram_layers and past_key_values is not None and not isinstance(past_key_values, MemoryLlamaCache):
-            raise ValueError(
-                f"Engram layers keep token history in the cache, so `past_key_values` must be a MemoryLlamaCache, "
-                f"got {type(past_key_values).__name__}. Create one with `MemoryLlamaCache(config=model.config)`."
-            )
-
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
@@ -303,7 +327,7 @@ class MemoryLlamaModel(MemoryLlamaPreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             position_ids=position_ids,
         )
 
@@ -312,40 +336,30 @@ class MemoryLlamaModel(MemoryLlamaPreTrainedModel):
             token_mask = attention_mask[:, -seq_len:].bool()
         else:
             token_mask = torch.ones(batch, seq_len, dtype=torch.bool, device=inputs_embeds.device)
+        boundaries = self.engram_boundaries(input_ids, token_mask) if self.config.engram_layers else None
         memory_inputs = MemoryLlamaLayerInputs(
+            input_ids=input_ids,
             token_mask=token_mask,
-            engram=self._engram_inputs(input_ids, token_mask, past_key_values) if self.config.engram_layers else None,
+            boundaries=boundaries,
+            canonical_map=self.engram_canonical_map,
             shared_bank=self.chapter_bank.weight if self.chapter_bank is not None else None,
         )
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        all_router_logits = []
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
-            hidden_states, router_logits = decoder_layer(
+            hidden_states = decoder_layer(
                 hidden_states,
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                cache=cache,
                 use_cache=use_cache,
                 memory_inputs=memory_inputs,
                 **kwargs,
             )
-            if router_logits is not None:
-                all_router_logits.append(router_logits)
         hidden_states = self.norm(hidden_states)
-
-        aux_loss = None
-        if all_router_logits:
-            balance, z_loss = router_losses(all_router_logits, token_mask.reshape(-1), self.config.chapter_top_k)
-            aux_loss = self.config.router_aux_loss_coef * balance + self.config.router_z_loss_coef * z_loss
-        return MemoryLlamaModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
-            aux_loss=aux_loss,
-            router_logits=tuple(all_router_logits) if output_router_logits else None,
-        )
+        return MemoryLlamaModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
 
 
 class MemoryLlamaForCausalLM(MemoryLlamaPreTrainedModel, GenerationMixin):
@@ -360,25 +374,6 @@ class MemoryLlamaForCausalLM(MemoryLlamaPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """`generate` builds a plain DynamicCache by default; Engram's history needs ours."""
-        wants_dynamic = generation_config.cache_implementation in (None, "dynamic")
-        if (
-            model_kwargs.get("past_key_values") is None
-            and generation_config.use_cache is not False
-            and wants_dynamic
-        ):
-            model_kwargs["past_key_values"] = MemoryLlamaCache(config=self.config.get_text_config(decoder=True))
-            if generation_config.is_assistant:
-                model_kwargs["past_key_values"].activate_past_recording()
-            return
-        if self.config.engram_layers and not wants_dynamic and generation_config.use_cache is not False:
-            raise ValueError(
-                f"cache_implementation={generation_config.cache_implementation!r} cannot hold Engram's token "
-                "history; use the default dynamic cache (leave cache_implementation unset)."
-            )
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-
     @classmethod
     def from_llama(cls, llama_model_or_path, tokenizer=None, **memory_fields) -> "MemoryLlamaForCausalLM":
         """Graft memory onto a Llama-family causal LM (a loaded model or a checkpoint path).
@@ -391,13 +386,14 @@ class MemoryLlamaForCausalLM(MemoryLlamaPreTrainedModel, GenerationMixin):
 
         return graft_from_llama(cls, llama_model_or_path, tokenizer=tokenizer, **memory_fields)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -407,38 +403,52 @@ class MemoryLlamaForCausalLM(MemoryLlamaPreTrainedModel, GenerationMixin):
     ) -> MemoryLlamaCausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-            Next-token labels (shifted inside); -100 is ignored. The router `aux_loss` is added to the loss.
-        output_router_logits (`bool`, *optional*):
-            Also return each chapter layer's router logits.
+            Next-token labels (shifted inside); -100 is ignored.
+        output_router_logits (`bool`, *optional*, defaults to `config.output_router_logits`):
+            Return each chapter layer's router logits and chosen chapters, and the router `aux_loss` (added to
+            the loss when labels are given).
         """
+        output_router_logits = (
+            output_router_logits if output_router_logits is not None else self.config.output_router_logits
+        )
         outputs: MemoryLlamaModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
+            output_router_indices=output_router_logits,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
 
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-            if outputs.aux_loss is not None:
-                loss = loss + outputs.aux_loss.to(loss.device)
+
+        aux_loss = None
+        if output_router_logits and outputs.router_logits:
+            seq_len = hidden_states.shape[1]
+            token_mask = None
+            if attention_mask is not None and attention_mask.dim() == 2:
+                token_mask = attention_mask[:, -seq_len:].bool().reshape(-1)
+            balance, z_loss = router_losses(outputs.router_logits, outputs.router_indices, token_mask)
+            aux_loss = self.config.router_aux_loss_coef * balance + self.config.router_z_loss_coef * z_loss
+            if loss is not None:
+                loss = loss + aux_loss.to(loss.device)
 
         return MemoryLlamaCausalLMOutputWithPast(
             loss=loss,
-            aux_loss=outputs.aux_loss,
+            aux_loss=aux_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
+            router_indices=outputs.router_indices,
         )
 
     def push_to_hub(self, repo_id: str, *, tokenizer=None, **kwargs):

@@ -10,7 +10,7 @@ Shapes: N tokens, H heads, D head width, C chapters of T memory tokens, R chapte
 
 import torch
 
-from .ops_engram import kernel_choice
+from .kernel_backend import kernel_choice
 
 
 # Tokens processed together by the reference: bounds the gathered K/V to TOKEN_BLOCK * R * T * H * D.
@@ -50,7 +50,7 @@ def chapter_attention_reference(
 
 
 def chapter_attention(query, bank_keys, bank_values, chapter_ids, chapter_weights, scale) -> torch.Tensor:
-    """Dispatcher: Triton kernels when usable (see `ops_engram.kernel_choice`), the reference otherwise."""
+    """Dispatcher: Triton kernels when usable (see `kernel_backend.py`), the reference otherwise."""
     if kernel_choice(query) == "triton":
         from .kernels_chapter_attention import chapter_attention_triton
 

@@ -7,32 +7,9 @@ Shapes: B batch, S new tokens, L = max_order - 1 history tokens prepended from t
 (all orders), D per-head width.
 """
 
-import os
-
 import torch
-import torch.nn.functional as F
 
-
-KERNELS_ENV = "MODELING_MEMORY_KERNELS"
-
-
-def kernel_choice(tensor: torch.Tensor) -> str:
-    """'triton' or 'torch' for an op on `tensor`: forced by MODELING_MEMORY_KERNELS, else Triton on
-    CUDA tensors (or anywhere under TRITON_INTERPRET=1) when Triton imports, else the reference."""
-    forced = os.environ.get(KERNELS_ENV, "").strip().lower()
-    if forced not in ("", "triton", "torch"):
-        raise ValueError(f"{KERNELS_ENV} must be 'triton' or 'torch' (or unset), got {forced!r}.")
-    if forced == "torch":
-        return "torch"
-    from .kernels_available import triton_available
-
-    usable = triton_available() and (tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-    if forced == "triton" and not usable:
-        raise RuntimeError(
-            f"{KERNELS_ENV}=triton but Triton kernels cannot run here: install triton and use CUDA "
-            "tensors, or set TRITON_INTERPRET=1 before importing modeling_memory to run them on the CPU."
-        )
-    return "triton" if usable else "torch"
+from .kernel_backend import kernel_choice
 
 
 def engram_history_lengths(boundary: torch.Tensor, max_history: int) -> torch.Tensor:

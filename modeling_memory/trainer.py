@@ -4,12 +4,14 @@
   lr x `chapter_bank_lr_multiplier`, both without weight decay; norms and biases without weight
   decay. The scheduler scales every group by the same factor, so the ratios hold all run long.
   Optionally the tables get the lean `RowWiseAdagrad` (one scalar of state per row).
-- The router aux loss under gradient accumulation and data parallelism. The model adds its
-  per-micro-batch `aux_loss` to `loss`; Trainer does not divide a `num_items_in_batch`-normalised
+- The router aux loss under gradient accumulation and data parallelism. While training,
+  `compute_loss` asks the model for its router losses (`output_router_logits=True`, as for Mixtral),
+  and the model adds its per-micro-batch `aux_loss` to `loss`; Trainer does not divide a `num_items_in_batch`-normalised
   loss by the accumulation steps (and multiplies it by the number of processes when averaging
   tokens across devices), which would weight the aux loss by GA x processes. `compute_loss` takes
   the aux term out and puts it back as a mean over micro-batches and processes.
-- Memory health in the logs, from forward hooks (no model change): `chapter_usage_entropy`
+- Memory health in the logs, from forward hooks on the memory modules (the chapters a layer chose
+  are read from its output, not recomputed): `chapter_usage_entropy`
   (entropy of the routed-chapter counts divided by its maximum, 1 = uniform),
   `chapters_used_fraction` (chapters picked at least once since the last log), `engram_gate_mean`
   (mean gate over real tokens) and `aux_loss` (mean weighted router loss per micro-batch), each
@@ -175,18 +177,19 @@ class MemoryHealth:
     def _on_chapter_output(self, module, args, output):
         if not module.training:
             return
-        router_logits = output[1].detach()  # (B * S, routed)
-        chosen = router_logits.topk(module.top_k, dim=-1).indices
+        chosen = output[2]  # (B * S, k) the routed chapters the layer read
+        weights = torch.ones_like(chosen, dtype=torch.float64)
         if self._token_mask is not None and self._token_mask.numel() == chosen.shape[0]:
-            chosen = chosen[self._token_mask.reshape(-1)[: chosen.shape[0]]]
-        counts = torch.bincount(chosen.reshape(-1), minlength=router_logits.shape[-1]).double()
+            weights = weights * self._token_mask.reshape(-1, 1)
+        # scatter_add rather than bincount: no device-to-host sync per step
+        counts = weights.new_zeros(module.num_chapters - module.num_shared).scatter_add_(0, chosen.reshape(-1), weights.reshape(-1))
         layer = module.layer_idx
         self.chapter_counts[layer] = self.chapter_counts.get(layer, 0) + counts
         self.total_chapter_counts[layer] = self.total_chapter_counts.get(layer, 0) + counts
 
     def _on_engram_input(self, module, args):
         if module.training:
-            self._engram_inputs[module] = (args[0], args[2])  # hidden_states (B, S, d), token_mask (B, S)
+            self._engram_inputs[module] = (args[0], args[3])  # hidden_states (B, S, d), token_mask (B, S)
 
     def _gate_hook(self, engram: MemoryLlamaEngram):
         def hook(module, args, keys):
@@ -362,6 +365,8 @@ class MemoryTrainer(Trainer):
         """Trainer's loss with the router aux loss weighted as a mean over micro-batches and processes
         (training) or left out (evaluation: `eval_loss` is the language-model loss alone)."""
         labels_reach_model = "labels" in inputs and self.label_smoother is None and self.compute_loss_func is None
+        if model.training:
+            inputs = {**inputs, "output_router_logits": True}  # the router losses are computed only when asked
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         aux_loss = outputs.get("aux_loss") if isinstance(outputs, dict) else None
         if aux_loss is not None:

@@ -36,8 +36,8 @@ from test_graft import SMALL_MEMORY, assert_same_as_base, char_tokenizer, write_
 
 # Every module the run-time code can import (the kernels lazily), and package modules that must not travel.
 RUNTIME_FILES = {
-    "modeling_memory_llama.py", "configuration_memory_llama.py", "cache_memory_llama.py", "engram.py",
-    "chapter_memory.py", "ops_engram.py", "ops_chapter_attention.py", "kernels_available.py",
+    "modeling_memory_llama.py", "configuration_memory_llama.py", "engram.py",
+    "chapter_memory.py", "ops_engram.py", "ops_chapter_attention.py", "kernel_backend.py",
     "kernels_engram.py", "kernels_chapter_attention.py", "grafting.py", "canonical_ids.py",
 }
 PACKAGE_DIR = Path(modeling_memory.__file__).parent
@@ -217,10 +217,13 @@ assert type(model).__module__.startswith("transformers_modules."), type(model)._
 assert type(AutoModel.from_pretrained(folder, trust_remote_code=True)).__name__ == "MemoryLlamaModel"
 outputs = {{}}
 with torch.no_grad():
+    backend = next(m for name, m in sys.modules.items() if name.endswith(".kernel_backend"))
     os.environ["MODELING_MEMORY_KERNELS"] = "torch"
+    backend.reload_settings()
     outputs["reference"] = model(input_ids=ids).logits
     outputs["generated"] = model.generate(ids[:1, :6], max_new_tokens=8, do_sample=False, pad_token_id=0)
     os.environ["MODELING_MEMORY_KERNELS"] = "triton"  # the interpreted Triton kernels, from the folder
+    backend.reload_settings()
     outputs["kernels"] = model(input_ids=ids).logits
 loaded = sorted(name.rsplit(".", 1)[-1] for name in sys.modules if name.startswith("transformers_modules."))
 print("LOADED", " ".join(loaded))

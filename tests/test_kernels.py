@@ -20,7 +20,8 @@ import sys
 import pytest
 import torch
 
-from modeling_memory import ops_chapter_attention, ops_engram
+from modeling_memory import kernel_backend, ops_chapter_attention, ops_engram
+from modeling_memory.kernel_backend import KERNELS_ENV
 from modeling_memory.ops_chapter_attention import chapter_attention_reference
 from modeling_memory.ops_engram import engram_history_lengths, engram_lookup_reference, engram_row_ids_reference
 
@@ -234,7 +235,7 @@ def _interpreted_kernel_modules():
     """
     if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None:
         return None
-    from modeling_memory.kernels_available import triton_available
+    from modeling_memory.kernel_backend import triton_available
 
     if not triton_available():
         return None
@@ -262,7 +263,7 @@ def test_interpreter_tier_in_subprocess():
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop(ops_engram.KERNELS_ENV, None)
+    env.pop(KERNELS_ENV, None)
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "test_triton_"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -342,6 +343,7 @@ def test_triton_engram_dispatcher_uses_kernel_for_plain_embedding_only(interpret
     original = engram_kernels.engram_lookup_triton
     monkeypatch.setattr(engram_kernels, "engram_lookup_triton", lambda *a, **k: calls.append(1) or original(*a, **k))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    kernel_backend.reload_settings()
     out = ops_engram.engram_lookup(**inputs, table=table)
     assert calls and torch.equal(out, engram_lookup_reference(**inputs, table=table))
 
@@ -436,6 +438,7 @@ def test_triton_group_pairs_by_chapter(interpreted):
 
 def test_triton_chapter_dispatcher_and_frozen_bank(interpreted, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    kernel_backend.reload_settings()
     query, keys, values, ids, weights = make_chapter_inputs(**CHAPTER_CASES["general"])
     query.requires_grad_()
     out = ops_chapter_attention.chapter_attention(query, keys, values, ids, weights, 0.25)

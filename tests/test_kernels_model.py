@@ -23,7 +23,7 @@ CHILD = textwrap.dedent(
     sys.path.insert(0, sys.argv[2])
     from conftest import tiny_config
     from modeling_memory import MemoryLlamaForCausalLM
-    from modeling_memory.ops_engram import kernel_choice
+    from modeling_memory.kernel_backend import kernel_choice
     saved = torch.load(sys.argv[1])
     assert kernel_choice(saved["ids"]) == "triton"
     model = MemoryLlamaForCausalLM(tiny_config(**saved["config"]))

@@ -48,11 +48,12 @@ def test_engram_rows_match_slow_reference_with_eos_and_padding():
     mask = torch.ones_like(ids)
     mask[2, :4] = 0  # left padding
     ids[2, :4] = PAD
-    inputs = model.model._engram_inputs(ids, mask.bool(), None)
+    boundaries = model.model.engram_boundaries(ids, mask.bool())
     for layer in (0, 1):
         engram = model.model.layers[layer].engram
+        token_ids, history_lengths = engram.ngram_context(ids, boundaries, None)
         rows = engram_row_ids_reference(
-            inputs.token_ids, inputs.history_lengths, canonical, engram.hash_multipliers,
+            token_ids, history_lengths, canonical, engram.hash_multipliers,
             engram.table_primes, engram.table_offsets, engram.ngram_orders, engram.pad_id,
         )
         expected = slow_engram_rows(ids, mask.bool(), engram, canonical, EOS, engram.pad_id)
@@ -105,7 +106,7 @@ def test_chapter_memory_matches_dense_masked_reference():
     hidden = torch.randn(2, 7, 32)
     bank = model.model.chapter_bank.weight
     with torch.no_grad():
-        ours, _ = chapter_memory(hidden, bank)
+        ours, _, _ = chapter_memory(hidden, bank)
         expected = dense_chapter_reference(chapter_memory, bank, hidden)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
     assert ours.abs().max() > 1e-4
@@ -134,14 +135,18 @@ def test_training_projects_only_the_chapters_read():
     projected_rows = []
     hook = memory.memory_key.register_forward_hook(lambda module, args, output: projected_rows.append(args[0].shape[0]))
     with torch.no_grad():
-        expected, _ = memory(hidden, bank)
-    trained, _ = memory(hidden, bank)
+        expected, _, _ = memory(hidden, bank)
+    trained, _, _ = memory(hidden, bank)
     hook.remove()
-    _, chapter_ids, _ = memory.route(hidden.reshape(-1, 32))
+    _, _, chapter_ids, _ = memory.route(hidden.reshape(-1, 32))
     assert projected_rows == [40 * 5, chapter_ids.unique().numel() * 5]
     torch.testing.assert_close(trained, expected, rtol=1e-5, atol=1e-6)
     trained.sum().backward()
     assert bank.grad is not None and bank.grad.abs().sum() > 0
+
+
+def losses_of(logits, mask, top_k):
+    return router_losses((logits,), (logits.topk(top_k, dim=-1).indices,), mask)
 
 
 def test_aux_loss_balanced_low_collapsed_high_padding_excluded():
@@ -151,24 +156,41 @@ def test_aux_loss_balanced_low_collapsed_high_padding_excluded():
     collapsed = torch.zeros(n, routed)
     collapsed[:, :2] = 10.0
     mask = torch.ones(n, dtype=torch.bool)
-    low, _ = router_losses((balanced,), mask, top_k)
-    high, _ = router_losses((collapsed,), mask, top_k)
+    low, _ = losses_of(balanced, mask, top_k)
+    high, _ = losses_of(collapsed, None, top_k)
     assert abs(low.item() - 1.0) < 0.05
     assert abs(high.item() - routed / top_k) < 0.05
     # Padding rows routed anywhere must not change the losses.
     padded = torch.cat([balanced, collapsed[:1000] * 5])
     padded_mask = torch.cat([mask, torch.zeros(1000, dtype=torch.bool)])
-    balance, z = router_losses((padded,), padded_mask, top_k)
+    balance, z = losses_of(padded, padded_mask, top_k)
     torch.testing.assert_close(balance, low)
-    torch.testing.assert_close(z, router_losses((balanced,), mask, top_k)[1])
+    torch.testing.assert_close(z, losses_of(balanced, mask, top_k)[1])
 
 
 def test_aux_loss_in_model_output_and_loss():
+    """Computed in the head when asked (`output_router_logits`), from the chapters the layers chose; compared
+    with the Switch formula written out with bincount over the real tokens."""
     torch.manual_seed(0)
-    model = MemoryLlamaForCausalLM(tiny_config())
+    config = tiny_config(router_aux_loss_coef=0.3, router_z_loss_coef=0.2)
+    model = MemoryLlamaForCausalLM(config)
     ids = random_ids(2, 8, torch.Generator().manual_seed(0))
-    out = model(ids, labels=ids)
-    lm_only = model.loss_function(logits=out.logits, labels=ids, vocab_size=model.config.vocab_size)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    out = model(ids, attention_mask=mask, labels=ids, output_router_logits=True)
+    lm_only = model.loss_function(logits=out.logits, labels=ids, vocab_size=config.vocab_size)
     torch.testing.assert_close(out.loss, lm_only + out.aux_loss)
-    assert out.aux_loss > 0
-    assert MemoryLlamaForCausalLM(tiny_config(chapter_layers=[]))(ids).aux_loss is None
+
+    (logits,), (chosen,) = out.router_logits, out.router_indices
+    assert torch.equal(chosen, logits.topk(config.chapter_top_k, dim=-1).indices)
+    real = mask.reshape(-1).bool()
+    counts = torch.bincount(chosen[real].reshape(-1), minlength=config.chapter_num_routed).float()
+    balance = config.chapter_num_routed * (counts / counts.sum() * logits[real].softmax(-1).mean(0)).sum()
+    z_loss = logits[real].logsumexp(-1).square().mean()
+    torch.testing.assert_close(out.aux_loss, 0.3 * balance + 0.2 * z_loss)
+
+    # Not asked: no losses and no router outputs (inference and generate skip them).
+    plain = model(ids, attention_mask=mask, labels=ids)
+    assert plain.aux_loss is None and plain.router_logits is None and plain.router_indices is None
+    torch.testing.assert_close(plain.loss, lm_only)
+    assert MemoryLlamaForCausalLM(tiny_config(chapter_layers=[]))(ids, output_router_logits=True).aux_loss is None

@@ -5,7 +5,9 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from modeling_memory import MemoryLlamaCache, MemoryLlamaForCausalLM, MemoryLlamaModel
+from transformers import DynamicCache, StaticCache
+
+from modeling_memory import MemoryLlamaForCausalLM, MemoryLlamaModel
 from conftest import EOS, PAD, VOCAB, random_ids, tiny_config, train_steps
 
 FP32_ATOL = 1e-5
@@ -146,13 +148,13 @@ def test_chunked_prefill_equals_full_forward(trained_model):
     positions = positions_of(mask)
     with torch.no_grad():
         full = trained_model(ids, attention_mask=mask, position_ids=positions).logits
-        cache = MemoryLlamaCache(config=trained_model.config)
+        cache = DynamicCache(config=trained_model.config)
         chunks = []
         for start in range(0, 16, 4):
             end = start + 4
             out = trained_model(
                 ids[:, start:end], attention_mask=mask[:, :end], position_ids=positions[:, start:end],
-                past_key_values=cache, use_cache=True,
+                cache=cache, use_cache=True,
             )
             chunks.append(out.logits)
     chunked = torch.cat(chunks, dim=1)
@@ -188,12 +190,13 @@ def test_cache_cropping_prompt_lookup_decoding(trained_model):
 def test_cache_crop_restores_engram_state(trained_model):
     ids = random_ids(1, 12, torch.Generator().manual_seed(9))
     with torch.no_grad():
-        cache = MemoryLlamaCache(config=trained_model.config)
-        trained_model(ids[:, :8], past_key_values=cache, use_cache=True)
-        trained_model(ids[:, 8:11], past_key_values=cache, use_cache=True)
+        cache = DynamicCache(config=trained_model.config)
+        trained_model(ids[:, :8], cache=cache, use_cache=True)
+        cache.activate_past_recording()  # as assisted decoding does before it may crop
+        trained_model(ids[:, 8:11], cache=cache, use_cache=True)
         cache.crop(-3)
-        assert cache.get_seq_length() == 8 and cache.engram_token_ids.shape[1] == 8
-        resumed = trained_model(ids[:, 8:], past_key_values=cache, use_cache=True).logits
+        assert cache.get_seq_length() == 8
+        resumed = trained_model(ids[:, 8:], cache=cache, use_cache=True).logits
         full = trained_model(ids).logits[:, 8:]
     torch.testing.assert_close(resumed, full, rtol=1e-4, atol=FP32_ATOL)
 
@@ -255,6 +258,7 @@ def test_output_options(trained_model):
         assert len(full.hidden_states) == trained_model.config.num_hidden_layers + 1
         assert all(h.shape == (2, 9, 32) for h in full.hidden_states)
         assert len(full.router_logits) == 1 and full.router_logits[0].shape == (18, 8)
+        assert len(full.router_indices) == 1 and full.router_indices[0].shape == (18, 2)
         as_tuple = trained_model(ids, return_dict=False)
         assert isinstance(as_tuple, tuple)
         torch.testing.assert_close(as_tuple[0], full.logits)
@@ -270,11 +274,9 @@ def test_inputs_embeds_without_ids_needs_no_engram(trained_model):
     assert chapters_only(inputs_embeds=embeds).logits.shape == (1, 5, VOCAB)
 
 
-def test_plain_dynamic_cache_is_refused_with_engram(trained_model):
-    from transformers import DynamicCache
-
-    with pytest.raises(ValueError, match="MemoryLlamaCache"):
-        trained_model(random_ids(1, 4, torch.Generator()), past_key_values=DynamicCache(), use_cache=True)
+def test_cache_without_the_model_layout_is_refused_with_engram(trained_model):
+    with pytest.raises(ValueError, match=r"DynamicCache\(config=model.config\)"):
+        trained_model(random_ids(1, 4, torch.Generator()), cache=DynamicCache(), use_cache=True)
 
 
 def test_eos_resets_ngram_history_in_the_model():

@@ -23,13 +23,14 @@ def model():
 
 
 def engram_rows(model, ids, mask):
-    inputs = model.model._engram_inputs(ids, mask.bool(), None)
+    boundaries = model.model.engram_boundaries(ids, mask.bool())
     result = []
     for layer in model.model.layers:
         if layer.engram is not None:
             e = layer.engram
+            token_ids, history_lengths = e.ngram_context(ids, boundaries, None)
             result.append(engram_row_ids_reference(
-                inputs.token_ids, inputs.history_lengths, inputs.canonical_map, e.hash_multipliers,
+                token_ids, history_lengths, model.model.engram_canonical_map, e.hash_multipliers,
                 e.table_primes, e.table_offsets, e.ngram_orders, e.pad_id,
             ))
     return result
@@ -75,7 +76,7 @@ def test_routing_is_valid(model, n_tokens, seed):
     memory = model.model.layers[2].chapter_memory
     hidden = torch.randn(n_tokens, 32, generator=torch.Generator().manual_seed(seed)) * 3
     with torch.no_grad():
-        _, chapter_ids, chapter_weights = memory.route(hidden)
+        _, _, chapter_ids, chapter_weights = memory.route(hidden)
     shared, k = memory.num_shared, memory.top_k
     assert chapter_ids.shape == (n_tokens, shared + k)
     assert (chapter_ids[:, :shared] == torch.arange(shared)).all()

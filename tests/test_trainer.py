@@ -124,8 +124,10 @@ def test_aux_loss_under_gradient_accumulation_matches_one_big_batch(tmp_path):
     accumulated = _trainer_gradients(tmp_path / "b", MemoryTrainer, config, 4, 2, dataset)
     _assert_gradients_close(one_batch, accumulated)
 
-    plain_one = _trainer_gradients(tmp_path / "c", Trainer, config, 8, 1, dataset, TrainingArguments)
-    plain_accumulated = _trainer_gradients(tmp_path / "d", Trainer, config, 4, 2, dataset, TrainingArguments)
+    # A plain Trainer gets the router losses only from the config (Mixtral's convention).
+    plain_config = tiny_config(router_aux_loss_coef=0.0, router_z_loss_coef=1.0, output_router_logits=True)
+    plain_one = _trainer_gradients(tmp_path / "c", Trainer, plain_config, 8, 1, dataset, TrainingArguments)
+    plain_accumulated = _trainer_gradients(tmp_path / "d", Trainer, plain_config, 4, 2, dataset, TrainingArguments)
     router = "model.layers.2.chapter_memory.router.weight"  # its gradient comes from the aux loss only
     torch.testing.assert_close(plain_one[router], one_batch[router], rtol=GRAD_RTOL, atol=GRAD_ATOL)
     torch.testing.assert_close(plain_accumulated[router], 2 * accumulated[router], rtol=GRAD_RTOL, atol=GRAD_ATOL)
@@ -143,7 +145,7 @@ def test_accumulated_gradients_match_plain_pytorch_reference(tmp_path):
     ids, labels = torch.tensor(dataset["input_ids"]), torch.tensor(dataset["labels"])
     loss_tokens = labels[:, 1:].ne(-100).sum()
     for rows in (slice(0, 4), slice(4, 8)):
-        out = model(ids[rows])
+        out = model(ids[rows], output_router_logits=True)
         logits = out.logits[:, :-1].reshape(-1, config.vocab_size).float()
         cross_entropy = F.cross_entropy(logits, labels[rows, 1:].reshape(-1), ignore_index=-100, reduction="sum")
         (cross_entropy / loss_tokens + out.aux_loss / 2).backward()
@@ -183,7 +185,8 @@ def test_memory_health_logs_match_recomputed_statistics(tmp_path):
         return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
     with torch.no_grad():
-        embeddings = engram.lookup(reference_model.model._engram_inputs(ids, torch.ones_like(ids, dtype=torch.bool), None))
+        boundaries = reference_model.model.engram_boundaries(ids, torch.ones_like(ids, dtype=torch.bool))
+        embeddings = engram.lookup(*engram.ngram_context(ids, boundaries, None), reference_model.model.engram_canonical_map)
         keys = embeddings @ engram.engram_key.weight.T
         eps = config.rms_norm_eps
         score = (rms_norm(captured["hidden"], engram.hidden_norm.weight, eps) * rms_norm(keys, engram.key_norm.weight, eps)).sum(-1)
