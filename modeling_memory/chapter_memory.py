@@ -66,6 +66,12 @@ class MemoryLlamaChapterMemory(nn.Module):
         depend on changes: an optimizer step, `load_state_dict` or `.to()` all change a parameter's
         version or storage.
         """
+        if torch.compiler.is_compiling():
+            # Storage versions cannot be traced. A compiled decode step reads the projection that the eager
+            # prefill before it checked (generate always prefills eagerly), or projects afresh.
+            if self._projected_bank is not None and self._projected_bank[0][1] == dtype:
+                return self._projected_bank[1], self._projected_bank[2]
+            return self._project(bank, dtype)
         version = (self._bank_version(bank), dtype)
         if self._projected_bank is None or self._projected_bank[0] != version:
             self._projected_bank = (version, *self._project(bank, dtype))

@@ -7,6 +7,9 @@ Environment knobs, read once per process (the first time an op runs):
 - `TRITON_INTERPRET=1`: Triton's interpreter, which runs the kernels on CPU tensors too. It must be set
   before Triton is first imported (transformers imports it through torch._dynamo).
 
+Inside `torch.compile` the reference always runs: the kernels' launchers do work on the host, and the
+compiler fuses the reference instead.
+
 Kernel modules import triton only after `triton_available()` says yes.
 """
 
@@ -28,18 +31,25 @@ def triton_available() -> bool:
     return True
 
 
-@functools.cache
+_settings_read: tuple[str, bool] | None = None
+
+
 def _settings() -> tuple[str, bool]:
-    """(forced backend or "", interpreter on), from the environment."""
-    forced = os.environ.get(KERNELS_ENV, "").strip().lower()
-    if forced not in ("", "triton", "torch"):
-        raise ValueError(f"{KERNELS_ENV} must be 'triton' or 'torch' (or unset), got {forced!r}.")
-    return forced, os.environ.get("TRITON_INTERPRET") == "1"
+    """(forced backend or "", interpreter on), read from the environment on first use."""
+    global _settings_read
+    if _settings_read is None:
+        forced = os.environ.get(KERNELS_ENV, "").strip().lower()
+        if forced not in ("", "triton", "torch"):
+            raise ValueError(f"{KERNELS_ENV} must be 'triton' or 'torch' (or unset), got {forced!r}.")
+        _settings_read = (forced, os.environ.get("TRITON_INTERPRET") == "1")
+    return _settings_read
 
 
 def kernel_choice(tensor: torch.Tensor) -> str:
     """'triton' or 'torch' for an op on `tensor`: forced by MODELING_MEMORY_KERNELS, else Triton on CUDA
     tensors (or anywhere under TRITON_INTERPRET=1) when Triton imports, else the reference."""
+    if torch.compiler.is_compiling():
+        return "torch"  # the kernels' launchers work on the host; the compiler fuses the reference instead
     forced, interpreter = _settings()
     if forced == "torch":
         return "torch"
@@ -54,4 +64,5 @@ def kernel_choice(tensor: torch.Tensor) -> str:
 
 def reload_settings() -> None:
     """Read the environment knobs again (otherwise they are read once per process)."""
-    _settings.cache_clear()
+    global _settings_read
+    _settings_read = None

@@ -323,17 +323,22 @@ class MemoryLlamaModel(MemoryLlamaPreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=position_ids,
-        )
-
         batch, seq_len = inputs_embeds.shape[:2]
-        if attention_mask is not None and attention_mask.dim() == 2:
-            token_mask = attention_mask[:, -seq_len:].bool()
+        if isinstance(attention_mask, dict):
+            # Prepared by `generate` for a compilable cache, one mask per layer kind: the attention mask, and
+            # the (B, S) padding mask of the layers' windows (None without padding).
+            causal_mask, padding_mask = attention_mask["full_attention"], attention_mask.get("linear_attention")
+        else:
+            causal_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                cache=cache,
+                position_ids=position_ids,
+            )
+            padding_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        if padding_mask is not None:
+            token_mask = padding_mask[:, -seq_len:].bool()
         else:
             token_mask = torch.ones(batch, seq_len, dtype=torch.bool, device=inputs_embeds.device)
         boundaries = self.engram_boundaries(input_ids, token_mask) if self.config.engram_layers else None
@@ -433,7 +438,7 @@ class MemoryLlamaForCausalLM(MemoryLlamaPreTrainedModel, GenerationMixin):
         if output_router_logits and outputs.router_logits:
             seq_len = hidden_states.shape[1]
             token_mask = None
-            if attention_mask is not None and attention_mask.dim() == 2:
+            if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
                 token_mask = attention_mask[:, -seq_len:].bool().reshape(-1)
             balance, z_loss = router_losses(outputs.router_logits, outputs.router_indices, token_mask)
             aux_loss = self.config.router_aux_loss_coef * balance + self.config.router_z_loss_coef * z_loss

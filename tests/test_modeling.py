@@ -134,13 +134,62 @@ def test_padding_invariance(trained_model):
             torch.testing.assert_close(right_logits[row, :n], batch_logits[row][mask[row].bool()], rtol=1e-4, atol=FP32_ATOL)
 
 
-def test_cached_greedy_generation_equals_uncached(trained_model):
+def an_eos_that_ends_one_row_early(model, ids, mask, max_new_tokens):
+    """A token that uncached greedy decoding emits in the middle of one row's continuation and nowhere in
+    another's: used as `eos_token_id`, rows then finish at different steps (padding follows in the finished
+    ones) — the case that breaks a cache whose state is not where `generate` looks for it."""
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=PAD,
+                          eos_token_id=None, use_cache=False)[:, ids.shape[1]:]
+    for row in range(free.shape[0]):
+        for token in free[row, 1 : max_new_tokens // 2].tolist():
+            if token != PAD and any(token not in free[other].tolist() for other in range(free.shape[0]) if other != row):
+                return token
+    raise AssertionError("no token ends one row early; pick another seed")
+
+
+MEMORY_LAYOUTS = {
+    "engram+chapters": {},
+    "no memory": dict(engram_layers=[], chapter_layers=[]),
+    "engram only": dict(chapter_layers=[], engram_layers=[0, 2]),
+}
+
+
+@pytest.mark.parametrize("layout", MEMORY_LAYOUTS)
+def test_cached_greedy_generation_equals_uncached_with_rows_ending_early(layout):
+    torch.manual_seed(0)
+    model = train_steps(MemoryLlamaForCausalLM(tiny_config(**MEMORY_LAYOUTS[layout])))
     ids, mask = left_padded_batch(torch.Generator().manual_seed(4))
-    kwargs = dict(attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=PAD)
-    cached = trained_model.generate(ids, use_cache=True, **kwargs)
-    uncached = trained_model.generate(ids, use_cache=False, **kwargs)
-    assert cached.shape[1] == ids.shape[1] + 24
+    eos = an_eos_that_ends_one_row_early(model, ids, mask, 24)
+    kwargs = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=PAD, eos_token_id=eos)
+    cached = model.generate(ids, use_cache=True, **kwargs)
+    uncached = model.generate(ids, use_cache=False, **kwargs)
+    finished_early = (cached[:, ids.shape[1] :] == eos).any(dim=1)
+    assert finished_early.any() and not finished_early.all()
     assert torch.equal(cached, uncached)
+
+
+def test_static_cache_generation_equals_dynamic(trained_model):
+    ids, mask = left_padded_batch(torch.Generator().manual_seed(4))
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=PAD)
+    dynamic = trained_model.generate(ids, **kwargs)
+    assert torch.equal(trained_model.generate(ids, cache_implementation="static", **kwargs), dynamic)
+    beams = dict(kwargs, num_beams=3)
+    assert torch.equal(trained_model.generate(ids, cache_implementation="static", **beams),
+                       trained_model.generate(ids, use_cache=False, **beams))
+
+
+def test_compiled_decoding_with_static_cache_equals_eager(trained_model):
+    """`generate` compiles the decode step (whole graph, no breaks) when the cache is static; the eager
+    backend checks the traced graph without the C++ build (the inductor build is the same graph)."""
+    from transformers import CompileConfig
+
+    ids, mask = left_padded_batch(torch.Generator().manual_seed(4))
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=PAD)
+    compile_config = CompileConfig(backend="eager", fullgraph=True, dynamic=False)
+    compile_config._compile_all_devices = True  # generate compiles on accelerators only by default
+    compiled = trained_model.generate(ids, cache_implementation="static", compile_config=compile_config, **kwargs)
+    assert hasattr(trained_model, "_compiled_call")
+    assert torch.equal(compiled, trained_model.generate(ids, **kwargs))
 
 
 def test_chunked_prefill_equals_full_forward(trained_model):
