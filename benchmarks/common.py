@@ -22,6 +22,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from modeling_memory.trainer import CHAPTER_BANK_LR_MULTIPLIER, ENGRAM_LR_MULTIPLIER
+
 RESULTS_FILE = Path(__file__).resolve().parent / "RESULTS.md"
 
 
@@ -93,6 +95,13 @@ def peak_rss_mib() -> float:
 # ---------------------------------------------------------------------------------------------- FLOPs
 
 
+def training_loss(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Language-model loss on `input_ids`, plus a memory model's router aux loss (asked for, as
+    MemoryTrainer does while training)."""
+    router = {"output_router_logits": True} if getattr(model.config, "model_type", None) == "memory_llama" else {}
+    return model(input_ids, labels=input_ids, **router).loss
+
+
 def training_step_flops(model, input_ids: torch.Tensor) -> int:
     """FLOPs of one training step (forward + backward) on `input_ids`, counted by torch's FlopCounterMode.
 
@@ -103,7 +112,7 @@ def training_step_flops(model, input_ids: torch.Tensor) -> int:
     """
     model.train()
     with FlopCounterMode(display=False) as counter:
-        loss = model(input_ids, labels=input_ids).loss
+        loss = training_loss(model, input_ids)
         loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
@@ -116,9 +125,7 @@ def optimizer_for(model, lr: float, weight_decay: float = 0.0, trainable=None) -
     """AdamW with the memory's learning-rate groups (DESIGN.md): Engram tables at lr x
     engram_lr_multiplier without weight decay, the chapter bank at lr x chapter_bank_lr_multiplier,
     everything else at lr. `trainable(name)` picks the parameters to train (default: all)."""
-    config = model.config
-    engram_multiplier = getattr(config, "engram_lr_multiplier", 1.0)
-    bank_multiplier = getattr(config, "chapter_bank_lr_multiplier", 1.0)
+    engram_multiplier, bank_multiplier = ENGRAM_LR_MULTIPLIER, CHAPTER_BANK_LR_MULTIPLIER
     groups = {"tables": [], "bank": [], "rest": []}
     for name, param in model.named_parameters():
         if trainable is not None and not trainable(name):
@@ -160,7 +167,7 @@ def train(model, next_batch, steps: int, lr: float, warmup_steps: int = 0, train
         for group, base_lr in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base_lr * factor
         ids = next_batch(step)
-        loss = model(ids, labels=ids).loss
+        loss = training_loss(model, ids)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
         optimizer.step()

@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import command_line, machine_description, markdown_table, write_section  # noqa: E402
+from common import command_line, machine_description, markdown_table, training_loss, write_section  # noqa: E402
 
 BANK_TOKENS = (4096, 32768, 131072)  # chapter_num_chapters x chapter_size 32
 TABLE_ROWS = (50021, 200003, 400009)  # rows per Engram table (16 tables per layer, 2 layers)
@@ -50,7 +50,7 @@ def run_one(kind: str, size: int, mode: str) -> None:
     if mode == "train":
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        model(ids, labels=ids).loss.backward()
+        training_loss(model, ids).backward()
         optimizer.step()
     else:
         with torch.no_grad():

@@ -21,7 +21,8 @@ from modeling_memory import MemoryLlamaConfig, MemoryLlamaForCausalLM
 from modeling_memory.data import knowledge_dataset, tokenize_and_pack
 from modeling_memory.knowledge import KnowledgeSet
 from modeling_memory.table_optimizer import optimizer_state_bytes
-from modeling_memory.trainer import MemoryTrainer, MemoryTrainingArguments, engram_table_parameters
+from modeling_memory.memory_parameters import ENGRAM_TABLE, memory_parameters
+from modeling_memory.trainer import MemoryTrainer, MemoryTrainingArguments
 from modeling_memory.training_cli import evaluate_knowledge_recall
 
 
@@ -68,7 +69,7 @@ def run(table_optimizer: str, args, tokenizer, rows, knowledge) -> dict:
         seconds = time.time() - start
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         optimizer = trainer.optimizer.optimizer
-        tables = {id(p) for p in engram_table_parameters(model)}
+        tables = {id(p) for p in memory_parameters(model, (ENGRAM_TABLE,))}
         table_state = sum(
             v.numel() * v.element_size() for p, s in optimizer.state.items() if id(p) in tables for v in s.values() if torch.is_tensor(v)
         )
@@ -77,7 +78,7 @@ def run(table_optimizer: str, args, tokenizer, rows, knowledge) -> dict:
     model.eval()
     memorised = evaluate_knowledge_recall(model, tokenizer, knowledge.probes(held_out=False), batch_size=32)
     held_out = evaluate_knowledge_recall(model, tokenizer, knowledge.probes(held_out=True), batch_size=32)
-    table_params = sum(p.numel() for p in engram_table_parameters(model))
+    table_params = sum(p.numel() for p in memory_parameters(model, (ENGRAM_TABLE,)))
     return {
         "table_optimizer": table_optimizer,
         "table_parameters": table_params,

@@ -31,6 +31,7 @@ from common import (  # noqa: E402
     markdown_table,
     median,
     peak_rss_mib,
+    training_loss,
     write_section,
 )
 
@@ -61,7 +62,7 @@ def memory_variant(base, **overrides):
 def training_step(model, ids, optimizer=None):
     def step():
         model.train()
-        model(ids, labels=ids).loss.backward()
+        training_loss(model, ids).backward()
         if optimizer is not None:
             optimizer.step()
         model.zero_grad(set_to_none=True)

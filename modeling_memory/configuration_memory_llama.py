@@ -17,6 +17,10 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _check_positive_int(name: str, value) -> None:
+    _check(_is_int(value) and value >= 1, f"`{name}` must be an integer >= 1, got {value!r}.")
+
+
 def _check_int_list(name: str, values, minimum: int, maximum: int | None = None) -> None:
     upper = f" and <= {maximum}" if maximum is not None else ""
     _check(
@@ -60,10 +64,6 @@ class MemoryLlamaConfig(LlamaConfig):
         engram_conv_kernel (`int`): kernel of the short causal depthwise convolution.
         engram_conv_dilation (`int`, *optional*): its dilation; defaults to the largest order.
         engram_seed (`int`): seed of the hash multipliers.
-
-    Training helpers:
-        engram_lr_multiplier (`float`): learning-rate multiplier of the Engram tables.
-        chapter_bank_lr_multiplier (`float`): learning-rate multiplier of the chapter bank.
     """
 
     model_type = "memory_llama"
@@ -89,10 +89,10 @@ class MemoryLlamaConfig(LlamaConfig):
     engram_conv_dilation: int | None = None
     engram_seed: int = 0
 
-    engram_lr_multiplier: float = 5.0
-    chapter_bank_lr_multiplier: float = 2.0
-
     def __post_init__(self, **kwargs):
+        # Training settings that older checkpoints stored here; they are MemoryTrainingArguments fields now.
+        for legacy in ("engram_lr_multiplier", "chapter_bank_lr_multiplier"):
+            kwargs.pop(legacy, None)
         self.chapter_layers = list(self.chapter_layers) if self.chapter_layers is not None else []
         self.engram_layers = list(self.engram_layers) if self.engram_layers is not None else []
         orders = self.engram_ngram_orders
@@ -100,24 +100,23 @@ class MemoryLlamaConfig(LlamaConfig):
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):
+        """Cross-field checks; the settings of a memory kind are checked only when that kind is on (as
+        transformers does for Qwen4-Exp's n-gram fields), so that a model without it loads whatever they say."""
         super().validate_architecture()
         n_layers = self.num_hidden_layers
         _check_int_list("chapter_layers", self.chapter_layers, 0, n_layers - 1)
         _check_int_list("engram_layers", self.engram_layers, 0, n_layers - 1)
-        _check_int_list("engram_ngram_orders", self.engram_ngram_orders, 2)
-        _check(len(self.engram_ngram_orders) > 0, "`engram_ngram_orders` must name at least one order (>= 2).")
-        for name in (
-            "chapter_num_chapters",
-            "chapter_size",
-            "chapter_top_k",
-            "chapter_num_heads",
-            "engram_heads_per_order",
-            "engram_table_size",
-            "engram_dim",
-            "engram_conv_kernel",
-        ):
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
             value = getattr(self, name)
-            _check(_is_int(value) and value >= 1, f"`{name}` must be an integer >= 1, got {value!r}.")
+            _check(value >= 0, f"`{name}` must be >= 0, got {value!r}.")
+        if self.chapter_layers:
+            self._validate_chapter_memory()
+        if self.engram_layers:
+            self._validate_engram()
+
+    def _validate_chapter_memory(self):
+        for name in ("chapter_num_chapters", "chapter_size", "chapter_top_k", "chapter_num_heads"):
+            _check_positive_int(name, getattr(self, name))
         _check(
             _is_int(self.chapter_num_shared) and self.chapter_num_shared >= 0,
             f"`chapter_num_shared` must be an integer >= 0, got {self.chapter_num_shared!r}.",
@@ -137,6 +136,12 @@ class MemoryLlamaConfig(LlamaConfig):
             self.hidden_size % self.chapter_num_heads == 0,
             f"`chapter_num_heads` ({self.chapter_num_heads}) must divide `hidden_size` ({self.hidden_size}).",
         )
+
+    def _validate_engram(self):
+        _check_int_list("engram_ngram_orders", self.engram_ngram_orders, 2)
+        _check(len(self.engram_ngram_orders) > 0, "`engram_ngram_orders` must name at least one order (>= 2).")
+        for name in ("engram_heads_per_order", "engram_table_size", "engram_dim", "engram_conv_kernel"):
+            _check_positive_int(name, getattr(self, name))
         heads = len(self.engram_ngram_orders) * self.engram_heads_per_order
         _check(
             self.engram_dim % heads == 0,
@@ -148,9 +153,6 @@ class MemoryLlamaConfig(LlamaConfig):
                 _is_int(self.engram_conv_dilation) and self.engram_conv_dilation >= 1,
                 f"`engram_conv_dilation` must be an integer >= 1 or None, got {self.engram_conv_dilation!r}.",
             )
-        for name in ("router_aux_loss_coef", "router_z_loss_coef", "engram_lr_multiplier", "chapter_bank_lr_multiplier"):
-            value = getattr(self, name)
-            _check(value >= 0, f"`{name}` must be >= 0, got {value!r}.")
 
     # Derived quantities, kept as properties so they never disagree with the fields.
     @property

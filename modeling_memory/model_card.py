@@ -15,6 +15,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from .grafting import MEMORY_FIELDS
 from .summary import memory_layout, parameter_counts
+from .trainer import CHAPTER_BANK_LR_MULTIPLIER, ENGRAM_LR_MULTIPLIER
 
 TEMPLATE_NAME = "memory_llama.md"
 BASE_NAME_KEY = "base_model_name"  # custom card metadata: the base's name when it is not a Hub id
@@ -106,8 +107,8 @@ def render_model_card(
         canonical_summary=canonical_summary,
         memory_fields=[(name, getattr(config, name)) for name in MEMORY_FIELDS],
         remote_code=remote_code,
-        engram_lr_multiplier=config.engram_lr_multiplier,
-        chapter_bank_lr_multiplier=config.chapter_bank_lr_multiplier,
+        engram_lr_multiplier=ENGRAM_LR_MULTIPLIER,
+        chapter_bank_lr_multiplier=CHAPTER_BANK_LR_MULTIPLIER,
         package_version=__version__,
         dtype=str(model.dtype).removeprefix("torch."),
     )

@@ -34,12 +34,16 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from .chapter_memory import MemoryLlamaChapterBank, MemoryLlamaChapterMemory
+from .chapter_memory import MemoryLlamaChapterMemory
 from .engram import MemoryLlamaEngram
+from .memory_parameters import CHAPTER_BANK, ENGRAM_TABLE, memory_parameters
 from .modeling_memory_llama import MemoryLlamaModel
 from .table_optimizer import CombinedOptimizer, RowWiseAdagrad
 
 TABLE_OPTIMIZERS = ("default", "rowwise_adagrad")
+# The seed papers' recipes: Engram tables at 5x the backbone's learning rate, the chapter bank at 2x.
+ENGRAM_LR_MULTIPLIER = 5.0
+CHAPTER_BANK_LR_MULTIPLIER = 2.0
 
 
 @dataclass
@@ -49,7 +53,8 @@ class MemoryTrainingArguments(TrainingArguments):
     table_optimizer: "default" trains the Engram tables with the `optim` optimizer like everything
         else; "rowwise_adagrad" gives them `RowWiseAdagrad` (state: one float per table row instead
         of AdamW's two per weight).
-    engram_lr_multiplier / chapter_bank_lr_multiplier: override the model config's multipliers.
+    engram_lr_multiplier / chapter_bank_lr_multiplier: learning rate of the Engram tables / chapter banks
+        over `learning_rate` (5 and 2, the papers' recipes).
     log_memory_health: add chapter usage, Engram gate and aux loss to the training logs.
     """
 
@@ -57,11 +62,11 @@ class MemoryTrainingArguments(TrainingArguments):
         default="default",
         metadata={"help": "Optimizer of the Engram tables.", "choices": list(TABLE_OPTIMIZERS)},
     )
-    engram_lr_multiplier: float | None = field(
-        default=None, metadata={"help": "Engram tables' learning rate / learning_rate (default: the model config's)."}
+    engram_lr_multiplier: float = field(
+        default=ENGRAM_LR_MULTIPLIER, metadata={"help": "Engram tables' learning rate / learning_rate."}
     )
-    chapter_bank_lr_multiplier: float | None = field(
-        default=None, metadata={"help": "Chapter bank's learning rate / learning_rate (default: the model config's)."}
+    chapter_bank_lr_multiplier: float = field(
+        default=CHAPTER_BANK_LR_MULTIPLIER, metadata={"help": "Chapter banks' learning rate / learning_rate."}
     )
     log_memory_health: bool = field(
         default=True, metadata={"help": "Log chapter usage entropy, chapters used, Engram gate mean and aux loss."}
@@ -72,19 +77,9 @@ class MemoryTrainingArguments(TrainingArguments):
             raise ValueError(f"table_optimizer must be one of {TABLE_OPTIMIZERS}, got {self.table_optimizer!r}.")
         for name in ("engram_lr_multiplier", "chapter_bank_lr_multiplier"):
             value = getattr(self, name)
-            if value is not None and not (value >= 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a finite number >= 0 (or unset), got {value!r}.")
+            if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
         super().__post_init__()
-
-
-def engram_table_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The Engram embedding tables of `model` (found by module type, so any wrapper works)."""
-    return [module.table.weight for module in model.modules() if isinstance(module, MemoryLlamaEngram)]
-
-
-def chapter_bank_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The chapter bank(s) of `model`: the shared one or one per chapter layer."""
-    return [module.weight for module in model.modules() if isinstance(module, MemoryLlamaChapterBank)]
 
 
 def memory_parameter_groups(
@@ -101,8 +96,8 @@ def memory_parameter_groups(
     `decay_parameter_names`, i.e. norms and biases), "engram_tables" (lr x engram multiplier, 0) and
     "chapter_banks" (lr x bank multiplier, 0).
     """
-    tables = {id(p) for p in engram_table_parameters(model)}
-    banks = {id(p) for p in chapter_bank_parameters(model)}
+    tables = {id(p) for p in memory_parameters(model, (ENGRAM_TABLE,))}
+    banks = {id(p) for p in memory_parameters(model, (CHAPTER_BANK,))}
     decay_names = set(decay_parameter_names)
     buckets = {"decay": [], "no_decay": [], "engram_tables": [], "chapter_banks": []}
     for name, param in model.named_parameters():
@@ -279,7 +274,7 @@ class MemoryTrainer(Trainer):
 
     Takes the same arguments as `Trainer`. With `MemoryTrainingArguments` the table optimizer, the
     learning-rate multipliers and health logging can be chosen; with plain `TrainingArguments`
-    the defaults apply (multipliers from the model config, tables on the main optimizer, health logged).
+    the defaults apply (the papers' multipliers, tables on the main optimizer, health logged).
     """
 
     def __init__(self, *args, **kwargs):
@@ -292,15 +287,13 @@ class MemoryTrainer(Trainer):
         value = getattr(self.args, name, None)
         return default if value is None else value
 
-    def _memory_config(self):
+    def _check_memory_model(self) -> None:
         model = self.accelerator.unwrap_model(self.model)
-        config = getattr(model, "config", None)
-        if config is None or not hasattr(config, "engram_lr_multiplier"):
+        if getattr(getattr(model, "config", None), "model_type", None) != "memory_llama":
             raise ValueError(
                 "MemoryTrainer needs a MemoryLlama model (or a PEFT model around one); "
                 f"got {type(model).__name__}. Use transformers.Trainer for other models."
             )
-        return config
 
     # ---- optimizer ---------------------------------------------------------------------------
 
@@ -309,13 +302,13 @@ class MemoryTrainer(Trainer):
         if self.optimizer is not None:
             return self.optimizer
         opt_model = self.model if model is None else model
-        config = self._memory_config()
+        self._check_memory_model()
         groups = memory_parameter_groups(
             opt_model,
             learning_rate=self.args.learning_rate,
             weight_decay=self.args.weight_decay,
-            engram_lr_multiplier=self._setting("engram_lr_multiplier", config.engram_lr_multiplier),
-            chapter_bank_lr_multiplier=self._setting("chapter_bank_lr_multiplier", config.chapter_bank_lr_multiplier),
+            engram_lr_multiplier=self._setting("engram_lr_multiplier", ENGRAM_LR_MULTIPLIER),
+            chapter_bank_lr_multiplier=self._setting("chapter_bank_lr_multiplier", CHAPTER_BANK_LR_MULTIPLIER),
             decay_parameter_names=self.get_decay_parameter_names(opt_model),
         )
         if not groups:
@@ -443,7 +436,5 @@ __all__ = [
     "MemoryTrainer",
     "MemoryTrainingArguments",
     "TABLE_OPTIMIZERS",
-    "chapter_bank_parameters",
-    "engram_table_parameters",
     "memory_parameter_groups",
 ]

@@ -38,3 +38,25 @@ def test_save_load_round_trip(tmp_path):
     loaded = MemoryLlamaConfig.from_pretrained(tmp_path)
     assert loaded.to_dict() == config.to_dict()
     assert loaded.engram_effective_dilation == 2
+
+
+def test_settings_of_a_memory_kind_that_is_off_are_not_checked():
+    config = tiny_config(chapter_layers=[], chapter_top_k=99, engram_layers=[], engram_dim=18)
+    assert config.chapter_top_k == 99 and config.engram_dim == 18
+
+
+def test_cache_layout_marks_engram_layers_hybrid():
+    assert tiny_config(engram_layers=[0, 2]).layer_types == ["hybrid", "full_attention", "hybrid"]
+    assert tiny_config(engram_layers=[]).layer_types == ["full_attention"] * 3
+
+
+def test_training_settings_of_older_checkpoints_load_and_are_dropped(tmp_path):
+    """Learning-rate multipliers used to live in config.json; they are MemoryTrainingArguments fields now."""
+    import json
+
+    tiny_config().save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, "engram_lr_multiplier": 5.0, "chapter_bank_lr_multiplier": 2.0}))
+    loaded = MemoryLlamaConfig.from_pretrained(tmp_path)
+    assert "engram_lr_multiplier" not in loaded.to_dict() and "chapter_bank_lr_multiplier" not in loaded.to_dict()

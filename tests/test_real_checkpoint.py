@@ -68,10 +68,11 @@ def test_woken_memory_cached_generation_equals_uncached(smollm2, grafted):
         for layer in woken.model.layers:
             for module in (getattr(layer.engram, "engram_value", None), getattr(layer.chapter_memory, "memory_output", None)):
                 if module is not None:
-                    module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.02)
+                    module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.05)
     tokenizer = smollm2[1]
     inputs = tokenizer(["Water boils at a temperature of"], return_tensors="pt")
     kwargs = dict(max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     cached = woken.generate(**inputs, **kwargs)
     assert torch.equal(cached, woken.generate(**inputs, use_cache=False, **kwargs))
-    assert not torch.equal(cached, grafted.generate(**inputs, **kwargs))  # the memory is really awake
+    with torch.no_grad():  # the memory is really awake
+        assert (woken(cached).logits - grafted(cached).logits).abs().max() > 0.1

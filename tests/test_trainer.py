@@ -71,7 +71,7 @@ def _assert_gradients_close(first, second):
 
 
 def test_parameter_groups_learning_rates_and_weight_decay(tmp_path):
-    config = tiny_config(engram_lr_multiplier=5.0, chapter_bank_lr_multiplier=2.0)
+    config = tiny_config()
     model = MemoryLlamaForCausalLM(config)
     args = _args(tmp_path, learning_rate=1e-3, weight_decay=0.1, warmup_steps=3, lr_scheduler_type="cosine", max_steps=10)
     trainer = MemoryTrainer(model=model, args=args, train_dataset=_dataset())
@@ -110,7 +110,7 @@ def test_arguments_override_config_multipliers_and_validate(tmp_path):
     assert groups["engram_tables"] == pytest.approx(0.1) and groups["chapter_banks"] == pytest.approx(0.005)
     with pytest.raises(ValueError, match="table_optimizer must be one of"):
         _args(tmp_path, table_optimizer="adam8bit")
-    with pytest.raises(ValueError, match="engram_lr_multiplier must be a finite number"):
+    with pytest.raises(ValueError, match="engram_lr_multiplier must be a finite number >= 0"):
         _args(tmp_path, engram_lr_multiplier=-1.0)
 
 
