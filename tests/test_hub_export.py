@@ -16,7 +16,6 @@ import sysconfig
 from pathlib import Path
 from urllib.parse import urlparse
 
-import httpx2
 import pytest
 import torch
 import yaml
@@ -33,6 +32,9 @@ from modeling_memory.hub_export import ExportError, export_for_hub
 from modeling_memory.model_card import read_base_info
 from conftest import random_ids, tiny_config, train_steps
 from test_graft import SMALL_MEMORY, assert_same_as_base, char_tokenizer, write_base
+
+# The HTTP client library huggingface_hub uses (httpx before 2.0, its fork httpx2 since).
+http_client = _http.httpx2 if hasattr(_http, "httpx2") else _http.httpx
 
 # Every module the run-time code can import (the kernels lazily), and package modules that must not travel.
 RUNTIME_FILES = {
@@ -65,7 +67,7 @@ class FakeHub:
     def sha(self, repo_id):
         return hashlib.sha1(repo_id.encode()).hexdigest()
 
-    def handler(self, request: httpx2.Request) -> httpx2.Response:
+    def handler(self, request: http_client.Request) -> http_client.Response:
         url = urlparse(str(request.url))
         path = url.path
         self.requests.append((request.method, path, request.headers.get("authorization")))
@@ -73,33 +75,33 @@ class FakeHub:
             oid = path.strip("/")
             assert hashlib.sha256(request.content).hexdigest() == oid
             self.lfs_objects[oid] = request.content
-            return httpx2.Response(200)
+            return http_client.Response(200)
         if path == "/api/repos/create":
             body = json.loads(request.content)
             self.create_requests.append(body)
             repo_id = f"{body['organization']}/{body['name']}" if body.get("organization") else body["name"]
             private = body.get("visibility") == "private" or bool(body.get("private"))
             self.repos.setdefault(repo_id, {"private": private, "files": {}, "commits": [], "branches": {"main"}})
-            return httpx2.Response(200, json={"url": f"https://huggingface.co/{repo_id}", "name": repo_id})
+            return http_client.Response(200, json={"url": f"https://huggingface.co/{repo_id}", "name": repo_id})
         if path == "/api/validate-yaml":
             content = json.loads(request.content)["content"]
             metadata = yaml.safe_load(content.split("---")[1]) if content.startswith("---") else None
             if not isinstance(metadata, dict):
-                return httpx2.Response(400, json={"errors": [{"message": "README.md has no YAML metadata"}]})
-            return httpx2.Response(200, json={"errors": [], "warnings": []})
+                return http_client.Response(400, json={"errors": [{"message": "README.md has no YAML metadata"}]})
+            return http_client.Response(200, json={"errors": [], "warnings": []})
         if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)/branch/(.+)", path):
             self.repos[match[1]]["branches"].add(match[2])
-            return httpx2.Response(200, json={})
+            return http_client.Response(200, json={})
         if re.fullmatch(r"/api/models/[^/]+/[^/]+/preupload/.+", path):
             files = json.loads(request.content)["files"]
             modes = [{"path": f["path"], "uploadMode": "lfs" if f["path"].endswith(".safetensors") else "regular",
                       "shouldIgnore": False} for f in files]
-            return httpx2.Response(200, json={"files": modes})
+            return http_client.Response(200, json={"files": modes})
         if re.fullmatch(r"/[^/]+/[^/]+\.git/info/lfs/objects/batch", path):
             objects = json.loads(request.content)["objects"]
             actions = [{"oid": o["oid"], "size": o["size"], "authenticated": True,
                         "actions": {"upload": {"href": f"{self.STORAGE}/{o['oid']}", "header": {}}}} for o in objects]
-            return httpx2.Response(200, json={"transfer": "basic", "objects": actions})
+            return http_client.Response(200, json={"transfer": "basic", "objects": actions})
         if match := re.fullmatch(r"/api/models/([^/]+/[^/]+)/commit/(.+)", path):
             repo = self.repos[match[1]]
             lines = [json.loads(line) for line in request.content.splitlines() if line.strip()]
@@ -113,26 +115,26 @@ class FakeHub:
             repo["commits"].append(commit)
             repo["files"].update(commit["files"])
             oid = hashlib.sha1(request.content).hexdigest()
-            return httpx2.Response(200, json={"commitUrl": f"https://huggingface.co/{match[1]}/commit/{oid}",
+            return http_client.Response(200, json={"commitUrl": f"https://huggingface.co/{match[1]}/commit/{oid}",
                                               "commitOid": oid, "pullRequestUrl": None})
         match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(tree|revision)/([^/]+)(/.*)?", path)
         if match and request.method == "GET":
             if match[1] not in self.repos:
-                return httpx2.Response(404, headers={"X-Error-Code": "RepoNotFound"}, json={"error": "Repository not found"})
+                return http_client.Response(404, headers={"X-Error-Code": "RepoNotFound"}, json={"error": "Repository not found"})
             files = self.repos[match[1]]["files"]
             if match[2] == "tree":
-                return httpx2.Response(200, json=[{"type": "file", "path": name, "size": len(data),
+                return http_client.Response(200, json=[{"type": "file", "path": name, "size": len(data),
                                                    "oid": hashlib.sha1(data).hexdigest()} for name, data in sorted(files.items())])
-            return httpx2.Response(200, json={"id": match[1], "sha": self.sha(match[1]), "private": False,
+            return http_client.Response(200, json={"id": match[1], "sha": self.sha(match[1]), "private": False,
                                               "siblings": [{"rfilename": name} for name in sorted(files)]})
         if (match := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)) and match[1] in self.repos:
             data = self.repos[match[1]]["files"].get(match[3])
             if data is None:
-                return httpx2.Response(404, headers={"X-Error-Code": "EntryNotFound"}, json={"error": "Entry not found"})
+                return http_client.Response(404, headers={"X-Error-Code": "EntryNotFound"}, json={"error": "Entry not found"})
             headers = {"X-Repo-Commit": self.sha(match[1]), "ETag": f'"{hashlib.sha1(data).hexdigest()}"',
                        "Content-Length": str(len(data))}
-            return httpx2.Response(200, headers=headers, content=b"" if request.method == "HEAD" else data)
-        return httpx2.Response(404, json={"error": f"no route for {request.method} {path}"})
+            return http_client.Response(200, headers=headers, content=b"" if request.method == "HEAD" else data)
+        return http_client.Response(404, json={"error": f"no route for {request.method} {path}"})
 
 
 @pytest.fixture
@@ -144,7 +146,7 @@ def fake_hub(monkeypatch, tmp_path):
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     _http.set_client_factory(
-        lambda: httpx2.Client(transport=httpx2.MockTransport(hub.handler), event_hooks={"request": [_http.hf_request_event_hook]})
+        lambda: http_client.Client(transport=http_client.MockTransport(hub.handler), event_hooks={"request": [_http.hf_request_event_hook]})
     )
     yield hub
     _http.set_client_factory(_http.default_client_factory)
