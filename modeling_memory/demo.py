@@ -27,6 +27,7 @@ KNOWLEDGE_SEED = 0
 BLOCK_SIZE = 64
 TRAIN_STEPS = 50
 BATCH_SIZE = 8
+LOGGING_STEPS = 10
 MEMORY_LR = 1e-3  # tables get x engram_lr_multiplier, the bank x chapter_bank_lr_multiplier
 LORA_LR = 1e-3
 LORA_RANK = 16
@@ -82,7 +83,7 @@ def fine_tune(model, tokenizer, rows, trainer_class, learning_rate: float, outpu
     args = MemoryTrainingArguments(
         output_dir=output_dir, max_steps=TRAIN_STEPS, per_device_train_batch_size=BATCH_SIZE,
         learning_rate=learning_rate, lr_scheduler_type="constant_with_warmup", warmup_steps=10, weight_decay=0.0,
-        logging_steps=10, save_strategy="no", report_to="none", seed=0, dataloader_pin_memory=False,
+        logging_steps=LOGGING_STEPS, save_strategy="no", report_to="none", seed=0, dataloader_pin_memory=False,
         disable_tqdm=False, **extra_args,
     )
     trainer = trainer_class(model=model, args=args, train_dataset=rows, data_collator=default_data_collator,
@@ -92,10 +93,7 @@ def fine_tune(model, tokenizer, rows, trainer_class, learning_rate: float, outpu
 
 
 def write_outputs(results: dict, losses: dict, facts: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .plots import plot_demo_results
 
     OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
     (OUTPUT_DIR / "results.json").write_text(json.dumps({"results": results, "losses": losses, **facts}, indent=1))
@@ -112,25 +110,7 @@ def write_outputs(results: dict, losses: dict, facts: dict) -> None:
     (OUTPUT_DIR / "results.md").write_text(table + "\n")
     print(table)
 
-    figure, (recall_axis, perplexity_axis, loss_axis) = plt.subplots(1, 3, figsize=(15, 4))
-    names = list(results)
-    positions = range(len(names))
-    recall_axis.bar([p - 0.2 for p in positions], [results[n]["recall_held_out"] for n in names], 0.4, label="held-out phrasing")
-    recall_axis.bar([p + 0.2 for p in positions], [results[n]["recall_training_phrasing"] for n in names], 0.4, label="training phrasing")
-    recall_axis.set_xticks(list(positions), names, rotation=15)
-    recall_axis.set_title("knowledge recall (exact match)")
-    recall_axis.legend()
-    perplexity_axis.bar(list(positions), [results[n]["natural_text_perplexity"] for n in names])
-    perplexity_axis.set_xticks(list(positions), names, rotation=15)
-    perplexity_axis.set_title("held-out natural-text perplexity")
-    for name, curve in losses.items():
-        loss_axis.plot([10 * (i + 1) for i in range(len(curve))], curve, label=name)
-    loss_axis.set_xlabel("step")
-    loss_axis.set_title("training loss (facts + natural-text replay)")
-    loss_axis.legend()
-    figure.tight_layout()
-    figure.savefig(OUTPUT_DIR / "demo.png", dpi=110)
-    plt.close(figure)
+    plot_demo_results(results, losses, OUTPUT_DIR / "demo.png", logging_steps=LOGGING_STEPS)
 
 
 def run_demo() -> int:

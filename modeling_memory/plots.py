@@ -1,4 +1,5 @@
-"""Training plots written by `memory-llama train`: the loss curve and the chapter-usage histogram.
+"""Plots: the loss curve and the chapter-usage histogram written by `memory-llama train`, and the
+results figure of `memory-llama demo`.
 
 Both are drawn with matplotlib's Agg backend (no display needed) and written atomically: a reader
 never finds a half-written PNG.
@@ -77,4 +78,65 @@ def plot_chapter_usage(usage: dict[int, list[float]], path: str) -> str:
         plt.close(figure)
 
 
-__all__ = ["plot_chapter_usage", "plot_loss_curve"]
+def _label_bars(axis, bars, labels: list[str], values: list[float]) -> None:
+    """Each bar's value above it; a bar of height 0 also gets a short line on the axis, so that it
+    reads as "measured: 0" rather than as a missing bar."""
+    axis.bar_label(bars, labels=labels, padding=2, fontsize=8)
+    for bar, value in zip(bars, values):
+        if value == 0:
+            axis.hlines(0, bar.get_x(), bar.get_x() + bar.get_width(), colors=bar.get_facecolor(), linewidth=3,
+                        clip_on=False, zorder=3)
+
+
+def plot_demo_results(results: dict[str, dict], losses: dict[str, list[float]], path: str, logging_steps: int) -> str:
+    """The demo's figure: knowledge recall (in %, as in the printed table), natural-text perplexity and
+    the training losses.
+
+    `results`: model name -> {"recall_held_out", "recall_training_phrasing" (fractions 0-1),
+    "natural_text_perplexity"}; `losses`: run name -> training loss logged every `logging_steps` steps."""
+    plt = _pyplot()
+    from matplotlib.ticker import PercentFormatter
+
+    figure, (recall_axis, perplexity_axis, loss_axis) = plt.subplots(1, 3, figsize=(16, 4.5))
+    names = list(results)
+    positions = range(len(names))
+
+    highest_recall = 0.0
+    for offset, key, label in ((-0.2, "recall_held_out", "held-out phrasing"), (0.2, "recall_training_phrasing", "training phrasing")):
+        percents = [100 * results[name][key] for name in names]
+        highest_recall = max(highest_recall, *percents)
+        bars = recall_axis.bar([p + offset for p in positions], percents, 0.4, label=label)
+        _label_bars(recall_axis, bars, [f"{value:.1f}%" for value in percents], percents)
+    recall_axis.set_ylim(0, max(10.0, 1.2 * highest_recall))  # headroom for the labels; 0 % stays visible
+    recall_axis.yaxis.set_major_formatter(PercentFormatter(xmax=100, decimals=0))
+    recall_axis.set_ylabel("recall (% of probes, exact match)")
+    recall_axis.set_title("knowledge recall (higher is better)")
+    recall_axis.set_xticks(list(positions), names, rotation=15)
+    recall_axis.legend(loc="upper left")
+
+    perplexities = [results[name]["natural_text_perplexity"] for name in names]
+    bars = perplexity_axis.bar(list(positions), perplexities, 0.6, color="tab:gray")
+    _label_bars(perplexity_axis, bars, [f"{value:.2f}" for value in perplexities], perplexities)
+    perplexity_axis.set_ylim(0, 1.15 * max(perplexities + [1.0]))
+    perplexity_axis.set_ylabel("perplexity")
+    perplexity_axis.set_title("held-out natural-text perplexity (lower is better)")
+    perplexity_axis.set_xticks(list(positions), names, rotation=15)
+
+    for name, curve in losses.items():
+        loss_axis.plot([logging_steps * (i + 1) for i in range(len(curve))], curve, marker=".", label=name)
+    loss_axis.set_xlabel("optimizer step")
+    loss_axis.set_ylabel("loss (nats per token)")
+    loss_axis.set_title("training loss (facts + natural-text replay)")
+    loss_axis.grid(alpha=0.3)
+    loss_axis.legend()
+    for axis in (recall_axis, perplexity_axis):
+        axis.grid(axis="y", alpha=0.3)
+        axis.set_axisbelow(True)
+    figure.tight_layout()
+    try:
+        return _save_atomically(figure, path)
+    finally:
+        plt.close(figure)
+
+
+__all__ = ["plot_chapter_usage", "plot_demo_results", "plot_loss_curve"]

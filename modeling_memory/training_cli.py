@@ -6,6 +6,12 @@ built-in knowledge set (`--knowledge-entities`), a training mode (`--mode`) and 
 `--max_steps 100`, `--resume_from_checkpoint DIR` or `last` — the newest complete checkpoint —, ...). Runs `MemoryTrainer`, saves the model (or
 adapter + memory), `trainer_state.json`, `loss_curve.png` and `chapter_usage.png` in `--output_dir`.
 Under `accelerate launch` it trains on every process (see `accelerate_config_path`).
+`--output_dir` must be new or empty, so that two runs never mix: resuming a checkpoint of its own
+continues the run it holds, and `--overwrite` replaces it.
+
+The `train` subparser of `memory-llama` holds only the options of `train` itself (`add_train_arguments`:
+no transformers import, so help and errors are fast); `parse_train_command_line` parses the whole
+line again with every TrainingArguments field.
 
 eval: perplexity on text (`--data`) and exact-match recall on knowledge probes
 (`--knowledge-entities`), computed with the project's local `evaluate` metric modules; prints a
@@ -13,15 +19,22 @@ table and writes JSON (`--output-json`).
 """
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 import typing
+import uuid
 
-from .peft_modes import TRAINING_MODES
+from .cli import SPELLING_NOTE, HelpFormatter, add_option
 
 ACCELERATE_CONFIGS = ("ddp_cpu", "ddp_gpu", "fsdp_gpu")
+# peft_modes.TRAINING_MODES and grafting.PRESETS, spelt out so that building the parser imports
+# neither torch nor PEFT (a test checks that they agree).
+TRAINING_MODES = ("full", "memory_only", "lora", "lora_all")
+GRAFT_PRESETS = ("engram", "chapters", "both")
 
 
 def accelerate_config_path(name: str) -> str:
@@ -33,52 +46,99 @@ def accelerate_config_path(name: str) -> str:
 
 # ---- arguments ---------------------------------------------------------------------------------
 
+TRAIN_DESCRIPTION = (
+    "Fine-tune MODEL with MemoryTrainer on --data or the built-in knowledge set (--knowledge-entities) and save "
+    "the model (or adapter + memory), trainer_state.json and plots to --output_dir."
+)
+TRAIN_EPILOG = (
+    "Every transformers.TrainingArguments and MemoryTrainingArguments field passes through under its own name: "
+    "--output_dir DIR (default trainer_output), --max_steps, --learning_rate, --per_device_train_batch_size, "
+    "--gradient_accumulation_steps, --logging_steps, --save_steps, --resume_from_checkpoint DIR|last, "
+    "--table_optimizer, --engram_lr_multiplier, ...; `memory-llama train --help-training` lists them all. "
+    "--output_dir must be new or empty: continue the run it holds with --resume_from_checkpoint last, or "
+    "replace it with --overwrite. " + SPELLING_NOTE
+)
+
 
 def _add_knowledge_arguments(parser, purpose: str) -> None:
-    parser.add_argument("--knowledge-entities", type=int, help=f"{purpose} the built-in knowledge set with this many fictional people")
-    parser.add_argument("--knowledge-seed", type=int, default=0, help="seed of the knowledge set (same seed = same people)")
+    add_option(parser, "--knowledge-entities", type=int, help=f"{purpose} the built-in knowledge set with this many fictional people")
+    add_option(parser, "--knowledge-seed", type=int, default=0, help="seed of the knowledge set (same seed = same people)")
+
+
+class _PrintTrainingArgumentsHelp(argparse.Action):
+    """`--help-training`: the full help, with every TrainingArguments field (imports transformers)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        build_train_parser().print_help()
+        parser.exit()
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Our options plus every MemoryTrainingArguments field (as HfArgumentParser would add them)."""
+    """The options of `train` itself (no TrainingArguments fields: adding those imports transformers)."""
+    parser.add_argument("model", help="a MemoryLlama checkpoint folder, or a Llama one together with --graft")
+    add_option(parser, "--graft", choices=GRAFT_PRESETS, help="graft memory (memory_preset) onto a Llama checkpoint first")
+    add_option(parser, "--data", help="training text: a .txt/.json/.jsonl/.parquet file or folder, or a Hub dataset name")
+    add_option(parser, "--text-column", default="text", help="column holding the documents (json/parquet)")
+    _add_knowledge_arguments(parser, "train on")
+    add_option(parser, "--knowledge-statements", type=int, default=3, choices=[1, 2, 3], help="training phrasings per fact")
+    add_option(parser, "--block-size", type=int, default=256, help="tokens per packed training row")
+    add_option(parser, "--mode", choices=TRAINING_MODES, default="full", help="training mode (see README, 'Training modes')")
+    add_option(parser, "--lora-r", type=int, default=16, help="LoRA rank (lora modes)")
+    add_option(parser, "--lora-alpha", type=int, default=32, help="LoRA alpha (lora modes)")
+    add_option(parser, "--lora-dropout", type=float, default=0.0, help="LoRA dropout (lora modes)")
+    add_option(parser, "--overwrite", action="store_true", help="replace a non-empty --output_dir (the previous run in it is deleted)")
+    add_option(parser, "--help-training", action=_PrintTrainingArgumentsHelp, help="list every TrainingArguments field and exit")
+
+
+def add_training_arguments_fields(parser: argparse.ArgumentParser) -> None:
+    """Every MemoryTrainingArguments field, as HfArgumentParser adds them (`--learning_rate` and `--learning-rate`)."""
     from transformers import HfArgumentParser
 
-    from .grafting import PRESETS
     from .trainer import MemoryTrainingArguments
 
-    parser.add_argument("model", help="a MemoryLlama checkpoint folder, or a Llama one together with --graft")
-    parser.add_argument("--graft", choices=PRESETS, help="graft memory (memory_preset) onto a Llama checkpoint first")
-    parser.add_argument("--data", help="training text: a .txt/.json/.jsonl/.parquet file or folder, or a Hub dataset name")
-    parser.add_argument("--text-column", default="text", help="column holding the documents (json/parquet)")
-    _add_knowledge_arguments(parser, "train on")
-    parser.add_argument("--knowledge-statements", type=int, default=3, choices=[1, 2, 3], help="training phrasings per fact")
-    parser.add_argument("--block-size", type=int, default=256, help="tokens per packed training row")
-    parser.add_argument("--mode", choices=TRAINING_MODES, default="full", help="training mode (see README, 'Training modes')")
-    parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank (lora modes)")
-    parser.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha (lora modes)")
-    parser.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (lora modes)")
     group = parser.add_argument_group(
         "training arguments", "transformers.TrainingArguments and MemoryTrainingArguments fields, e.g. --learning_rate 1e-4"
     )
     hints = typing.get_type_hints(MemoryTrainingArguments)
     for field in dataclasses.fields(MemoryTrainingArguments):
         if field.init:
+            # A copy with the type resolved: HfArgumentParser rewrites `field.type` in place.
+            field = copy.copy(field)
             field.type = hints[field.name]
             HfArgumentParser._parse_dataclass_field(group, field)
 
 
+def build_train_parser() -> argparse.ArgumentParser:
+    """The whole `train` command line: its own options and every TrainingArguments field."""
+    parser = argparse.ArgumentParser(
+        prog="memory-llama train", description=TRAIN_DESCRIPTION, epilog=TRAIN_EPILOG, formatter_class=HelpFormatter,
+        allow_abbrev=False,  # ~120 TrainingArguments options: no prefix guessing
+    )
+    add_train_arguments(parser)
+    add_training_arguments_fields(parser)
+    return parser
+
+
+def parse_train_command_line(arguments: list[str]) -> argparse.Namespace:
+    """The arguments after `memory-llama train`, parsed (errors exit as argparse's do)."""
+    return build_train_parser().parse_args(arguments)
+
+
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a MemoryLlama checkpoint folder, or an adapter folder written by `train`")
-    parser.add_argument("--data", help="text for perplexity: a .txt/.json/.jsonl/.parquet file or folder, or a Hub dataset name")
-    parser.add_argument("--text-column", default="text")
-    parser.add_argument("--block-size", type=int, default=256, help="tokens per packed row for perplexity")
+    add_option(parser, "--data", help="text for perplexity: a .txt/.json/.jsonl/.parquet file or folder, or a Hub dataset name")
+    add_option(parser, "--text-column", default="text")
+    add_option(parser, "--block-size", type=int, default=256, help="tokens per packed row for perplexity")
     _add_knowledge_arguments(parser, "probe recall of")
-    parser.add_argument(
-        "--probes", choices=["held_out", "training"], default="held_out",
+    add_option(
+        parser, "--probes", choices=["held_out", "training"], default="held_out",
         help="held_out: questions phrased unlike the training text; training: the training phrasing cut before the answer",
     )
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--output-json", help="also write the results to this JSON file")
+    add_option(parser, "--batch-size", type=int, default=8)
+    add_option(parser, "--output-json", help="also write the results to this JSON file")
 
 
 def _training_arguments(args):
@@ -104,6 +164,72 @@ def _check_writable(output_dir: str) -> None:
         raise SystemExit(f"--output_dir {output_dir} cannot be written: {existing} is not writable.")
 
 
+def _inside(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies inside it (symbolic links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _check_output_dir_is_free(args, output_dir: str) -> bool:
+    """Refuse, before any work, to train into a folder holding files of another run: its checkpoints,
+    plots and model would mix with the new run's. Resuming one of its own checkpoints continues that
+    run; --overwrite replaces it. Returns whether there is a previous run to replace (`_remove_previous_run`)."""
+    if not os.path.isdir(output_dir) or not os.listdir(output_dir):
+        return False
+    resume = args.resume_from_checkpoint
+    resuming_here = resume == "last" or (resume is not None and _inside(resume, output_dir))
+    if args.overwrite:
+        if resuming_here:
+            raise SystemExit(
+                f"--overwrite would delete the checkpoint that --resume_from_checkpoint {resume} continues from "
+                f"(it is in --output_dir {output_dir}): drop one of the two."
+            )
+        _check_replaceable(args, output_dir)
+        return True
+    if not resuming_here:
+        held = sorted(os.listdir(output_dir))
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise SystemExit(
+            f"--output_dir {output_dir} is not empty (it holds {shown}), and training into it would mix two runs' "
+            "checkpoints and plots. Choose a new --output_dir, add --overwrite to replace the previous run, or "
+            "continue it with --resume_from_checkpoint last."
+        )
+    return False
+
+
+def _check_replaceable(args, output_dir: str) -> None:
+    """--overwrite deletes `output_dir`: refuse when that would delete more than a previous run."""
+    if os.path.islink(output_dir):
+        raise SystemExit(f"--output_dir {output_dir} is a symbolic link; --overwrite replaces only a real folder: "
+                         "pass the folder it points to, or a new one.")
+    folder = os.path.realpath(output_dir)
+    for name, place in (("the current folder", os.getcwd()), ("your home folder", os.path.expanduser("~"))):
+        if _inside(place, folder):
+            raise SystemExit(f"--overwrite would delete --output_dir {output_dir}, which holds {name}: "
+                             "give the run a folder of its own.")
+    inputs = (("MODEL", args.model), ("--data", args.data), ("--resume_from_checkpoint", args.resume_from_checkpoint))
+    for option, path in inputs:
+        if path is not None and os.path.exists(path) and _inside(path, folder):
+            raise SystemExit(f"--overwrite would delete {option} {path}, which lies inside --output_dir {output_dir}: "
+                             "choose another --output_dir.")
+    parent = os.path.dirname(folder)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SystemExit(f"--overwrite cannot replace --output_dir {output_dir}: its parent {parent} is not writable.")
+
+
+def _remove_previous_run(output_dir: str) -> None:
+    """Move the old folder aside in one rename, then delete it: nobody ever finds `output_dir` half
+    deleted (an interruption leaves at most a hidden .NAME.replaced-* folder beside it)."""
+    folder = os.path.abspath(output_dir)
+    aside = os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.replaced-{uuid.uuid4().hex[:8]}")
+    os.replace(folder, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+    if os.path.exists(aside):
+        print(f"--overwrite: the previous run was moved to {aside}, which could not be deleted completely")
+    else:
+        print(f"--overwrite: deleted the previous run in {output_dir}")
+
+
 def _check_knowledge_arguments(args) -> None:
     if args.knowledge_entities is not None and not 1 <= args.knowledge_entities <= 100_000:
         raise SystemExit(f"--knowledge-entities must be between 1 and 100000, got {args.knowledge_entities}.")
@@ -121,8 +247,12 @@ def _check_data_source(source: str) -> None:
 def _load_config(path: str):
     from transformers import AutoConfig
 
-    import modeling_memory  # noqa: F401  (registers memory_llama)
+    from modeling_memory import MemoryLlamaConfig  # noqa: F401  (registers memory_llama with the Auto classes)
 
+    if os.path.isfile(path) and path.lower().endswith(".gguf"):
+        raise SystemExit(
+            f"{path} is a GGUF file: graft memory onto it first (`memory-llama graft {path} OUT`), then pass OUT."
+        )
     if not os.path.isdir(path):
         raise SystemExit(f"{path} is not a checkpoint folder (expected config.json and weights inside).")
     try:
@@ -170,7 +300,7 @@ def run_train(args) -> int:
     """`memory-llama train`; see the module docstring."""
     import torch
 
-    from .grafting import graft_from_llama, memory_preset
+    from .grafting import LLAMA_COMPATIBLE_MODEL_TYPES, graft_from_llama, memory_config_from_llama, memory_preset
     from .modeling_memory_llama import MemoryLlamaForCausalLM
     from .peft_modes import prepare_model_for_mode, recommended_lora_config, trainable_parameter_counts
     from .plots import plot_chapter_usage, plot_loss_curve
@@ -184,6 +314,11 @@ def run_train(args) -> int:
     if args.data is not None:
         _check_data_source(args.data)
     config = _load_config(args.model)
+    if config.model_type not in LLAMA_COMPATIBLE_MODEL_TYPES:
+        raise SystemExit(
+            f"{args.model} is a {config.model_type!r} checkpoint; `train` takes a MemoryLlama checkpoint, or one of the "
+            f"Llama-layout families ({', '.join(LLAMA_COMPATIBLE_MODEL_TYPES)}) together with --graft."
+        )
     if config.model_type != "memory_llama" and args.graft is None:
         raise SystemExit(
             f"{args.model} is a {config.model_type!r} checkpoint: add --graft {{engram,chapters,both}} to graft memory "
@@ -191,6 +326,11 @@ def run_train(args) -> int:
         )
     if config.model_type == "memory_llama" and args.graft is not None:
         raise SystemExit(f"{args.model} already is a MemoryLlama checkpoint; drop --graft.")
+    if args.graft is not None:
+        try:  # builds the grafted config only (no weights): Mistral's sliding window and the like fail here
+            memory_config_from_llama(config, **memory_preset(config, args.graft))
+        except ValueError as error:
+            raise SystemExit(f"--graft {args.graft} onto {args.model}: {error}")
     if args.graft is not None and args.mode.startswith("lora"):
         raise SystemExit(
             f"--mode {args.mode} saves an adapter that needs its MemoryLlama base on disk: graft first "
@@ -218,6 +358,7 @@ def run_train(args) -> int:
         raise SystemExit(f"Invalid training arguments: {error}")
 
     _check_writable(training_args.output_dir)
+    replace_previous_run = _check_output_dir_is_free(args, training_args.output_dir)
 
     fsdp_requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(training_args.fsdp)
     if fsdp_requested and training_args.device.type == "cpu":
@@ -240,6 +381,12 @@ def run_train(args) -> int:
     lora_config = recommended_lora_config(args.mode, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
     model = prepare_model_for_mode(model, args.mode, lora_config)
     rows = _text_rows(args, tokenizer, args.text_column, training_args.main_process_first)
+    if replace_previous_run:
+        # As late as possible, so that a failure while loading keeps the previous run. Every process
+        # decided this before the barrier in _text_rows, so all of them meet here; one deletes.
+        with training_args.main_process_first(local=False, desc="replacing the previous run"):
+            if training_args.process_index == 0:
+                _remove_previous_run(training_args.output_dir)
 
     from transformers import default_data_collator
 

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, LlamaConfig, LlamaForCausalLM, MistralConfig
 
 from modeling_memory import MemoryLlamaForCausalLM
 from modeling_memory.cli import main
@@ -31,12 +31,39 @@ def test_help_lists_train_eval_and_training_arguments(capsys):
         main(["train", "--help"])
     assert raised.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--mode", "--knowledge-entities", "--learning_rate", "--gradient_accumulation_steps", "--table_optimizer"):
+    for option in ("--mode", "--knowledge-entities", "--overwrite", "--help-training", "--learning_rate",
+                   "--gradient_accumulation_steps", "--table_optimizer", "hyphens or underscores"):
         assert option in out
+    with pytest.raises(SystemExit) as raised:
+        main(["train", "--help-training"])
+    assert raised.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--mode", "--lr_scheduler_type", "--weight_decay", "--table_optimizer", "--engram_lr_multiplier"):
+        assert option in out
+    assert "--learning-rate" not in out  # one spelling listed, both accepted
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
     assert "train" in out and "eval" in out
+
+
+def test_train_help_names_real_fields_and_the_modules_choices():
+    """`train --help` is built without transformers, so it spells out names that live elsewhere."""
+    import argparse
+    import dataclasses
+    import re
+
+    from modeling_memory import grafting, peft_modes, training_cli
+    from modeling_memory.trainer import MemoryTrainingArguments
+
+    assert training_cli.TRAINING_MODES == peft_modes.TRAINING_MODES
+    assert training_cli.GRAFT_PRESETS == grafting.PRESETS
+    own_parser = argparse.ArgumentParser()
+    training_cli.add_train_arguments(own_parser)
+    own = {action.dest for action in own_parser._actions} | {"help_training"}
+    named = {name.replace("-", "_") for name in re.findall(r"--([\w-]+)", training_cli.TRAIN_EPILOG)} - own
+    fields = {f.name for f in dataclasses.fields(MemoryTrainingArguments)}
+    assert {"output_dir", "learning_rate", "table_optimizer"} <= named <= fields, named - fields
 
 
 @pytest.mark.parametrize(
@@ -51,6 +78,9 @@ def test_help_lists_train_eval_and_training_arguments(capsys):
         (["--knowledge-entities", "3", "--eval_strategy", "steps"], "takes no evaluation data"),
         (["--knowledge-entities", "3", "--resume_from_checkpoint", "nowhere"], "no such checkpoint"),
         (["--knowledge-entities", "3", "--table_optimizer", "sgd"], "invalid choice"),
+        (["--knowledge-entities", "3", "--mode", "bogus"], "invalid choice"),
+        (["--knowledge-entities", "3", "--learnig_rate", "1e-3"], "unrecognized arguments: --learnig_rate"),
+        (["--knowledge-entities", "3", "--overwrite", "--resume_from_checkpoint", "last"], "no complete checkpoint"),
     ],
 )
 def test_train_refuses_bad_input_before_any_work(base, tmp_path, capsys, arguments, message):
@@ -176,3 +206,95 @@ def test_train_then_eval_against_independent_computations(base, tmp_path, capsys
     assert recall["num_probes"] == len(recalled) == 12
     assert recall["exact_match"] == pytest.approx(sum(recalled) / len(recalled))
     assert recall["exact_match"] > 0  # the facts were memorised (at least some)
+
+
+# ---- --output_dir: one run per folder ------------------------------------------------------------
+
+TINY_RUN = ["--knowledge-entities", "2", "--block-size", "32", "--max_steps", "2", "--save_steps", "1",
+            "--logging_steps", "1", *COMMON]
+
+
+def _stale_run(folder):
+    """A folder as an earlier run leaves it: a plot and a checkpoint."""
+    (folder / "checkpoint-5").mkdir(parents=True)
+    (folder / "checkpoint-5" / "trainer_state.json").write_text('{"global_step": 5}')
+    (folder / "loss_curve.png").write_bytes(b"old plot")
+    return folder
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def test_train_refuses_a_non_empty_output_dir_and_leaves_it_untouched(base, tmp_path):
+    output = _stale_run(tmp_path / "run")
+    before = _snapshot(output)
+    with pytest.raises(SystemExit) as raised:
+        main(["train", base, *TINY_RUN, "--output_dir", str(output)])
+    message = str(raised.value.code)
+    assert f"--output_dir {output} is not empty" in message
+    assert "--overwrite" in message and "--resume_from_checkpoint last" in message
+    assert _snapshot(output) == before
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+
+    # Resuming from a checkpoint of another run would mix runs just the same.
+    elsewhere = _stale_run(tmp_path / "other")
+    with pytest.raises(SystemExit, match="is not empty"):
+        main(["train", base, *TINY_RUN, "--output_dir", str(output), "--resume_from_checkpoint", str(elsewhere / "checkpoint-5")])
+    assert _snapshot(output) == before
+
+
+def test_overwrite_replaces_the_previous_run(base, tmp_path):
+    output = _stale_run(tmp_path / "run")
+    # Hyphens and underscores both work, for Trainer fields and the command's own options alike.
+    assert main(["train", base, "--knowledge_entities", "2", "--block_size", "32", "--max-steps", "2", "--save-steps", "1",
+                 "--logging-steps", "1", *COMMON, "--output-dir", str(output), "--overwrite"]) == 0
+    held = set(os.listdir(output))
+    assert "checkpoint-5" not in held and {"checkpoint-1", "checkpoint-2", "model.safetensors", "loss_curve.png"} <= held
+    assert (output / "loss_curve.png").read_bytes().startswith(b"\x89PNG")
+    assert sorted(os.listdir(tmp_path)) == ["run"]  # nothing of the old run left beside it
+
+
+def test_resume_continues_the_run_in_its_own_output_dir(base, tmp_path):
+    output = tmp_path / "run"
+    assert main(["train", base, *TINY_RUN, "--output_dir", str(output)]) == 0
+    longer = [*TINY_RUN, "--max_steps", "3"]  # argparse keeps the last value
+    assert main(["train", base, *longer, "--output_dir", str(output), "--resume_from_checkpoint", "last"]) == 0
+    assert _losses(output).keys() == {1, 2, 3}
+    assert main(["train", base, *longer, "--output_dir", str(output), "--resume_from_checkpoint", str(output / "checkpoint-3")]) == 0
+
+
+def test_overwrite_never_deletes_what_the_run_reads(base, tmp_path, monkeypatch):
+    output = _stale_run(tmp_path / "run")
+    before = _snapshot(output)
+    with pytest.raises(SystemExit, match="would delete the checkpoint that --resume_from_checkpoint"):
+        main(["train", base, *TINY_RUN, "--output_dir", str(output), "--overwrite", "--resume_from_checkpoint",
+              str(output / "checkpoint-5")])
+    assert _snapshot(output) == before
+    model_inside = save_tiny_model(output / "model")
+    before = _snapshot(output)
+    with pytest.raises(SystemExit, match="would delete MODEL"):
+        main(["train", model_inside, *TINY_RUN, "--output_dir", str(output), "--overwrite"])
+    assert _snapshot(output) == before
+    monkeypatch.chdir(output / "checkpoint-5")
+    with pytest.raises(SystemExit, match="holds the current folder"):
+        main(["train", base, *TINY_RUN, "--output_dir", str(output), "--overwrite"])
+    assert _snapshot(output) == before
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (lambda: GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=384), "is a 'gpt2' checkpoint"),
+        (lambda: MistralConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=384, sliding_window=16), "sliding-window attention"),
+    ],
+)
+def test_train_graft_refuses_families_without_the_llama_layout(tmp_path, config, message):
+    model_dir = tmp_path / "model"
+    config().save_pretrained(model_dir)  # the refusal comes before any weights are read
+    tiny_tokenizer().save_pretrained(model_dir)
+    with pytest.raises(SystemExit) as raised:
+        main(["train", str(model_dir), "--graft", "both", "--knowledge-entities", "2", "--output_dir", str(tmp_path / "o"), *COMMON])
+    assert message in str(raised.value.code)
+    assert not (tmp_path / "o").exists()
