@@ -1,7 +1,8 @@
-"""Configuration of MemoryLlama: a Llama whose decoder layers carry chapter memory and Engram.
+"""Configuration of MemoryLlama: a Llama whose decoder layers carry chapter memory, Engram and
+product-key memory.
 
-Memory settings are flat, prefixed fields (the Mixtral / Qwen-MoE convention). With both
-`chapter_layers` and `engram_layers` empty the model is exactly a Llama.
+Memory settings are flat, prefixed fields (the Mixtral / Qwen-MoE convention). With `chapter_layers`,
+`engram_layers` and `pkm_layers` empty the model is exactly a Llama.
 """
 
 from huggingface_hub.dataclasses import strict
@@ -39,7 +40,7 @@ def _check_int_list(name: str, values, minimum: int, maximum: int | None = None)
 @strict
 class MemoryLlamaConfig(LlamaConfig):
     r"""
-    A [`LlamaConfig`] plus the settings of the two memory kinds.
+    A [`LlamaConfig`] plus the settings of the three memory kinds.
 
     Chapter memory (read by cross-attention after self-attention, at `chapter_layers`):
         chapter_layers (`list[int]`): decoder layers that read the chapter bank; empty for none.
@@ -64,6 +65,17 @@ class MemoryLlamaConfig(LlamaConfig):
         engram_conv_kernel (`int`): kernel of the short causal depthwise convolution.
         engram_conv_dilation (`int`, *optional*): its dilation; defaults to the largest order.
         engram_seed (`int`): seed of the hash multipliers.
+
+    Product-key memory (read in parallel with the MLP, on its normed input, at `pkm_layers`):
+        pkm_layers (`list[int]`): decoder layers with a product-key memory; empty for none.
+        pkm_num_keys (`int`): sub-keys per half; the memory has pkm_num_keys**2 value slots.
+        pkm_top_k (`int`): slots each head reads, in [1, pkm_num_keys].
+        pkm_heads (`int`): query heads; their reads are summed.
+        pkm_key_dim (`int`): query width per head, even (each half scores against one sub-key set).
+        pkm_value_dim (`int`, *optional*): width of a value row; defaults to `hidden_size`.
+        pkm_query_norm (`bool`): RMSNorm on each head's query.
+        pkm_share_values (`bool`): one values table for all product-key layers (each keeps its keys and
+            query), as in Memory+.
     """
 
     model_type = "memory_llama"
@@ -89,12 +101,22 @@ class MemoryLlamaConfig(LlamaConfig):
     engram_conv_dilation: int | None = None
     engram_seed: int = 0
 
+    pkm_layers: list[int] | None = None
+    pkm_num_keys: int = 256
+    pkm_top_k: int = 32
+    pkm_heads: int = 4
+    pkm_key_dim: int = 256
+    pkm_value_dim: int | None = None
+    pkm_query_norm: bool = True
+    pkm_share_values: bool = True
+
     def __post_init__(self, **kwargs):
         # Training settings that older checkpoints stored here; they are MemoryTrainingArguments fields now.
         for legacy in ("engram_lr_multiplier", "chapter_bank_lr_multiplier"):
             kwargs.pop(legacy, None)
         self.chapter_layers = list(self.chapter_layers) if self.chapter_layers is not None else []
         self.engram_layers = list(self.engram_layers) if self.engram_layers is not None else []
+        self.pkm_layers = list(self.pkm_layers) if self.pkm_layers is not None else []
         orders = self.engram_ngram_orders
         self.engram_ngram_orders = list(orders) if orders is not None else [2, 3]
         super().__post_init__(**kwargs)
@@ -106,6 +128,7 @@ class MemoryLlamaConfig(LlamaConfig):
         n_layers = self.num_hidden_layers
         _check_int_list("chapter_layers", self.chapter_layers, 0, n_layers - 1)
         _check_int_list("engram_layers", self.engram_layers, 0, n_layers - 1)
+        _check_int_list("pkm_layers", self.pkm_layers, 0, n_layers - 1)
         for name in ("router_aux_loss_coef", "router_z_loss_coef"):
             value = getattr(self, name)
             _check(value >= 0, f"`{name}` must be >= 0, got {value!r}.")
@@ -113,6 +136,8 @@ class MemoryLlamaConfig(LlamaConfig):
             self._validate_chapter_memory()
         if self.engram_layers:
             self._validate_engram()
+        if self.pkm_layers:
+            self._validate_product_keys()
 
     def _validate_chapter_memory(self):
         for name in ("chapter_num_chapters", "chapter_size", "chapter_top_k", "chapter_num_heads"):
@@ -154,6 +179,23 @@ class MemoryLlamaConfig(LlamaConfig):
                 f"`engram_conv_dilation` must be an integer >= 1 or None, got {self.engram_conv_dilation!r}.",
             )
 
+    def _validate_product_keys(self):
+        for name in ("pkm_num_keys", "pkm_top_k", "pkm_heads", "pkm_key_dim"):
+            _check_positive_int(name, getattr(self, name))
+        _check(
+            self.pkm_top_k <= self.pkm_num_keys,
+            f"`pkm_top_k` ({self.pkm_top_k}) must be between 1 and `pkm_num_keys` ({self.pkm_num_keys}): each "
+            "half of a query picks its top-k among pkm_num_keys sub-keys.",
+        )
+        _check(
+            self.pkm_key_dim % 2 == 0,
+            f"`pkm_key_dim` ({self.pkm_key_dim}) must be even: each half of a query scores against one sub-key set.",
+        )
+        if self.pkm_value_dim is not None:
+            _check_positive_int("pkm_value_dim", self.pkm_value_dim)
+        for name in ("pkm_query_norm", "pkm_share_values"):
+            _check(isinstance(getattr(self, name), bool), f"`{name}` must be a bool, got {getattr(self, name)!r}.")
+
     # Derived quantities, kept as properties so they never disagree with the fields.
     @property
     def layer_types(self) -> list[str]:
@@ -183,6 +225,14 @@ class MemoryLlamaConfig(LlamaConfig):
     @property
     def engram_head_dim(self) -> int:
         return self.engram_dim // self.engram_num_heads
+
+    @property
+    def pkm_num_slots(self) -> int:
+        return self.pkm_num_keys**2
+
+    @property
+    def pkm_effective_value_dim(self) -> int:
+        return self.pkm_value_dim if self.pkm_value_dim is not None else self.hidden_size
 
     @property
     def engram_effective_dilation(self) -> int:

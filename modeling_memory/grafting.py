@@ -79,7 +79,9 @@ def graft_from_llama(model_class, llama_model_or_path, tokenizer=None, **memory_
 
 
 # Name segments of everything the memory adds to a Llama (parameters and buffers).
-_MEMORY_SEGMENTS = ("engram", "chapter_memory", "memory_layernorm", "chapter_bank", "engram_canonical_map")
+_MEMORY_SEGMENTS = (
+    "engram", "chapter_memory", "memory_layernorm", "chapter_bank", "engram_canonical_map", "product_key_memory", "pkm_values",
+)
 
 
 def is_memory_parameter_name(name: str) -> bool:

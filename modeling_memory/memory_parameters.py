@@ -10,14 +10,17 @@ from torch import nn
 from .chapter_memory import MemoryLlamaChapterBank, MemoryLlamaChapterMemory
 from .engram import MemoryLlamaEngram
 from .modeling_memory_llama import MemoryLlamaDecoderLayer, MemoryLlamaModel
+from .product_key_memory import MemoryLlamaProductKeyMemory, MemoryLlamaProductKeyValues
 
 # Kinds of memory tensors. Tables are read a few rows at a time (their own learning rate, no weight decay).
 ENGRAM_TABLE = "engram_table"
 CHAPTER_BANK = "chapter_bank"
 ENGRAM = "engram"  # the rest of an Engram: key/value projections, norms, convolution, hash buffers
 CHAPTER_MEMORY = "chapter_memory"  # the rest of a chapter memory: router, projections, norms
-MEMORY_KINDS = (ENGRAM_TABLE, CHAPTER_BANK, ENGRAM, CHAPTER_MEMORY)
-TABLE_KINDS = (ENGRAM_TABLE, CHAPTER_BANK)
+PKM_VALUES = "pkm_values"
+PRODUCT_KEY_MEMORY = "product_key_memory"  # the rest of a product-key memory: query, sub-keys, gate, output
+MEMORY_KINDS = (ENGRAM_TABLE, CHAPTER_BANK, PKM_VALUES, ENGRAM, CHAPTER_MEMORY, PRODUCT_KEY_MEMORY)
+TABLE_KINDS = (ENGRAM_TABLE, CHAPTER_BANK, PKM_VALUES)
 
 
 def _owned_tensors(module: nn.Module, prefix: str):
@@ -44,7 +47,13 @@ def memory_kinds(model: nn.Module) -> dict[str, str]:
                 kinds[name] = CHAPTER_BANK
         elif isinstance(module, MemoryLlamaChapterMemory):
             for name, _ in _owned_tensors(module, prefix):
-                kinds.setdefault(name, CHAPTER_MEMORY)  # a per-layer bank inside was classified as a bank
+                kinds.setdefault(name, CHAPTER_MEMORY)  # a per-layer bank inside is set to CHAPTER_BANK when visited
+        elif isinstance(module, MemoryLlamaProductKeyValues):
+            for name, _ in _owned_tensors(module, prefix):
+                kinds[name] = PKM_VALUES
+        elif isinstance(module, MemoryLlamaProductKeyMemory):
+            for name, _ in _owned_tensors(module, prefix):
+                kinds.setdefault(name, PRODUCT_KEY_MEMORY)  # its own values table is set to PKM_VALUES when visited
         elif isinstance(module, MemoryLlamaDecoderLayer) and module.memory_layernorm is not None:
             for name, _ in _owned_tensors(module.memory_layernorm, f"{dot}memory_layernorm"):
                 kinds[name] = CHAPTER_MEMORY
@@ -70,6 +79,8 @@ __all__ = [
     "ENGRAM",
     "ENGRAM_TABLE",
     "MEMORY_KINDS",
+    "PKM_VALUES",
+    "PRODUCT_KEY_MEMORY",
     "TABLE_KINDS",
     "memory_kinds",
     "memory_parameters",

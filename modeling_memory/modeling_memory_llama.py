@@ -1,14 +1,16 @@
-"""MemoryLlama: a Llama whose decoder layers carry Engram and chapter memory.
+"""MemoryLlama: a Llama whose decoder layers carry Engram, chapter memory and product-key memory.
 
 Order inside a decoder layer (every Llama parameter keeps its key name):
 
     h = h + Engram(h, n-gram ids)                 # at config.engram_layers, before attention
     h = h + SelfAttention(input_layernorm(h))     # Llama, unchanged
     h = h + ChapterMemory(memory_layernorm(h))    # at config.chapter_layers, before the MLP
-    h = h + MLP(post_attention_layernorm(h))      # Llama, unchanged
+    x = post_attention_layernorm(h)
+    h = h + MLP(x) + ProductKeyMemory(x)          # MLP: Llama, unchanged; PKM at config.pkm_layers
 
-The last projection of each memory module is zero-initialised, so a model grafted from a Llama
-computes exactly what the Llama computed until training changes it.
+Each memory starts at exactly zero (a zero-initialised last projection, or for the product-key memory
+zero values), so a model grafted from a Llama computes exactly what the Llama computed until training
+changes it.
 """
 
 import os
@@ -37,6 +39,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .chapter_memory import MemoryLlamaChapterBank, MemoryLlamaChapterMemory, router_losses
 from .configuration_memory_llama import MemoryLlamaConfig
 from .engram import MemoryLlamaEngram, engram_hash_multipliers, engram_table_primes
+from .product_key_memory import MemoryLlamaProductKeyMemory, MemoryLlamaProductKeyValues
 
 
 @dataclass
@@ -79,8 +82,24 @@ class MemoryLlamaLayerInputs:
     shared_bank: torch.Tensor | None  # (C * T, d) when the bank is shared
 
 
+def product_key_memory_of(config: MemoryLlamaConfig, shared_values: MemoryLlamaProductKeyValues | None):
+    return MemoryLlamaProductKeyMemory(
+        hidden_size=config.hidden_size,
+        num_keys=config.pkm_num_keys,
+        top_k=config.pkm_top_k,
+        heads=config.pkm_heads,
+        key_dim=config.pkm_key_dim,
+        value_dim=config.pkm_effective_value_dim,
+        query_norm=config.pkm_query_norm,
+        rms_norm_eps=config.rms_norm_eps,
+        shared_values=shared_values,
+    )
+
+
 class MemoryLlamaDecoderLayer(LlamaDecoderLayer):
-    def __init__(self, config: MemoryLlamaConfig, layer_idx: int):
+    def __init__(
+        self, config: MemoryLlamaConfig, layer_idx: int, shared_pkm_values: MemoryLlamaProductKeyValues | None = None
+    ):
         super().__init__(config, layer_idx)
         self.layer_idx = layer_idx
         self.engram = MemoryLlamaEngram(config, layer_idx) if layer_idx in config.engram_layers else None
@@ -89,6 +108,8 @@ class MemoryLlamaDecoderLayer(LlamaDecoderLayer):
             self.chapter_memory = MemoryLlamaChapterMemory(config, layer_idx)
         else:
             self.memory_layernorm = self.chapter_memory = None
+        in_pkm_layers = layer_idx in config.pkm_layers
+        self.product_key_memory = product_key_memory_of(config, shared_pkm_values) if in_pkm_layers else None
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -131,8 +152,10 @@ class MemoryLlamaDecoderLayer(LlamaDecoderLayer):
             hidden_states = hidden_states + update
 
         residual = hidden_states
-        hidden_states = self.post_attention_layernorm(hidden_states)
-        hidden_states = self.mlp(hidden_states)
+        normed = self.post_attention_layernorm(hidden_states)
+        hidden_states = self.mlp(normed)
+        if self.product_key_memory is not None:
+            hidden_states = hidden_states + self.product_key_memory(normed)
         hidden_states = residual + hidden_states
         return hidden_states
 
@@ -183,6 +206,10 @@ class MemoryLlamaPreTrainedModel(PreTrainedModel):
             init.zeros_(module.weight)
         elif isinstance(module, MemoryLlamaChapterBank):
             init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, MemoryLlamaProductKeyMemory):
+            module.init_weights(std)
+        elif isinstance(module, MemoryLlamaProductKeyValues):  # the shared table (a layer's own is done above)
+            module.init_weights()
         elif isinstance(module, MemoryLlamaEngram):
             bound = module.conv_kernel**-0.5
             init.uniform_(module.conv.weight, -bound, bound)
@@ -200,8 +227,12 @@ class MemoryLlamaModel(MemoryLlamaPreTrainedModel):
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        share_values = config.pkm_layers and config.pkm_share_values
+        self.pkm_values = (
+            MemoryLlamaProductKeyValues(config.pkm_num_slots, config.pkm_effective_value_dim) if share_values else None
+        )
         self.layers = nn.ModuleList(
-            [MemoryLlamaDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+            [MemoryLlamaDecoderLayer(config, layer_idx, self.pkm_values) for layer_idx in range(config.num_hidden_layers)]
         )
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)

@@ -11,6 +11,8 @@ from modeling_memory import MemoryLlamaForCausalLM, MemoryLlamaModel
 from conftest import EOS, PAD, VOCAB, random_ids, tiny_config, train_steps
 
 FP32_ATOL = 1e-5
+# A small product-key memory: 36 slots, 2 heads reading 3 each.
+PKM = dict(pkm_layers=[1], pkm_num_keys=6, pkm_top_k=3, pkm_heads=2, pkm_key_dim=8)
 
 
 def llama_config_of(config) -> LlamaConfig:
@@ -62,24 +64,32 @@ def test_memories_off_is_exactly_llama():
         torch.testing.assert_close(memory(ids).logits, llama(ids).logits, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("share_bank", [True, False])
-def test_grafted_model_computes_what_llama_computes(share_bank):
-    config = tiny_config()
+@pytest.mark.parametrize("share", [True, False])
+def test_grafted_model_computes_what_llama_computes(share):
+    config = tiny_config(**PKM)
     torch.manual_seed(0)
     llama = LlamaForCausalLM(llama_config_of(config)).eval()
     memory_fields = {k: getattr(config, k) for k in ("chapter_layers", "engram_layers", "chapter_num_chapters",
                      "chapter_size", "chapter_num_heads", "engram_heads_per_order", "engram_table_size", "engram_dim")}
-    grafted = MemoryLlamaForCausalLM.from_llama(llama, chapter_share_bank=share_bank, **memory_fields)
+    grafted = MemoryLlamaForCausalLM.from_llama(llama, chapter_share_bank=share, pkm_share_values=share,
+                                                **memory_fields, **PKM)
     ids = random_ids(3, 14, torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(grafted(ids).logits, llama(ids).logits, rtol=0, atol=FP32_ATOL)
 
 
-@pytest.mark.parametrize("memory", ["engram", "chapters"])
+CAUSALITY_LAYOUTS = {
+    "engram": dict(engram_layers=[0, 1], chapter_layers=[]),
+    "chapters": dict(engram_layers=[], chapter_layers=[0, 2]),
+    "product keys": dict(engram_layers=[], chapter_layers=[], **PKM),
+}
+
+
+@pytest.mark.parametrize("memory", CAUSALITY_LAYOUTS)
 @pytest.mark.parametrize("seed", range(4))
 def test_causality(memory, seed):
     """Changing tokens after position t never changes logits at positions <= t."""
-    layers = dict(engram_layers=[0, 1], chapter_layers=[]) if memory == "engram" else dict(engram_layers=[], chapter_layers=[0, 2])
+    layers = CAUSALITY_LAYOUTS[memory]
     torch.manual_seed(seed)
     model = train_steps(MemoryLlamaForCausalLM(tiny_config(**layers)), seed=seed)
     generator = torch.Generator().manual_seed(100 + seed)
@@ -113,7 +123,16 @@ def positions_of(mask):
     return (mask.cumsum(-1) - 1).clamp_min(0)
 
 
-def test_padding_invariance(trained_model):
+@pytest.fixture(params=["engram+chapters", "all three"])
+def each_trained_layout(request, trained_model):
+    if request.param == "engram+chapters":
+        return trained_model
+    torch.manual_seed(0)
+    return train_steps(MemoryLlamaForCausalLM(tiny_config(**PKM)))
+
+
+def test_padding_invariance(each_trained_layout):
+    trained_model = each_trained_layout
     generator = torch.Generator().manual_seed(3)
     ids, mask = left_padded_batch(generator)
     with torch.no_grad():
@@ -151,6 +170,7 @@ MEMORY_LAYOUTS = {
     "engram+chapters": {},
     "no memory": dict(engram_layers=[], chapter_layers=[]),
     "engram only": dict(chapter_layers=[], engram_layers=[0, 2]),
+    "all three": PKM,
 }
 
 
@@ -192,7 +212,8 @@ def test_compiled_decoding_with_static_cache_equals_eager(trained_model):
     assert torch.equal(compiled, trained_model.generate(ids, **kwargs))
 
 
-def test_chunked_prefill_equals_full_forward(trained_model):
+def test_chunked_prefill_equals_full_forward(each_trained_layout):
+    trained_model = each_trained_layout
     ids, mask = left_padded_batch(torch.Generator().manual_seed(5), lengths=(16, 12, 9))
     positions = positions_of(mask)
     with torch.no_grad():
