@@ -248,7 +248,7 @@ def _add_graft(subparsers):
     )
     parser.add_argument("base", help="a Hugging Face checkpoint directory, a .gguf file, or a Hub id")
     parser.add_argument("out", help="output directory (written through a temporary directory beside it)")
-    add_option(parser, "--preset", default="both", help="engram, chapters or both (default), sized for the base")
+    add_option(parser, "--preset", default="both", help="engram, chapters, both (default), pkm or all, sized for the base")
     add_option(parser, "--memory-config", metavar="FILE", help="JSON object of memory fields, applied over the preset")
     add_option(
         parser, "--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",

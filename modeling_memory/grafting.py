@@ -90,7 +90,7 @@ def is_memory_parameter_name(name: str) -> bool:
     return any(segment in _MEMORY_SEGMENTS for segment in name.split("."))
 
 
-PRESETS = ("engram", "chapters", "both")
+PRESETS = ("engram", "chapters", "both", "pkm", "all")
 
 
 def memory_preset(base_config: PretrainedConfig, preset: str = "both") -> dict:
@@ -99,13 +99,15 @@ def memory_preset(base_config: PretrainedConfig, preset: str = "both") -> dict:
     Engram sits early (about 1/15 of the depth, where n-gram knowledge helps most) and at mid-depth;
     chapter memory at 1/3 and 2/3 of the depth. The bank holds 128 chapters of 32 tokens (4,096
     memory tokens, 2 routed + 1 shared read per token); each Engram layer has 2 orders x 8 heads of
-    ~50K-row tables.
+    ~50K-row tables. The product-key memory ("pkm"; "all" is "both" plus it) sits beside the MLP at
+    mid-depth, where sparse memory fine-tuning places it: 256^2 = 65,536 value slots of the model's width,
+    4 heads reading 32 each.
     """
     if preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
     depth, hidden = base_config.num_hidden_layers, base_config.hidden_size
-    fields: dict = {"engram_layers": [], "chapter_layers": []}
-    if preset in ("engram", "both"):
+    fields: dict = {"engram_layers": [], "chapter_layers": [], "pkm_layers": []}
+    if preset in ("engram", "both", "all"):
         early = max(1, depth // 15) if depth > 2 else 0
         fields.update(
             engram_layers=sorted({early, depth // 2}),
@@ -113,7 +115,7 @@ def memory_preset(base_config: PretrainedConfig, preset: str = "both") -> dict:
             engram_table_size=50021,
             engram_dim=16 * max(8, min(64, hidden // 16)),
         )
-    if preset in ("chapters", "both"):
+    if preset in ("chapters", "both", "all"):
         heads = next(h for h in (base_config.num_attention_heads, 8, 4, 2, 1) if hidden % h == 0)
         fields.update(
             chapter_layers=sorted({depth // 3, (2 * depth) // 3}),
@@ -123,4 +125,6 @@ def memory_preset(base_config: PretrainedConfig, preset: str = "both") -> dict:
             chapter_num_shared=1,
             chapter_num_heads=heads,
         )
+    if preset in ("pkm", "all"):
+        fields.update(pkm_layers=[depth // 2], pkm_num_keys=256, pkm_top_k=32, pkm_heads=4, pkm_key_dim=256)
     return fields

@@ -34,7 +34,7 @@ ACCELERATE_CONFIGS = ("ddp_cpu", "ddp_gpu", "fsdp_gpu")
 # peft_modes.TRAINING_MODES and grafting.PRESETS, spelt out so that building the parser imports
 # neither torch nor PEFT (a test checks that they agree).
 TRAINING_MODES = ("full", "memory_only", "lora", "lora_all")
-GRAFT_PRESETS = ("engram", "chapters", "both")
+GRAFT_PRESETS = ("engram", "chapters", "both", "pkm", "all")
 
 
 def accelerate_config_path(name: str) -> str:
