@@ -1,5 +1,7 @@
 """Shared helpers of the benchmarks: the machine, timing side by side, FLOP counting, a small training
-loop with the memory's learning-rate groups, knowledge-probe recall, and writing results.
+loop with the memory's learning-rate groups, writing results, and what the benchmarks that train small
+models from scratch share (their options, data, models, batches and recall through a reduced vocabulary).
+Evaluation itself is the package's (`modeling_memory.evaluation`).
 
 Benchmarks print ratios measured in one run (ours vs a baseline) and append a section to
 benchmarks/RESULTS.md; they never assert on time.
@@ -22,7 +24,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from modeling_memory.trainer import CHAPTER_BANK_LR_MULTIPLIER, ENGRAM_LR_MULTIPLIER
+from modeling_memory.data import pack_documents
+from modeling_memory.evaluation import greedy_continuation_ids, recall_share
+from modeling_memory.natural_text import PYTHON_DOCS, load_natural_text
+from modeling_memory.offline_checkpoints import load_smollm2
+from modeling_memory.table_optimizer import clip_grad_norm_
+from modeling_memory.trainer import build_memory_optimizer, memory_parameter_groups
 
 RESULTS_FILE = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -57,18 +64,20 @@ def command_line() -> str:
 # ---------------------------------------------------------------------------------------------- timing
 
 
-def interleaved_timings(functions: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+def interleaved_timings(functions: dict, repeats: int, warmup: int = 1, clock=time.perf_counter) -> dict[str, list[float]]:
     """Seconds per call of each function, calls interleaved (A B C A B C ...) so that load from other
-    processes on a shared machine hits every variant alike. Warm-up calls are not recorded."""
+    processes on a shared machine hits every variant alike. Warm-up calls are not recorded. `clock`:
+    wall time by default; `time.process_time` counts this process's CPU time only (with one intra-op
+    thread, the time the work took, whatever else the machine runs)."""
     for _ in range(warmup):
         for function in functions.values():
             function()
     timings: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(repeats):
         for name, function in functions.items():
-            start = time.perf_counter()
+            start = clock()
             function()
-            timings[name].append(time.perf_counter() - start)
+            timings[name].append(clock() - start)
     return timings
 
 
@@ -121,29 +130,17 @@ def training_step_flops(model, input_ids: torch.Tensor) -> int:
 # ---------------------------------------------------------------------------------------------- training
 
 
-def optimizer_for(model, lr: float, weight_decay: float = 0.0, trainable=None) -> torch.optim.Optimizer:
-    """AdamW with the memory's learning-rate groups (DESIGN.md): Engram tables at lr x
-    engram_lr_multiplier without weight decay, the chapter bank at lr x chapter_bank_lr_multiplier,
-    everything else at lr. `trainable(name)` picks the parameters to train (default: all)."""
-    engram_multiplier, bank_multiplier = ENGRAM_LR_MULTIPLIER, CHAPTER_BANK_LR_MULTIPLIER
-    groups = {"tables": [], "bank": [], "rest": []}
+def optimizer_for(model, lr: float, weight_decay: float = 0.0, trainable=None, table_optimizer: str = "adam") -> torch.optim.Optimizer:
+    """The optimizer MemoryTrainer builds (DESIGN.md), with AdamW betas (0.9, 0.95): the tables (Engram tables at
+    lr x engram_lr_multiplier, the chapter bank at lr x chapter_bank_lr_multiplier, no weight decay) on a table
+    optimizer that updates only the rows a step read (`table_optimizer`: "adam" = LazyAdam, or
+    "rowwise_adagrad"), everything else on AdamW at lr with `weight_decay`. `trainable(name)` picks the parameters
+    to train (default: all)."""
     for name, param in model.named_parameters():
-        if trainable is not None and not trainable(name):
-            param.requires_grad_(False)
-            continue
-        param.requires_grad_(True)
-        if ".engram.table." in name:
-            groups["tables"].append(param)
-        elif "chapter_bank" in name or ".chapter_memory.bank." in name:
-            groups["bank"].append(param)
-        else:
-            groups["rest"].append(param)
-    param_groups = [
-        {"params": groups["tables"], "lr": lr * engram_multiplier, "weight_decay": 0.0},
-        {"params": groups["bank"], "lr": lr * bank_multiplier, "weight_decay": weight_decay},
-        {"params": groups["rest"], "lr": lr, "weight_decay": weight_decay},
-    ]
-    return torch.optim.AdamW([g for g in param_groups if g["params"]], betas=(0.9, 0.95))
+        param.requires_grad_(trainable is None or trainable(name))
+    every_name = [name for name, _ in model.named_parameters()]  # weight decay on every non-table parameter
+    groups = memory_parameter_groups(model, lr, weight_decay, decay_parameter_names=every_name)
+    return build_memory_optimizer(groups, table_optimizer, torch.optim.AdamW, {"betas": (0.9, 0.95)})
 
 
 def train(model, next_batch, steps: int, lr: float, warmup_steps: int = 0, trainable=None, log_every: int = 0, label: str = ""):
@@ -169,7 +166,7 @@ def train(model, next_batch, steps: int, lr: float, warmup_steps: int = 0, train
         ids = next_batch(step)
         loss = training_loss(model, ids)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+        clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)  # counts sparse table gradients
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -177,58 +174,6 @@ def train(model, next_batch, steps: int, lr: float, warmup_steps: int = 0, train
             print(f"    {label} step {step + 1}/{steps} loss {statistics.mean(losses[-log_every:]):.3f}", flush=True)
     model.eval()
     return losses
-
-
-@torch.no_grad()
-def validation_loss(model, blocks: torch.Tensor, batch_size: int = 16) -> float:
-    """Mean next-token cross-entropy (language-model loss only, router aux loss excluded) over `blocks`."""
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, blocks.shape[0], batch_size):
-        ids = blocks[start : start + batch_size]
-        logits = model(ids).logits[:, :-1].float()
-        targets = ids[:, 1:]
-        total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
-        count += targets.numel()
-    return total / count
-
-
-# ---------------------------------------------------------------------------------------------- knowledge
-
-
-@torch.no_grad()
-def probe_recall(model, tokenizer, probes, max_new_tokens: int = 6, batch_size: int = 32) -> float:
-    """Share of probes whose greedy continuation starts with the answer (exact match, `Probe.is_recalled`).
-
-    Prompts are left-padded and decoded greedily in batches.
-    """
-    model.eval()
-    previous_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    recalled = 0
-    try:
-        for start in range(0, len(probes), batch_size):
-            chunk = probes[start : start + batch_size]
-            inputs = tokenizer([p.prompt for p in chunk], return_tensors="pt", padding=True)
-            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
-            continuations = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            recalled += sum(probe.is_recalled(text) for probe, text in zip(chunk, continuations))
-    finally:
-        tokenizer.padding_side = previous_side
-    return recalled / len(probes)
-
-
-def knowledge_blocks(documents: list[str], tokenizer, block_size: int) -> torch.Tensor:
-    """Knowledge documents packed into (N, block_size) rows, each document starting a row and padded
-    with EOS (so every fact is seen whole and rows never split a biography in two)."""
-    rows = []
-    for text in documents:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        for start in range(0, len(ids), block_size):
-            piece = ids[start : start + block_size]
-            rows.append(piece + [tokenizer.eos_token_id] * (block_size - len(piece)))
-    return torch.tensor(rows, dtype=torch.long)
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -289,46 +234,108 @@ class ReducedVocabulary:
         return self.tokenizer.decode(self.to_original[torch.as_tensor(ids)].tolist(), skip_special_tokens=True)
 
     def blocks(self, texts, block_size: int, max_blocks: int | None = None) -> torch.Tensor:
-        """Texts joined with EOS, cut into (N, block_size) rows."""
-        ids: list[int] = []
-        for text in texts:
-            ids.extend(self.encode(text) + [self.eos_id])
-            if max_blocks is not None and len(ids) >= max_blocks * block_size:
-                break
-        usable = len(ids) // block_size * block_size
-        if max_blocks is not None:
-            usable = min(usable, max_blocks * block_size)
-        return torch.tensor(ids[:usable], dtype=torch.long).view(-1, block_size)
+        """Texts joined with EOS, cut into (N, block_size) rows (a shorter last row is dropped)."""
+        rows, _ = pack_documents(
+            map(self.encode, texts), block_size, self.eos_id, self.eos_id, drop_partial=True, max_rows=max_blocks
+        )
+        return torch.tensor(rows, dtype=torch.long).view(-1, block_size)
 
     def document_blocks(self, documents, block_size: int) -> torch.Tensor:
         """One document per row (EOS-padded), so a biography is always seen whole."""
-        rows = []
-        for text in documents:
-            ids = self.encode(text) + [self.eos_id]
-            for start in range(0, len(ids), block_size):
-                piece = ids[start : start + block_size]
-                rows.append(piece + [self.eos_id] * (block_size - len(piece)))
+        rows, _ = pack_documents(map(self.encode, documents), block_size, self.eos_id, self.eos_id, row_per_document=True)
         return torch.tensor(rows, dtype=torch.long)
 
 
-@torch.no_grad()
 def reduced_probe_recall(model, vocabulary: ReducedVocabulary, probes, max_new_tokens: int = 5) -> float:
-    """Share of probes whose greedy continuation (decoded through the reduced vocabulary) starts with
-    the answer. Prompts of equal token length are decoded together (no padding needed)."""
-    model.eval()
-    by_length: dict[int, list] = {}
-    for probe in probes:
-        by_length.setdefault(len(vocabulary.encode(probe.prompt)), []).append(probe)
-    recalled = 0
-    for group in by_length.values():
-        ids = torch.tensor([vocabulary.encode(p.prompt) for p in group], dtype=torch.long)
-        for _ in range(max_new_tokens):  # plain greedy loop: tiny models, short answers
-            next_ids = model(ids).logits[:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat([ids, next_ids], dim=1)
-        prompt_len = ids.shape[1] - max_new_tokens
-        for probe, row in zip(group, ids[:, prompt_len:]):
-            recalled += probe.is_recalled(vocabulary.decode(row))
-    return recalled / len(probes)
+    """Share of probes whose greedy continuation (decoded through the reduced vocabulary) recalls the answer."""
+    prompts = [vocabulary.encode(probe.prompt) for probe in probes]
+    continuations = greedy_continuation_ids(model, prompts, max_new_tokens, pad_id=vocabulary.eos_id)
+    return recall_share([vocabulary.decode(ids) for ids in continuations], probes)
+
+
+def add_small_model_arguments(parser, entities: int) -> None:
+    """The options of the benchmarks that train small models from scratch (iso_flop.py, forgetting.py): data,
+    model size, batches, the knowledge set, memory sizes, learning rate, threads, writing."""
+    parser.add_argument("--dataset", default=PYTHON_DOCS, help="natural text: 'python-docs' (offline) or a Hub dataset name")
+    parser.add_argument("--dataset-config", default=None)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--intermediate", type=int, default=192)
+    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--knowledge-rows", type=int, default=4, help="rows of each batch drawn from the knowledge set")
+    parser.add_argument("--entities", type=int, default=entities, help="fictional people in the knowledge set")
+    parser.add_argument("--chapters", type=int, default=32, help="x 16 tokens per chapter")
+    parser.add_argument("--engram-table-size", type=int, default=2053)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads: one is fastest for these tiny models, above all on a busy machine")
+    parser.add_argument("--no-write", action="store_true", help="print the results; do not write RESULTS.md")
+
+
+def start_benchmark(parser) -> tuple:
+    """Parse the command line, set torch's threads and print the machine: (args, start time, machine)."""
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    machine = machine_description()
+    print(f"machine: {machine}", flush=True)
+    return args, time.perf_counter(), machine
+
+
+def finish_benchmark(args, started: float, machine: str, title: str, description: str) -> None:
+    """Print the time taken and, unless --no-write, write the section `title` of RESULTS.md: the command,
+    its duration, the machine, then `description`."""
+    minutes = (time.perf_counter() - started) / 60
+    print(f"done in {minutes:.1f} min", flush=True)
+    if not args.no_write:
+        write_section(title, f"Command: `{command_line()}` ({minutes:.1f} min)\n\nMachine: {machine}.\n\n{description}")
+
+
+def small_text_data(args, knowledge_documents):
+    """(reduced vocabulary, training rows, validation rows) of the natural text, the vocabulary keeping every
+    token of `knowledge_documents`."""
+    _, tokenizer = load_smollm2()
+    text = load_natural_text(args.dataset, config_name=args.dataset_config)
+    vocabulary = ReducedVocabulary(tokenizer, text["train"]["text"], args.vocab, always_keep=knowledge_documents)
+    train_rows = vocabulary.blocks(text["train"]["text"], args.block_size)
+    validation_rows = vocabulary.blocks(text["validation"]["text"], args.block_size, max_blocks=128)
+    return vocabulary, train_rows, validation_rows
+
+
+def small_model(args, vocab_size: int, kind: str, seed: int = 0, intermediate: int | None = None):
+    """A small model trained from scratch: "dense" is a LlamaForCausalLM (of MLP width `intermediate`), the
+    other kinds a MemoryLlama with "baseline" (no memory), "engram" (layer 0), "chapters" (the last layer)
+    or "both"."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from modeling_memory import MemoryLlamaConfig, MemoryLlamaForCausalLM
+
+    torch.manual_seed(seed)
+    fields = small_llama_fields(vocab_size, args.hidden, args.layers, intermediate or args.intermediate, 4, args.block_size)
+    if kind == "dense":
+        return LlamaForCausalLM(LlamaConfig(**fields))
+    if kind in ("engram", "both"):
+        fields.update(engram_layers=[0], engram_heads_per_order=4, engram_table_size=args.engram_table_size, engram_dim=64)
+    if kind in ("chapters", "both"):
+        fields.update(
+            chapter_layers=[args.layers - 1], chapter_num_chapters=args.chapters, chapter_size=16,
+            chapter_top_k=2, chapter_num_shared=1, chapter_num_heads=4,
+        )
+    return MemoryLlamaForCausalLM(MemoryLlamaConfig(**fields))
+
+
+def mixed_batches(rng, text_rows: torch.Tensor, fact_rows: torch.Tensor, batch: int, facts_per_batch: int):
+    """`next_batch(step)` for `train`: each batch draws `batch - facts_per_batch` natural-text rows and
+    `facts_per_batch` knowledge rows at random (from `rng`)."""
+
+    def next_batch(step):
+        text = [rng.randrange(text_rows.shape[0]) for _ in range(batch - facts_per_batch)]
+        facts = [rng.randrange(fact_rows.shape[0]) for _ in range(facts_per_batch)]
+        return torch.cat([text_rows[text], fact_rows[facts]])
+
+    return next_batch
 
 
 def small_llama_fields(vocab_size: int, hidden: int, layers: int, intermediate: int, heads: int, max_positions: int) -> dict:

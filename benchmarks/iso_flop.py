@@ -29,55 +29,31 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    ReducedVocabulary,
-    command_line,
-    machine_description,
+    add_small_model_arguments,
+    finish_benchmark,
     markdown_table,
     mean_and_spread,
+    mixed_batches,
     parameter_total,
     reduced_probe_recall,
-    small_llama_fields,
+    small_model,
+    small_text_data,
+    start_benchmark,
     train,
     training_step_flops,
-    validation_loss,
-    write_section,
 )
 
 import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from modeling_memory import MemoryLlamaConfig, MemoryLlamaForCausalLM  # noqa: E402
+from modeling_memory.evaluation import mean_token_nll  # noqa: E402
 from modeling_memory.knowledge import KnowledgeSet  # noqa: E402
-from modeling_memory.natural_text import PYTHON_DOCS, load_natural_text  # noqa: E402
-from modeling_memory.offline_checkpoints import load_smollm2  # noqa: E402
-
-
-def memory_fields(args, kind: str) -> dict:
-    """Memory settings of the small models: Engram early, chapter memory at the last layer."""
-    fields: dict = {"engram_layers": [], "chapter_layers": []}
-    if kind in ("engram", "both"):
-        fields.update(engram_layers=[0], engram_heads_per_order=4, engram_table_size=args.engram_table_size, engram_dim=64)
-    if kind in ("chapters", "both"):
-        fields.update(
-            chapter_layers=[args.layers - 1], chapter_num_chapters=args.chapters, chapter_size=16,
-            chapter_top_k=2, chapter_num_shared=1, chapter_num_heads=4,
-        )
-    return fields
-
-
-def build_model(args, vocab_size: int, kind: str, intermediate: int | None = None, seed: int = 0):
-    torch.manual_seed(seed)
-    base = small_llama_fields(vocab_size, args.hidden, args.layers, intermediate or args.intermediate, 4, args.block_size)
-    if kind == "dense":
-        return LlamaForCausalLM(LlamaConfig(**base))
-    return MemoryLlamaForCausalLM(MemoryLlamaConfig(**base, **memory_fields(args, kind)))
 
 
 def matching_intermediate(args, vocab_size: int, target_params: int) -> int:
     """The MLP width (multiple of 16) whose dense Llama has the parameter count closest to `target_params`."""
     def params(width):
         with torch.device("meta"):
-            return parameter_total(build_model(args, vocab_size, "dense", intermediate=width))
+            return parameter_total(small_model(args, vocab_size, "dense", intermediate=width))
 
     width = args.intermediate
     while params(width + 16) <= target_params:
@@ -87,37 +63,13 @@ def matching_intermediate(args, vocab_size: int, target_params: int) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default=PYTHON_DOCS, help="natural text: 'python-docs' (offline) or a Hub dataset name")
-    parser.add_argument("--dataset-config", default=None)
-    parser.add_argument("--seeds", type=int, default=3)
+    add_small_model_arguments(parser, entities=20)
     parser.add_argument("--baseline-steps", type=int, default=150, help="steps of the baseline; sets the FLOP budget")
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--intermediate", type=int, default=192)
-    parser.add_argument("--vocab", type=int, default=2048)
-    parser.add_argument("--block-size", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--knowledge-rows", type=int, default=4, help="rows of each batch drawn from the knowledge set")
-    parser.add_argument("--entities", type=int, default=20)
-    parser.add_argument("--chapters", type=int, default=32, help="x 16 tokens per chapter")
-    parser.add_argument("--engram-table-size", type=int, default=2053)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads: one is fastest for these tiny models, above all on a busy machine")
-    parser.add_argument("--no-write", action="store_true")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    machine = machine_description()
-    print(f"machine: {machine}", flush=True)
+    args, started, machine = start_benchmark(parser)
 
-    _, tokenizer = load_smollm2()
-    text = load_natural_text(args.dataset, config_name=args.dataset_config)
     knowledge = KnowledgeSet.generate(num_entities=args.entities, seed=0)
     documents = knowledge.training_documents()
-    vocabulary = ReducedVocabulary(tokenizer, text["train"]["text"], args.vocab, always_keep=documents)
-    train_blocks = vocabulary.blocks(text["train"]["text"], args.block_size)
-    validation_blocks = vocabulary.blocks(text["validation"]["text"], args.block_size, max_blocks=128)
+    vocabulary, train_blocks, validation_blocks = small_text_data(args, documents)
     knowledge_blocks = vocabulary.document_blocks(documents, args.block_size)
     held_out, memorised = knowledge.probes(held_out=True), knowledge.probes(held_out=False)
     print(
@@ -130,12 +82,12 @@ def main() -> None:
         "baseline": "Llama baseline", "engram": "+ Engram", "chapters": "+ chapter memory",
         "both": "+ both", "dense": "larger dense Llama",
     }
-    both_params = parameter_total(build_model(args, vocabulary.size, "both"))
+    both_params = parameter_total(small_model(args, vocabulary.size, "both"))
     dense_width = matching_intermediate(args, vocabulary.size, both_params)
     sample = train_blocks[: args.batch]
     plans = {}
     for kind in kinds:
-        model = build_model(args, vocabulary.size, kind, intermediate=dense_width if kind == "dense" else None)
+        model = small_model(args, vocabulary.size, kind, intermediate=dense_width if kind == "dense" else None)
         plans[kind] = {"params": parameter_total(model), "flops": training_step_flops(model, sample)}
     budget = plans["baseline"]["flops"] * args.baseline_steps
     for kind in kinds:
@@ -146,18 +98,13 @@ def main() -> None:
     results = {kind: {"loss": [], "held_out": [], "memorised": [], "seconds": []} for kind in kinds}
     for seed in range(args.seeds):
         for kind in kinds:
-            model = build_model(args, vocabulary.size, kind, intermediate=dense_width if kind == "dense" else None, seed=seed)
+            model = small_model(args, vocabulary.size, kind, seed, intermediate=dense_width if kind == "dense" else None)
             rng = random.Random(seed)  # the same data order for every model of a seed
-
-            def next_batch(step):
-                text_rows = [rng.randrange(train_blocks.shape[0]) for _ in range(args.batch - args.knowledge_rows)]
-                fact_rows = [rng.randrange(knowledge_blocks.shape[0]) for _ in range(args.knowledge_rows)]
-                return torch.cat([train_blocks[text_rows], knowledge_blocks[fact_rows]])
-
+            next_batch = mixed_batches(rng, train_blocks, knowledge_blocks, args.batch, args.knowledge_rows)
             start = time.perf_counter()
             train(model, next_batch, plans[kind]["steps"], args.lr, warmup_steps=20)
             results[kind]["seconds"].append(time.perf_counter() - start)
-            results[kind]["loss"].append(validation_loss(model, validation_blocks))
+            results[kind]["loss"].append(mean_token_nll(model, validation_blocks))
             results[kind]["held_out"].append(reduced_probe_recall(model, vocabulary, held_out))
             results[kind]["memorised"].append(reduced_probe_recall(model, vocabulary, memorised))
             print(
@@ -182,9 +129,7 @@ def main() -> None:
         rows,
     )
     print(table)
-    elapsed = time.perf_counter() - started
-    body = (
-        f"Command: `{command_line()}` ({elapsed / 60:.1f} min)\n\nMachine: {machine}.\n\n"
+    description = (
         f"Equal training FLOPs ({budget / 1e12:.2f} TFLOP per model = {args.baseline_steps} baseline steps; FLOPs "
         f"counted on a real training step, memory included). Hidden {args.hidden}, {args.layers} layers, vocabulary "
         f"{vocabulary.size:,}, batch {args.batch} x {args.block_size} tokens ({args.knowledge_rows} rows of each batch "
@@ -195,9 +140,7 @@ def main() -> None:
         f"parameters.\n\n{table}\n\nRecall is exact match of the greedy continuation; held-out probes ask for each "
         f"fact in a phrasing never trained on."
     )
-    print(f"done in {elapsed / 60:.1f} min", flush=True)
-    if not args.no_write:
-        write_section("Iso-FLOP comparison from scratch (benchmarks/iso_flop.py)", body)
+    finish_benchmark(args, started, machine, "Iso-FLOP comparison from scratch (benchmarks/iso_flop.py)", description)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """How large a chapter bank and Engram tables fit on this machine, at the demo's backbone (SmolLM2-135M).
 
 Each size runs in its own subprocess (so its peak resident memory is its own): build the grafted
-model, then either one inference forward (batch 1 x 128 tokens, no autograd) or one AdamW training
-step (batch 4 x 128 tokens, memory and backbone trainable). Peak RSS grows linearly with the memory's
-size; a least-squares line through the measured points gives the bytes per memory parameter, and the
-largest size that fits in the machine's RAM (less 2 GiB of headroom) follows. Sizes are kept small
-enough to measure safely; the limits are extrapolated from the fitted line and printed as such.
+model, then either one inference forward (batch 1 x 128 tokens, no autograd) or one training step
+(batch 4 x 128 tokens, memory and backbone trainable) with the optimizer MemoryTrainer builds: the
+tables with sparse row gradients on LazyAdam (two fp32 moments per weight) or RowWiseAdagrad (one fp32
+scalar per row), everything else on AdamW. Peak RSS grows linearly with the memory's size; a
+least-squares line through the measured points gives the bytes per memory parameter, and the largest
+size that fits in the machine's RAM (less 2 GiB of headroom) follows. Sizes are kept small enough to
+measure safely; the limits are extrapolated from the fitted line and printed as such.
 
     python benchmarks/limits.py      # measures, prints the table, writes its section of benchmarks/RESULTS.md
 """
@@ -19,13 +21,19 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import command_line, machine_description, markdown_table, training_loss, write_section  # noqa: E402
+from common import command_line, machine_description, markdown_table, optimizer_for, training_loss, write_section  # noqa: E402
 
 BANK_TOKENS = (4096, 32768, 131072)  # chapter_num_chapters x chapter_size 32
 TABLE_ROWS = (50021, 200003, 400009)  # rows per Engram table (16 tables per layer, 2 layers)
 HEADROOM_GIB = 2.0
+# Modes: inference, and a training step with each table optimizer of MemoryTrainer.
+MODES = {"inference": None, "train, LazyAdam": "adam", "train, RowWiseAdagrad": "rowwise_adagrad"}
 BEYOND_LIMITS = (
-    "Beyond these sizes the process is ended by the kernel's out-of-memory killer (SIGKILL: no Python traceback, a half-finished step) or, for a single huge allocation, torch raises `RuntimeError: DefaultCPUAllocator: can't allocate memory`; seen while measuring, with 800K-row tables in training next to other jobs. The row-wise table optimizer (`RowWiseAdagrad`) drops Adam's two dense states, about 8 of the 20 training bytes per table parameter."
+    "Beyond these sizes the process is ended by the kernel's out-of-memory killer (SIGKILL: no Python traceback, a "
+    "half-finished step) or, for a single huge allocation, torch raises `RuntimeError: DefaultCPUAllocator: can't "
+    "allocate memory`. A training step allocates no gradient of a table's size (the gradients are sparse): what a "
+    "table costs beyond its own 4 bytes per weight is its optimizer state, 8 bytes per weight for LazyAdam's two "
+    "moments, 4 bytes per row for RowWiseAdagrad."
 )
 
 
@@ -33,8 +41,7 @@ def run_one(kind: str, size: int, mode: str) -> None:
     """Child process: build, run, print the peak RSS in bytes as JSON."""
     import torch
 
-    from modeling_memory import MemoryLlamaForCausalLM
-    from modeling_memory.grafting import memory_preset
+    from modeling_memory.grafting import from_llama, memory_preset
     from modeling_memory.offline_checkpoints import load_smollm2
 
     base, _ = load_smollm2()
@@ -43,13 +50,14 @@ def run_one(kind: str, size: int, mode: str) -> None:
         fields["chapter_num_chapters"] = size // fields["chapter_size"]
     else:
         fields["engram_table_size"] = size
-    model = MemoryLlamaForCausalLM.from_llama(base, **fields)
+    model = from_llama(base, **fields)
     del base
     memory_params = sum(p.numel() for n, p in model.named_parameters() if "chapter_bank" in n or ".engram.table." in n)
-    ids = torch.randint(0, model.config.vocab_size, (4 if mode == "train" else 1, 128))
-    if mode == "train":
+    table_optimizer = MODES[mode]
+    ids = torch.randint(0, model.config.vocab_size, (1 if table_optimizer is None else 4, 128))
+    if table_optimizer is not None:
         model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        optimizer = optimizer_for(model, lr=1e-4, table_optimizer=table_optimizer)
         training_loss(model, ids).backward()
         optimizer.step()
     else:
@@ -89,7 +97,7 @@ def main() -> None:
     print(f"machine: {machine_description()}; RAM {ram / 2**30:.1f} GiB (budget {budget / 2**30:.1f} GiB)")
     rows = []
     for kind, sizes, unit in (("bank", BANK_TOKENS, "memory tokens"), ("table", TABLE_ROWS, "rows per table")):
-        for mode in ("inference", "train"):
+        for mode in MODES:
             points = []
             for size in sizes:
                 result = measure(kind, size, mode)
@@ -115,7 +123,8 @@ def main() -> None:
         f"Machine: {machine_description()}, {ram / 2**30:.1f} GiB RAM (budget {budget / 2**30:.1f} GiB after "
         f"{HEADROOM_GIB:.0f} GiB headroom).\n\n"
         "Peak resident memory measured at three sizes per row and fitted with a line; the largest size is "
-        "the line's crossing of the budget (extrapolated). Training: AdamW, every parameter trainable, "
+        "the line's crossing of the budget (extrapolated). Training: one step with the optimizer MemoryTrainer builds "
+        "(tables: sparse row gradients, LazyAdam or RowWiseAdagrad; the rest AdamW), every parameter trainable, "
         "batch 4 x 128 tokens; inference: batch 1 x 128 tokens, no autograd.\n\n" + table + "\n\n" + BEYOND_LIMITS
     )
     print(table)

@@ -1,9 +1,9 @@
-"""Peak memory of training a huge Engram-sized table with dense AdamW vs the lean RowWiseAdagrad.
+"""Peak memory of training a huge Engram-sized table: dense gradient + AdamW (how tables trained before
+sparse gradients) vs sparse row gradients + LazyAdam (the default) vs sparse + the lean RowWiseAdagrad.
 
 Each step reads `tokens x heads` random rows of one (rows x dim) fp32 table, as an Engram layer
-does, and the table gets a dense gradient (the default `nn.Embedding`). Reports the optimizer state
-and the peak memory of a training step (CUDA: exact allocator peak; CPU: peak RSS of a fresh
-process per optimizer). Needs only torch.
+does. Reports the optimizer state and the peak memory of a training step (CUDA: exact allocator peak;
+CPU: peak RSS of a fresh process per optimizer). Needs only torch.
 
     python benchmarks/table_optimizer_memory.py [--rows 4000000 --dim 64 --device cuda]
 """
@@ -19,6 +19,10 @@ import sys
 import torch
 
 
+# Gradient layout and optimizer of each variant.
+OPTIMIZERS = {"adamw": "dense gradient, AdamW", "lazy_adam": "sparse, LazyAdam", "rowwise_adagrad": "sparse, RowWiseAdagrad"}
+
+
 def _load_table_optimizer():
     # Loaded by path so that this script runs with torch alone (the package imports transformers).
     path = os.path.join(os.path.dirname(__file__), "..", "modeling_memory", "table_optimizer.py")
@@ -31,9 +35,11 @@ def _load_table_optimizer():
 def measure(optimizer_name: str, rows: int, dim: int, tokens: int, heads: int, steps: int, device: str) -> dict:
     table_optimizer = _load_table_optimizer()
     torch.manual_seed(0)
-    table = torch.nn.Embedding(rows, dim, device=device)
+    table = torch.nn.Embedding(rows, dim, device=device, sparse=optimizer_name != "adamw")
     if optimizer_name == "adamw":
         optimizer = torch.optim.AdamW(table.parameters(), lr=1e-3, weight_decay=0.0)
+    elif optimizer_name == "lazy_adam":
+        optimizer = table_optimizer.LazyAdam(table.parameters(), lr=1e-3)
     else:
         optimizer = table_optimizer.RowWiseAdagrad(table.parameters(), lr=1e-2)
     target = torch.randn(tokens, heads * dim, device=device)
@@ -70,13 +76,13 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--only", choices=["adamw", "rowwise_adagrad"], help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=list(OPTIMIZERS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.only:  # child process of a CPU measurement
         print(json.dumps(measure(args.only, args.rows, args.dim, args.tokens, args.heads, args.steps, args.device)))
         return
     results = []
-    for name in ("adamw", "rowwise_adagrad"):
+    for name in OPTIMIZERS:
         if args.device == "cuda":
             results.append(measure(name, args.rows, args.dim, args.tokens, args.heads, args.steps, "cuda"))
             torch.cuda.empty_cache()
@@ -88,9 +94,10 @@ def main() -> None:
     gib = 2**30
     peak_key = "peak_bytes" if args.device == "cuda" else "peak_rss_bytes"
     print(f"table {args.rows:,} x {args.dim} fp32 = {args.rows * args.dim * 4 / gib:.2f} GiB, device {args.device}")
-    print(f"{'optimizer':<16} {'state GiB':>10} {'state/table':>12} {'peak GiB':>9}")
+    print(f"{'gradient, optimizer':<26} {'state GiB':>10} {'state/table':>12} {'peak GiB':>9}")
     for r in results:
-        print(f"{r['optimizer']:<16} {r['state_bytes'] / gib:>10.3f} {r['state_bytes'] / r['table_bytes']:>12.4f} {r[peak_key] / gib:>9.2f}")
+        print(f"{OPTIMIZERS[r['optimizer']]:<26} {r['state_bytes'] / gib:>10.3f} {r['state_bytes'] / r['table_bytes']:>12.4f} "
+              f"{r[peak_key] / gib:>9.2f}")
     print(json.dumps(results))
 
 

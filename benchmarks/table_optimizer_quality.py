@@ -1,5 +1,5 @@
-"""Quality of the lean table optimizer: the same MemoryTrainer run with the Engram tables on AdamW
-(the default) and on RowWiseAdagrad, on the built-in knowledge set.
+"""Quality of the lean table optimizer: the same MemoryTrainer run with the tables (Engram tables, chapter
+bank) on LazyAdam (the default) and on RowWiseAdagrad, on the built-in knowledge set.
 
 A small random-initialised MemoryLlama (with a byte-level BPE tokenizer trained on the knowledge text
 itself, so the vocabulary and the output layer stay small) learns facts about fictional people; reported per optimizer: the table optimizer's state, the final training loss (mean of the
@@ -21,9 +21,9 @@ from modeling_memory import MemoryLlamaConfig, MemoryLlamaForCausalLM
 from modeling_memory.data import knowledge_dataset, tokenize_and_pack
 from modeling_memory.knowledge import KnowledgeSet
 from modeling_memory.table_optimizer import optimizer_state_bytes
-from modeling_memory.memory_parameters import ENGRAM_TABLE, memory_parameters
+from modeling_memory.memory_parameters import TABLE_KINDS, memory_parameters
 from modeling_memory.trainer import MemoryTrainer, MemoryTrainingArguments
-from modeling_memory.training_cli import evaluate_knowledge_recall
+from modeling_memory.evaluation import evaluate_knowledge_recall
 
 
 def build_tokenizer(knowledge: KnowledgeSet, vocab_size: int):
@@ -69,7 +69,7 @@ def run(table_optimizer: str, args, tokenizer, rows, knowledge) -> dict:
         seconds = time.time() - start
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         optimizer = trainer.optimizer.optimizer
-        tables = {id(p) for p in memory_parameters(model, (ENGRAM_TABLE,))}
+        tables = {id(p) for p in memory_parameters(model, TABLE_KINDS)}
         table_state = sum(
             v.numel() * v.element_size() for p, s in optimizer.state.items() if id(p) in tables for v in s.values() if torch.is_tensor(v)
         )
@@ -78,7 +78,7 @@ def run(table_optimizer: str, args, tokenizer, rows, knowledge) -> dict:
     model.eval()
     memorised = evaluate_knowledge_recall(model, tokenizer, knowledge.probes(held_out=False), batch_size=32)
     held_out = evaluate_knowledge_recall(model, tokenizer, knowledge.probes(held_out=True), batch_size=32)
-    table_params = sum(p.numel() for p in memory_parameters(model, (ENGRAM_TABLE,)))
+    table_params = sum(p.numel() for p in memory_parameters(model, TABLE_KINDS))
     return {
         "table_optimizer": table_optimizer,
         "table_parameters": table_params,
@@ -107,12 +107,12 @@ def main() -> None:
     knowledge = KnowledgeSet.generate(args.entities, seed=args.seed)
     tokenizer = build_tokenizer(knowledge, args.vocab_size)
     rows = tokenize_and_pack(knowledge_dataset(knowledge), tokenizer, args.block_size)
-    results = [run(name, args, tokenizer, rows, knowledge) for name in ("default", "rowwise_adagrad")]
+    results = [run(name, args, tokenizer, rows, knowledge) for name in ("adam", "rowwise_adagrad")]
 
     print(f"{args.entities} people, {len(rows)} rows of {args.block_size} tokens, {args.steps} steps x batch {args.batch_size}")
     print(f"{'tables on':<16} {'table state':>12} {'final loss':>11} {'loss after':>11} {'recall mem.':>12} {'recall held-out':>16}")
     for r in results:
-        name = "AdamW" if r["table_optimizer"] == "default" else "RowWiseAdagrad"
+        name = "LazyAdam" if r["table_optimizer"] == "adam" else "RowWiseAdagrad"
         print(
             f"{name:<16} {r['table_state_bytes'] / 2**20:>9.2f} MiB {r['final_training_loss']:>11.4f} "
             f"{r['loss_after_training']:>11.4f} {r['recall_memorisation']:>12.3f} {r['recall_held_out']:>16.3f}"

@@ -7,7 +7,7 @@
 
 import sys
 
-from modeling_memory.cli import main
+from memory_llama_cli import main
 
 if __name__ == "__main__":
     arguments = sys.argv[1:]

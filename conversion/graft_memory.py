@@ -5,7 +5,7 @@
 
 import sys
 
-from modeling_memory.cli import main
+from memory_llama_cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["graft", *sys.argv[1:]]))

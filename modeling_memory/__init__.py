@@ -14,11 +14,15 @@ AutoModelForCausalLM.register(MemoryLlamaConfig, MemoryLlamaForCausalLM)
 
 __version__ = "0.1.0"
 
-# Training helpers load on first use, so that importing the model does not import Trainer and PEFT.
-_TRAINING_EXPORTS = {
+# Tooling loads on first use, so that importing the model does not import Trainer, PEFT or the Hub tools.
+_LAZY_EXPORTS = {
+    "from_llama": "grafting",
+    "push_to_hub": "hub_export",
     "MemoryTrainer": "trainer",
     "MemoryTrainingArguments": "trainer",
     "RowWiseAdagrad": "table_optimizer",
+    "LazyAdam": "table_optimizer",
+    "set_sparse_table_gradients": "trainer",
     "KnowledgeSet": "knowledge",
     "prepare_model_for_mode": "peft_modes",
     "recommended_lora_config": "peft_modes",
@@ -28,15 +32,15 @@ _TRAINING_EXPORTS = {
 
 
 def __getattr__(name):
-    if name in _TRAINING_EXPORTS:
+    if name in _LAZY_EXPORTS:
         import importlib
 
-        return getattr(importlib.import_module(f".{_TRAINING_EXPORTS[name]}", __name__), name)
+        return getattr(importlib.import_module(f".{_LAZY_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
-    *_TRAINING_EXPORTS,
+    *_LAZY_EXPORTS,
     "MemoryLlamaConfig",
     "MemoryLlamaForCausalLM",
     "MemoryLlamaModel",

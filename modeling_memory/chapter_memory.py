@@ -8,6 +8,12 @@ separately and the outputs combine MoE-style:
     o_t = mean(o_t,shared) + sum_{c in topk(t)} w_t,c * o_t,c,   w = softmax over the k selected logits
 
 then `memory_output` (zero-initialised, so a fresh memory adds exactly zero).
+
+Training reads only the rows of the chapters a batch reads, gathered so that the bank's gradient is sparse
+(those rows only, see `ops_table_rows.py`), and attends to them in one of two exact ways: projecting the
+rows to keys and values (for the Triton kernels, or when cheaper), or, in PyTorch, folding the projections
+into the query and the output (`attend_folded`), whose cost does not depend on how many distinct chapters
+are read. Inference projects the whole bank once and reuses it.
 """
 
 import torch
@@ -15,15 +21,22 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from .configuration_memory_llama import MemoryLlamaConfig
-from .ops_chapter_attention import chapter_attention
+from .kernel_backend import kernel_choice
+from .ops_chapter_attention import chapter_attention, chapter_attention_folded_reference
+from .ops_table_rows import gather_rows
 
 
-class MemoryLlamaChapterBank(nn.Module):
-    """The learnt memory tokens: (num_chapters * chapter_size, hidden_size), shared chapters first."""
+class MemoryLlamaChapterBank(nn.Embedding):
+    """The learnt memory tokens: (num_chapters * chapter_size, hidden_size), shared chapters first.
+
+    A table read by rows in training (the rows of the chapters a batch reads), hence an `nn.Embedding` with
+    `sparse=True`: DDP all-reduces sparse gradients only for embedding modules that say so. Its weight is
+    initialised by the model's `_init_weights`.
+    """
 
     def __init__(self, config: MemoryLlamaConfig):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(config.chapter_num_chapters * config.chapter_size, config.hidden_size))
+        rows = config.chapter_num_chapters * config.chapter_size
+        super().__init__(rows, config.hidden_size, sparse=True, _weight=torch.empty(rows, config.hidden_size))
 
 
 class MemoryLlamaChapterMemory(nn.Module):
@@ -46,6 +59,9 @@ class MemoryLlamaChapterMemory(nn.Module):
         self.memory_output.zero_init = True  # function-preserving at birth (see _init_weights)
         self.bank_norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.bank = None if config.chapter_share_bank else MemoryLlamaChapterBank(config)
+        # Whether training gives the bank a sparse gradient; kept equal to the bank module's `sparse` (see
+        # `trainer.set_sparse_table_gradients`), which this layer cannot see when the bank is shared.
+        self.sparse_bank_gradient = True
         self._projected_bank = None  # (version key, keys, values), reused while no weight changes
 
     def _bank_version(self, bank: torch.Tensor) -> tuple:
@@ -77,20 +93,50 @@ class MemoryLlamaChapterMemory(nn.Module):
             self._projected_bank = (version, *self._project(bank, dtype))
         return self._projected_bank[1], self._projected_bank[2]
 
-    def project_read_chapters(
-        self, bank: torch.Tensor, chapter_ids: torch.Tensor, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keys and values of only the chapters this batch reads (training: the projection must be part of
-        the graph, so it is recomputed every step; limiting it to the read chapters keeps a step's cost
-        bounded by tokens x (shared + k) chapters instead of growing with the bank).
+    def read_chapter_rows(self, bank: torch.Tensor, chapter_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bank rows of only the chapters this batch reads (training: a step's cost is bounded by
+        tokens x (shared + k) chapters instead of growing with the bank), gathered so that the bank's gradient
+        is sparse: the U * T rows read.
 
-        Returns keys, values (U, T, H, D) for the U distinct chapters read and chapter_ids renumbered into them.
+        Returns rows (U * T, d) of the U distinct chapters read, and chapter_ids renumbered into them.
         """
         read, local_ids = torch.unique(chapter_ids, return_inverse=True)
-        if read.numel() == self.num_chapters:
-            return *self._project(bank, dtype), chapter_ids
-        rows = bank.view(self.num_chapters, self.chapter_size, -1)[read].flatten(0, 1)
-        return *self._project(rows, dtype), local_ids
+        offsets = torch.arange(self.chapter_size, device=read.device)
+        row_ids = (read.unsqueeze(1) * self.chapter_size + offsets).flatten()
+        return gather_rows(bank, row_ids, sparse_grad=self.sparse_bank_gradient), local_ids
+
+    def folding_is_cheaper(self, num_tokens: int, reads_per_token: int, num_read: int) -> bool:
+        """Whether `attend_folded` costs fewer FLOPs than projecting the `num_read` chapters read. Both are exact;
+        folding works on the modules' weights, so it is used only for plain `nn.Linear` projections (a projection
+        carrying an adapter is called as a module)."""
+        if type(self.memory_key) is not nn.Linear or type(self.memory_value) is not nn.Linear:
+            return False
+        hidden, keys_read = self.num_heads * self.head_dim, reads_per_token * self.chapter_size
+        projected = num_read * self.chapter_size * hidden * hidden + num_tokens * keys_read * hidden
+        folded = num_tokens * hidden * hidden + num_tokens * keys_read * self.num_heads * hidden
+        return folded < projected
+
+    def attend_folded(
+        self, query: torch.Tensor, rows: torch.Tensor, chapter_ids: torch.Tensor, chapter_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Chapter attention with the key and value projections folded into the query and the output.
+
+        Per head h, with n_j the normed bank rows and W_k[h], W_v[h] the head's (D, d) slices of the projections:
+        q . (W_k[h] n_j) = (W_k[h]^T q) . n_j, and sum_j p_j W_v[h] n_j = W_v[h] sum_j p_j n_j. So the rows read
+        are normed but never projected: O(N * R * T * H * d) work instead of O(U * T * d^2), whatever the number
+        U of chapters read.
+
+        Args:
+            query: (N, H, D) projected queries.
+            rows: (U * T, d) bank rows of the chapters read; chapter_ids (N, R) into them; chapter_weights (N, R).
+        Returns:
+            (N, H, D), as `chapter_attention` of the projected rows.
+        """
+        normed = self.bank_norm(rows.to(query.dtype)).view(-1, self.chapter_size, rows.shape[-1])  # (U, T, d)
+        per_head = (self.num_heads, self.head_dim, -1)
+        folded_query = torch.einsum("nhe,hed->nhd", query, self.memory_key.weight.view(per_head))
+        mixed = chapter_attention_folded_reference(folded_query, normed, chapter_ids, chapter_weights, self.head_dim**-0.5)
+        return torch.einsum("nhd,hed->nhe", mixed, self.memory_value.weight.view(per_head))
 
     def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """
@@ -129,12 +175,20 @@ class MemoryLlamaChapterMemory(nn.Module):
                 f"The chapter bank is on {bank.device} but the hidden states are on {hidden_states.device}: "
                 "move the whole model with `model.to(device)`."
             )
+        query = self.memory_query(flat).view(-1, self.num_heads, self.head_dim)
+        scale = self.head_dim**-0.5
         if torch.is_grad_enabled():
-            keys, values, chapter_ids = self.project_read_chapters(bank, chapter_ids, hidden_states.dtype)
+            rows, chapter_ids = self.read_chapter_rows(bank, chapter_ids)
+            num_read = rows.shape[0] // self.chapter_size
+            # The Triton kernels attend to projected rows; folding replaces the PyTorch reference when cheaper.
+            if kernel_choice(query) == "torch" and self.folding_is_cheaper(flat.shape[0], chapter_ids.shape[1], num_read):
+                attended = self.attend_folded(query, rows, chapter_ids, chapter_weights)
+            else:
+                keys, values = self._project(rows, hidden_states.dtype)
+                attended = chapter_attention(query, keys, values, chapter_ids, chapter_weights, scale)
         else:
             keys, values = self.project_bank(bank, hidden_states.dtype)
-        query = self.memory_query(flat).view(-1, self.num_heads, self.head_dim)
-        attended = chapter_attention(query, keys, values, chapter_ids, chapter_weights, self.head_dim**-0.5)
+            attended = chapter_attention(query, keys, values, chapter_ids, chapter_weights, scale)
         output = self.memory_output(attended.reshape(batch, seq_len, hidden))
         return output, router_logits, routed_chapters
 

@@ -2,11 +2,14 @@
 
 `load_text_dataset` reads local .txt / .json / .jsonl / .parquet files (one file, or a folder of
 them) with datasets' builders, or a Hub dataset name when online. `knowledge_dataset` turns the
-built-in `KnowledgeSet` into a text dataset. `tokenize_and_pack` tokenises every document, ends it
-with EOS (Engram's n-gram history and the loss see the boundary), concatenates documents and cuts
-the stream into rows of `block_size` tokens. The last, shorter row of each map batch is padded
-(attention_mask 0, label -100) rather than dropped, so no document is lost: a small knowledge set
-fits in a few rows.
+built-in `KnowledgeSet` into a text dataset.
+
+`pack_documents` is the one token packer (the command line, the demo and the benchmarks use it): every
+document ends with EOS (Engram's n-gram history and the loss see the boundary), documents are
+concatenated and the stream is cut into rows of `block_size` tokens; or each document starts a row of
+its own. `tokenize_and_pack` runs it over a dataset: the last, shorter row of each map batch is padded
+(attention_mask 0, label -100) rather than dropped, so no document is lost: a small knowledge set fits
+in a few rows.
 """
 
 import os
@@ -83,8 +86,51 @@ def knowledge_dataset(knowledge: KnowledgeSet) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"text": knowledge.training_documents()})
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id_of(tokenizer) -> int:
+    """The id that fills padding: the tokenizer's pad token, else its EOS."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def pack_documents(
+    documents,
+    block_size: int,
+    eos_id: int,
+    pad_id: int,
+    *,
+    row_per_document: bool = False,
+    drop_partial: bool = False,
+    max_rows: int | None = None,
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Token-id documents packed into rows of exactly `block_size` ids; returns (rows, attention masks).
+
+    Each document (a list of ids, without EOS) is followed by `eos_id`. Documents are concatenated and the
+    stream cut into rows, or with `row_per_document` each document starts a row of its own (a long one
+    fills several). A shorter last row (of the stream, or of each document) is filled with `pad_id`, mask 0,
+    or dropped with `drop_partial`. `documents` is read lazily: with `max_rows` it stops once that many
+    rows are full.
+    """
+    if not isinstance(block_size, int) or block_size < 2:
+        raise ValueError(f"block_size must be an integer >= 2, got {block_size!r}.")
+    rows, masks, stream = [], [], []
+
+    def cut(final: bool) -> None:
+        while len(stream) >= block_size or (final and stream):
+            chunk = stream[:block_size]
+            del stream[:block_size]
+            if len(chunk) < block_size and drop_partial:
+                continue
+            missing = block_size - len(chunk)
+            rows.append(chunk + [pad_id] * missing)
+            masks.append([1] * len(chunk) + [0] * missing)
+
+    for ids in documents:
+        stream.extend(ids)
+        stream.append(eos_id)
+        cut(final=row_per_document)
+        if max_rows is not None and len(rows) >= max_rows:
+            return rows[:max_rows], masks[:max_rows]
+    cut(final=True)
+    return rows[:max_rows], masks[:max_rows]
 
 
 def tokenize_and_pack(
@@ -93,28 +139,20 @@ def tokenize_and_pack(
     """Rows of exactly `block_size` tokens: `input_ids`, `attention_mask`, `labels` (-100 at padding).
 
     Each document is tokenised without special tokens and followed by EOS; documents are packed
-    back to back in dataset order (deterministic)."""
+    back to back in dataset order (deterministic; `pack_documents` per map batch)."""
     if not isinstance(block_size, int) or block_size < 2:
         raise ValueError(f"block_size must be an integer >= 2, got {block_size!r}.")
     if tokenizer.eos_token_id is None:
         raise ValueError("The tokenizer has no EOS token, which packing needs to mark document ends; set tokenizer.eos_token.")
     if text_column not in dataset.column_names:
         raise ValueError(f"The dataset has no column {text_column!r} (columns: {dataset.column_names}).")
-    eos, pad = tokenizer.eos_token_id, _pad_id(tokenizer)
+    eos, pad = tokenizer.eos_token_id, pad_id_of(tokenizer)
 
     def pack(batch):
-        stream = []
-        for ids in tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]:
-            stream.extend(ids)
-            stream.append(eos)
-        rows = {"input_ids": [], "attention_mask": [], "labels": []}
-        for start in range(0, len(stream), block_size):
-            chunk = stream[start : start + block_size]
-            missing = block_size - len(chunk)
-            rows["input_ids"].append(chunk + [pad] * missing)
-            rows["attention_mask"].append([1] * len(chunk) + [0] * missing)
-            rows["labels"].append(chunk + [-100] * missing)
-        return rows
+        documents = tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]
+        rows, masks = pack_documents(documents, block_size, eos, pad)
+        labels = [[t if m else -100 for t, m in zip(row, mask)] for row, mask in zip(rows, masks)]
+        return {"input_ids": rows, "attention_mask": masks, "labels": labels}
 
     return dataset.map(
         pack,
@@ -126,4 +164,4 @@ def tokenize_and_pack(
     )
 
 
-__all__ = ["BUILDERS", "knowledge_dataset", "load_text_dataset", "tokenize_and_pack"]
+__all__ = ["BUILDERS", "knowledge_dataset", "load_text_dataset", "pack_documents", "pad_id_of", "tokenize_and_pack"]

@@ -61,7 +61,7 @@ def check_identical(base, memory, tokenizer, max_new_tokens: int = 24) -> bool:
 
 
 def evaluate(model, tokenizer, knowledge, natural_rows) -> dict:
-    from .training_cli import evaluate_knowledge_recall, evaluate_perplexity
+    from .evaluation import evaluate_knowledge_recall, evaluate_perplexity
 
     model.eval()
     held_out = evaluate_knowledge_recall(model, tokenizer, knowledge.probes(held_out=True), batch_size=48)
@@ -119,9 +119,8 @@ def run_demo() -> int:
     from transformers import Trainer
 
     from .data import knowledge_dataset, tokenize_and_pack
-    from .grafting import memory_preset
+    from .grafting import from_llama, memory_preset
     from .knowledge import KnowledgeSet
-    from .modeling_memory_llama import MemoryLlamaForCausalLM
     from .natural_text import load_natural_text
     from .offline_checkpoints import load_smollm2
     from .peft_modes import BACKBONE_LORA_TARGETS, prepare_model_for_mode
@@ -135,7 +134,7 @@ def run_demo() -> int:
     natural_text = load_natural_text()  # fails early, with the install command, if missing
 
     progress("grafting Engram and chapter memory")
-    memory = MemoryLlamaForCausalLM.from_llama(base, tokenizer=tokenizer, **memory_preset(base.config, "both"))
+    memory = from_llama(base, tokenizer=tokenizer, **memory_preset(base.config, "both"))
     print(memory_layout(memory.config))
     for key, value in parameter_counts(memory).items():
         print(f"      {key.replace('_', ' '):<18} {value:>13,}")

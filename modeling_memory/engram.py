@@ -6,7 +6,9 @@ self-attention at `config.engram_layers`).
     s = <RMSNorm(h), RMSNorm(k)> / sqrt(d);  alpha = sigmoid(sign(s) * sqrt(max(|s|, 1e-6)))
     Y = alpha * v + SiLU(DepthwiseCausalConv1d(RMSNorm(alpha * v)))
 
-`engram_value` is zero-initialised, so a fresh Engram adds exactly zero.
+`engram_value` is zero-initialised, so a fresh Engram adds exactly zero. The table is an
+`nn.Embedding(sparse=True)`: in training its gradient holds only the rows a step read (see
+`ops_table_rows.py`), so a step costs the same whatever the table's size.
 """
 
 import functools
@@ -20,7 +22,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from .configuration_memory_llama import MemoryLlamaConfig
-from .ops_engram import engram_history_lengths, engram_lookup
+from .ops_engram import engram_history_lengths, engram_lookup, engram_row_ids_reference
 
 
 def _is_prime(n: int) -> bool:
@@ -94,7 +96,8 @@ class MemoryLlamaEngram(nn.Module):
 
         primes = engram_table_primes(config, layer_idx)
         offsets = [0, *itertools.accumulate(primes)][:-1]
-        self.table = nn.Embedding(sum(primes), config.engram_head_dim)
+        # Sparse row gradients (DDP all-reduces them as such because this is an nn.Embedding with sparse=True).
+        self.table = nn.Embedding(sum(primes), config.engram_head_dim, sparse=True)
         self.register_buffer("table_primes", torch.tensor(primes, dtype=torch.int64))
         self.register_buffer("table_offsets", torch.tensor(offsets, dtype=torch.int64))
         self.register_buffer("hash_multipliers", engram_hash_multipliers(config, layer_idx))
@@ -143,18 +146,17 @@ class MemoryLlamaEngram(nn.Module):
         return token_ids, history_lengths
 
     def lookup(self, token_ids: torch.Tensor, history_lengths: torch.Tensor, canonical_map: torch.Tensor) -> torch.Tensor:
-        """(B, S, engram_dim) concatenated head embeddings."""
-        return engram_lookup(
-            token_ids,
-            history_lengths,
-            canonical_map,
-            self.hash_multipliers,
-            self.table_primes,
-            self.table_offsets,
-            self.ngram_orders,
-            self.pad_id,
-            self.table,
+        """(B, S, engram_dim) concatenated head embeddings.
+
+        A plain table goes to the op (the fused kernel where it can run), which reads its weight; a table
+        wrapped by an adapter is called as a module on the row ids, so that its delta is applied."""
+        hashing = (
+            token_ids, history_lengths, canonical_map, self.hash_multipliers, self.table_primes, self.table_offsets,
+            self.ngram_orders, self.pad_id,
         )
+        if type(self.table) is nn.Embedding:
+            return engram_lookup(*hashing, self.table.weight, sparse_grad=self.table.sparse)
+        return self.table(engram_row_ids_reference(*hashing)).flatten(-2)
 
     def gate(self, hidden_states: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """(B, S, 1) fp32 gate alpha from the hidden state and the retrieved key."""

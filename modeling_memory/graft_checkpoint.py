@@ -1,44 +1,40 @@
 """`memory-llama graft BASE OUT`: graft memory onto a Llama-family checkpoint and write a MemoryLlama
-checkpoint that computes exactly what the base computes until it is trained.
+checkpoint that computes exactly what the base computes until it is trained. Three steps:
 
-    inspect BASE (directory, Hub id or .gguf) and the memory settings -> a plan; every check on the input
-    happens here, before any weights are loaded
-    load the base, record its logits on fixed prompts -> graft -> save into a staging directory beside OUT
-    reload the staging copy, compare its logits with the base's -> rename the staging directory to OUT
+    inspect   BASE (directory, Hub id or .gguf) from its metadata alone -> BaseCheckpoint
+    plan      the memory settings, tokenizer, dtype and output checked -> GraftPlan (`--dry-run` prints it);
+              every check on the input happens here, before any weights are loaded
+    run       load the base, record its logits on fixed prompts -> `grafting.graft` -> save into a staging
+              directory beside OUT -> reload, compare with the base -> rename the staging directory to OUT
 
-OUT appears only through that final rename, so a failed or interrupted run leaves no partial OUT. The
-staging helpers (`check_output_dir`, `atomic_output_dir`) are shared with `hub_export.py`.
+OUT appears only through that final rename (`safe_write.staging_directory`), so a failed or interrupted
+run leaves no partial OUT. The graft itself and its checks are `grafting.py`'s, shared with `from_llama`.
 """
 
-import contextlib
 import dataclasses
-import json
 import functools
-import os
-import shutil
-import signal
-import tempfile
-import uuid
+import json
 import zipfile
 from pathlib import Path
 
 import torch
-from huggingface_hub.errors import StrictDataclassError
-from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
-from transformers.utils import logging as hf_logging
 
-from .canonical_ids import build_canonical_map
 from .configuration_memory_llama import MemoryLlamaConfig
 from .grafting import (
-    LLAMA_COMPATIBLE_MODEL_TYPES,
-    MEMORY_FIELDS,
-    PRESETS,
-    is_memory_parameter_name,
+    DTYPES,
+    GraftError,
+    check_base_config,
+    check_base_family,
+    check_memory_fields,
+    graft,
     memory_config_from_llama,
-    memory_preset,
+    resolve_dtype,
 )
+from .loading import check_gguf_file, from_pretrained, looks_like_hub_id, pickle_only_error
+from .memory_parameters import memory_kinds
 from .modeling_memory_llama import MemoryLlamaForCausalLM
+from .safe_write import DEFAULT_MAX_SHARD_SIZE, check_output_dir, staging_directory
 from .summary import build_on_meta, memory_layout, parameter_counts
 
 # Short prompts of different kinds (prose, numbers, code, another language) on which a graft is verified.
@@ -48,8 +44,6 @@ VERIFICATION_PROMPTS = (
     "def fibonacci(n):\n    if n < 2:\n        return n\n",
     "Le chat dort sur le canapé parce que",
 )
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_MAX_SHARD_SIZE = "5GB"
 DEFAULT_TOLERANCE = 1e-4
 _say = functools.partial(print, flush=True)
 
@@ -71,8 +65,8 @@ _HUB_SMALL_FILES = (
 )
 
 
-class GraftError(ValueError):
-    """A graft that cannot be done as asked; the message says what is wrong and how to fix it."""
+# ----------------------------------------------------------------------------------------------------
+# Inspect: what BASE is, from its metadata alone
 
 
 @dataclasses.dataclass
@@ -87,56 +81,6 @@ class BaseCheckpoint:
     weight_files: list[str]
     embedding_rows: int | None  # rows of the input embedding as stored, when the format tells cheaply
     hub_id: str | None = None
-
-
-@dataclasses.dataclass
-class GraftPlan:
-    """Everything decided before any weights are loaded; `describe()` is what `--dry-run` prints."""
-
-    base: BaseCheckpoint
-    out: Path
-    memory_config: MemoryLlamaConfig
-    dtype: torch.dtype
-    max_shard_size: str
-    tokenizer_size: int
-    counts: dict[str, int]
-    new_parameters: int
-    new_bytes: int
-    total_bytes: int
-
-    def describe(self) -> str:
-        config = self.memory_config
-        base = self.base
-        where = {"directory": "local directory", "hub": "Hub repository", "gguf": "GGUF file"}[base.kind]
-        files = ", ".join(base.weight_files[:3]) + (f", ... ({len(base.weight_files)} files)" if len(base.weight_files) > 3 else "")
-        base_parameters = self.counts["total"] - self.new_parameters
-        lines = [
-            f"base:            {base.name} ({where}; {base.weights_format} weights: {files})",
-            f"architecture:    {base.config.model_type}, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-            f"vocab {config.vocab_size:,} (tokenizer {self.tokenizer_size:,})",
-            f"output:          {self.out} ({str(self.dtype).removeprefix('torch.')}, shards of at most {self.max_shard_size})",
-            *("memory:          " + line if i == 0 else "                 " + line for i, line in enumerate(memory_layout(config).splitlines())),
-            f"engram layers:   {config.engram_layers or 'none'}",
-            f"chapter layers:  {config.chapter_layers or 'none'}",
-            f"parameters:      base {base_parameters:,} + new {self.new_parameters:,} "
-            f"(chapter bank {self.counts['chapter_bank']:,}, Engram tables {self.counts['engram_tables']:,}, "
-            f"other memory {self.counts['memory_other']:,}) = {self.counts['total']:,}",
-            f"bytes:           new {_human_bytes(self.new_bytes)}, checkpoint {_human_bytes(self.total_bytes)}",
-        ]
-        return "\n".join(lines)
-
-
-@dataclasses.dataclass
-class GraftResult:
-    out: Path
-    max_abs_logit_diff: float
-    canonical_ids: int | None  # distinct canonical ids of the Engram map (None without Engram)
-    vocab_size: int
-    files: list[str]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Inspecting BASE
 
 
 def inspect_base(base: str, *, allow_pickle: bool = False, revision: str | None = None) -> BaseCheckpoint:
@@ -154,44 +98,12 @@ def inspect_base(base: str, *, allow_pickle: bool = False, revision: str | None 
         return _inspect_gguf(path)
     if path.suffix.lower() == ".gguf":
         raise GraftError(f"BASE {base!r}: no such GGUF file.")
-    if _looks_like_hub_id(base):
+    if looks_like_hub_id(base):
         return _inspect_hub(base, allow_pickle=allow_pickle, revision=revision)
     raise GraftError(
         f"BASE {base!r} does not exist: pass a Hugging Face checkpoint directory, a .gguf file, or a Hub id "
         "such as HuggingFaceTB/SmolLM2-135M."
     )
-
-
-def _looks_like_hub_id(text: str) -> bool:
-    if text.startswith((".", "/", "~")) or text.count("/") > 1:
-        return False
-    try:
-        validate_repo_id(text)
-    except HFValidationError:
-        return False
-    return True
-
-
-def _check_llama_layout(config: PretrainedConfig, where: str) -> None:
-    """What the raw model type cannot tell: Mistral's sliding window, which the Llama layout does not have."""
-    if config.model_type == "mistral" and getattr(config, "sliding_window", None) is not None:
-        raise GraftError(
-            f"{where} is a Mistral model with sliding-window attention (sliding_window={config.sliding_window}), "
-            "which the Llama layout does not have; only Mistral checkpoints with sliding_window=None can be grafted."
-        )
-
-
-def _check_model_type(model_type: str | None, where: str, has_memory: bool = False) -> None:
-    if model_type not in LLAMA_COMPATIBLE_MODEL_TYPES:
-        raise GraftError(
-            f"{where} is a {model_type!r} model; memory can be grafted only onto Llama-layout families: "
-            f"{', '.join(LLAMA_COMPATIBLE_MODEL_TYPES)} (transformers loads these with the Llama layout and "
-            "key names). Other families (Qwen2, Gemma, Phi, Mixtral, ...) compute differently."
-        )
-    if has_memory:
-        raise GraftError(
-            f"{where} is already a MemoryLlama with memory layers; graft onto the original Llama checkpoint instead."
-        )
 
 
 def _read_config(directory: Path, where: str) -> PretrainedConfig:
@@ -207,12 +119,13 @@ def _read_config(directory: Path, where: str) -> PretrainedConfig:
         raise GraftError(f"Cannot read {config_file}: {error}. Is the file complete?") from error
     if not isinstance(raw, dict):
         raise GraftError(f"{config_file} does not hold a JSON object; it is not a model config.")
-    _check_model_type(raw.get("model_type"), where, bool(raw.get("engram_layers") or raw.get("chapter_layers")))
+    # The family first, from the raw file: transformers cannot parse a config of a family it does not know.
+    check_base_family(raw.get("model_type"), where)
     try:
         config = AutoConfig.from_pretrained(directory)
     except (ValueError, TypeError, KeyError) as error:
         raise GraftError(f"{config_file} is not a valid {raw.get('model_type')} config: {error}") from error
-    _check_llama_layout(config, where)
+    check_base_config(config, where)
     return config
 
 
@@ -248,10 +161,7 @@ def _find_weights(directory: Path, where: str, allow_pickle: bool) -> tuple[str,
         weights_format, files = "safetensors", [SAFETENSORS_SINGLE]
     elif (directory / PICKLE_INDEX).is_file() or (directory / PICKLE_SINGLE).is_file():
         if not allow_pickle:
-            raise GraftError(
-                f"{where} holds only pickle weights ({PICKLE_SINGLE}), and loading pickle can run arbitrary code. "
-                "Pass --allow-pickle if you trust this checkpoint, or convert it to safetensors first."
-            )
+            raise pickle_only_error(where, [PICKLE_SINGLE])
         weights_format = "pickle"
         files = _shards_of(directory / PICKLE_INDEX, where) if (directory / PICKLE_INDEX).is_file() else [PICKLE_SINGLE]
     else:
@@ -290,19 +200,12 @@ def _check_weights_readable(directory: Path, weights_format: str, files: list[st
 
 def _inspect_gguf(file: Path) -> BaseCheckpoint:
     where = f"BASE {str(file)!r}"
-    try:
-        with open(file, "rb") as handle:
-            magic = handle.read(4)
-    except OSError as error:
-        raise GraftError(f"Cannot read {file}: {error}") from error
-    if magic != b"GGUF":
-        raise GraftError(f"{where} is not a GGUF file (it does not start with the GGUF magic bytes).")
+    check_gguf_file(file, where)
     try:
         config = AutoConfig.from_pretrained(file.parent, gguf_file=file.name)
     except (ValueError, KeyError, RuntimeError, OSError) as error:
         raise GraftError(f"transformers cannot read {where}: {error}") from error
-    _check_model_type(config.model_type, where)
-    _check_llama_layout(config, where)
+    check_base_config(config, where)
     return BaseCheckpoint(
         name=file.name,
         kind="gguf",
@@ -347,10 +250,7 @@ def _inspect_hub(repo_id: str, allow_pickle: bool, revision: str | None) -> Base
         if weights is None:
             raise GraftError(f"{where} has no weights: expected {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} with its shards.")
         if weights[0] in (PICKLE_INDEX, PICKLE_SINGLE) and not allow_pickle:
-            raise GraftError(
-                f"{where} holds only pickle weights ({PICKLE_SINGLE}), and loading pickle can run arbitrary code. "
-                "Pass --allow-pickle if you trust this repository."
-            )
+            raise pickle_only_error(where, [PICKLE_SINGLE])
         small_files = [*_HUB_SMALL_FILES, *(w for w in weights if w.endswith(".json"))]
         snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=small_files))
         _read_config(snapshot, where)  # architecture checks before the (large) weights are fetched
@@ -376,7 +276,47 @@ def _inspect_hub(repo_id: str, allow_pickle: bool, revision: str | None) -> Base
 
 
 # ----------------------------------------------------------------------------------------------------
-# Memory settings
+# Plan: every check on the input, no weights loaded
+
+
+@dataclasses.dataclass
+class GraftPlan:
+    """Everything decided before any weights are loaded; `describe()` is what `--dry-run` prints."""
+
+    base: BaseCheckpoint
+    out: Path
+    memory_config: MemoryLlamaConfig
+    dtype: torch.dtype
+    max_shard_size: str
+    tokenizer_size: int
+    allow_pickle: bool
+    overwrite: bool
+    counts: dict[str, int]
+    new_parameters: int
+    new_bytes: int
+    total_bytes: int
+
+    def describe(self) -> str:
+        config = self.memory_config
+        base = self.base
+        where = {"directory": "local directory", "hub": "Hub repository", "gguf": "GGUF file"}[base.kind]
+        files = ", ".join(base.weight_files[:3]) + (f", ... ({len(base.weight_files)} files)" if len(base.weight_files) > 3 else "")
+        base_parameters = self.counts["total"] - self.new_parameters
+        tables = [("chapter bank", "chapter_bank"), ("Engram tables", "engram_tables"), ("product-key values", "pkm_values")]
+        breakdown = ", ".join(f"{label} {self.counts[key]:,}" for label, key in tables if self.counts[key])
+        lines = [
+            f"base:            {base.name} ({where}; {base.weights_format} weights: {files})",
+            f"architecture:    {base.config.model_type}, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+            f"vocab {config.vocab_size:,} (tokenizer {self.tokenizer_size:,})",
+            f"output:          {self.out} ({str(self.dtype).removeprefix('torch.')}, shards of at most {self.max_shard_size})",
+            *("memory:          " + line if i == 0 else "                 " + line for i, line in enumerate(memory_layout(config).splitlines())),
+            f"engram layers:   {config.engram_layers or 'none'}",
+            f"chapter layers:  {config.chapter_layers or 'none'}",
+            f"parameters:      base {base_parameters:,} + new {self.new_parameters:,} "
+            f"({breakdown + ', ' if breakdown else ''}other memory {self.counts['memory_other']:,}) = {self.counts['total']:,}",
+            f"bytes:           new {_human_bytes(self.new_bytes)}, checkpoint {_human_bytes(self.total_bytes)}",
+        ]
+        return "\n".join(lines)
 
 
 def parse_overrides(assignments) -> dict:
@@ -392,7 +332,7 @@ def parse_overrides(assignments) -> dict:
             fields[key] = json.loads(text)
         except json.JSONDecodeError:
             fields[key] = text
-    _check_field_names(fields, "--set")
+    check_memory_fields(fields, "--set")
     return fields
 
 
@@ -404,121 +344,8 @@ def read_memory_json(path) -> dict:
         raise GraftError(f"Cannot read the memory settings file {path}: {error}") from error
     if not isinstance(fields, dict):
         raise GraftError(f"{path} must hold a JSON object of memory fields, e.g. {{\"chapter_top_k\": 4}}.")
-    _check_field_names(fields, str(path))
+    check_memory_fields(fields, str(path))
     return fields
-
-
-def _check_field_names(fields: dict, where: str) -> None:
-    unknown = sorted(set(fields) - set(MEMORY_FIELDS))
-    if unknown:
-        raise GraftError(f"{where}: unknown memory field(s) {unknown}; valid fields are: {', '.join(MEMORY_FIELDS)}.")
-
-
-def build_memory_config(base_config: PretrainedConfig, preset: str = "both", fields: dict | None = None) -> MemoryLlamaConfig:
-    """The preset sized for the base, then `fields` on top, validated against the base's depth and width."""
-    if preset not in PRESETS:
-        raise GraftError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
-    memory_fields = {**memory_preset(base_config, preset), **(fields or {})}
-    _check_field_names(memory_fields, "memory settings")
-    try:
-        return memory_config_from_llama(base_config, **memory_fields)
-    except (ValueError, TypeError, StrictDataclassError) as error:
-        # Strict-dataclass type errors wrap the validator's message: report the cause itself.
-        cause = error.__cause__ if isinstance(error, StrictDataclassError) and error.__cause__ else error
-        depth = base_config.num_hidden_layers
-        raise GraftError(
-            f"Invalid memory settings for this base ({depth} layers, valid layer indices 0..{depth - 1}, "
-            f"hidden size {base_config.hidden_size}): {' '.join(str(cause).split())}"
-        ) from error
-
-
-# ----------------------------------------------------------------------------------------------------
-# Output directory: checks and the staging / rename protocol
-
-
-def check_output_dir(out: Path, overwrite: bool, sources: tuple[Path, ...] = ()) -> None:
-    """Refuse an OUT that would lose data or cannot be written, before any work."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise GraftError(f"OUT {str(out)!r} exists and is a file; pass a directory path.")
-    resolved = out.resolve()
-    for source in sources:
-        source = Path(source).resolve()
-        if resolved == source or resolved in source.parents:
-            raise GraftError(f"OUT {str(out)!r} would overwrite the input {str(source)!r}; choose another OUT.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise GraftError(f"OUT {str(out)!r} exists and is not empty; pass --overwrite to replace it.")
-    parent = next((p for p in (resolved.parent, *resolved.parent.parents) if p.exists()), None)
-    if parent is None or not os.access(parent, os.W_OK | os.X_OK):
-        raise GraftError(f"Cannot write beside OUT: {str(parent)!r} is not writable.")
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: Path, overwrite: bool):
-    """Yield an empty staging directory beside `out`; when the block finishes, the staging directory
-    replaces `out` by rename. On any exception (Ctrl-C included) the staging directory is removed and `out`
-    is left as it was."""
-    out = Path(out)
-    check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; OUT gets the usual permissions
-    try:
-        yield staging
-        _replace_dir(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _replace_dir(staging: Path, out: Path) -> None:
-    if not out.exists() or not any(out.iterdir()):
-        os.replace(staging, out)  # rename(2) replaces an empty directory atomically
-        return
-    # A non-empty directory cannot be renamed over: move the old one aside first, then drop it.
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(out, old)
-    try:
-        os.replace(staging, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def sigterm_raises_keyboard_interrupt():
-    """Turn SIGTERM into KeyboardInterrupt for the block, so a killed run still cleans its staging directory
-    (only possible from the main thread; elsewhere the block runs unchanged)."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Plan, graft, verify
-
-
-def resolve_dtype(dtype: str, base: BaseCheckpoint) -> torch.dtype:
-    """'auto' keeps the base checkpoint's dtype (GGUF is dequantised to float32)."""
-    if dtype != "auto":
-        if dtype not in DTYPES:
-            raise GraftError(f"Unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}.")
-        return DTYPES[dtype]
-    stored = getattr(base.config, "dtype", None) if base.kind != "gguf" else None
-    if isinstance(stored, torch.dtype):
-        return stored
-    return DTYPES.get(str(stored).removeprefix("torch."), torch.float32)
 
 
 def load_base_tokenizer(base: BaseCheckpoint, tokenizer_path: str | None = None):
@@ -558,6 +385,15 @@ def _check_vocab_sizes(base: BaseCheckpoint, tokenizer) -> None:
         )
 
 
+def _check_shard_size(max_shard_size: str) -> None:
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        convert_file_size_to_int(max_shard_size)
+    except (ValueError, TypeError) as error:
+        raise GraftError(f"--max-shard-size {max_shard_size!r}: use digits and a unit, e.g. 5GB or 500MB.") from error
+
+
 def _human_bytes(count: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if count < 1000 or unit == "GB":
@@ -569,13 +405,14 @@ def _human_bytes(count: int) -> str:
 def _checkpoint_bytes(model, float_dtype: torch.dtype) -> tuple[int, int, int]:
     """(new parameters, new bytes, total bytes) of what save_pretrained writes, from a model on meta."""
     saved = set(model.state_dict())
+    memory = memory_kinds(model)
     tensors = dict(model.named_parameters())  # tied weights once
     tensors.update({name: b for name, b in model.named_buffers() if name in saved})
     new_parameters = new_bytes = total_bytes = 0
     for name, tensor in tensors.items():
         size = tensor.numel() * (float_dtype.itemsize if tensor.is_floating_point() else tensor.element_size())
         total_bytes += size
-        if is_memory_parameter_name(name):
+        if name in memory:
             new_bytes += size
             new_parameters += tensor.numel() if isinstance(tensor, torch.nn.Parameter) else 0
     return new_parameters, new_bytes, total_bytes
@@ -595,23 +432,32 @@ def plan_graft(
     max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
     revision: str | None = None,
 ):
-    """Every check on the input, no weights loaded. Returns (plan, base tokenizer)."""
+    """Every check on the input, no weights loaded. Returns (plan, base tokenizer).
+
+    Args:
+        base: a Hugging Face checkpoint directory, a `.gguf` file, or a Hub id.
+        out: the output directory; refused when it exists and is not empty, unless `overwrite`.
+        preset: one of `grafting.PRESETS` ("both" by default), sized for the base by `grafting.memory_preset`.
+        memory_json: a JSON file of memory fields applied over the preset.
+        overrides: "field=value" strings applied last (values parsed as JSON when possible).
+        dtype: "auto" (the base's dtype; float32 for GGUF), or one of `grafting.DTYPES`.
+        tokenizer: a tokenizer to use instead of the one shipped with BASE.
+        allow_pickle: accept pickle-only (`pytorch_model.bin`) weights.
+        max_shard_size: largest safetensors shard, e.g. "5GB".
+        revision: Hub revision when BASE is a Hub id.
+    """
     out = Path(out)
     fields = {**(read_memory_json(memory_json) if memory_json else {}), **parse_overrides(overrides)}
-    if preset not in PRESETS:
-        raise GraftError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
-    if dtype != "auto" and dtype not in DTYPES:
-        raise GraftError(f"Unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}.")
+    resolve_dtype(dtype)  # a bad name fails before BASE is even looked at
     _check_shard_size(max_shard_size)
     local_base = Path(base).expanduser()
     check_output_dir(out, overwrite, sources=(local_base,) if local_base.exists() else ())
     source = inspect_base(base, allow_pickle=allow_pickle, revision=revision)
-    memory_config = build_memory_config(source.config, preset, fields)
+    memory_config = memory_config_from_llama(source.config, preset, **fields)
     base_tokenizer = load_base_tokenizer(source, tokenizer)
     _check_vocab_sizes(source, base_tokenizer)
-    torch_dtype = resolve_dtype(dtype, source)
+    torch_dtype = resolve_dtype(dtype, getattr(source.config, "dtype", None) if source.kind != "gguf" else None)
     meta_model = build_on_meta(memory_config)
-    counts = parameter_counts(meta_model)
     new_parameters, new_bytes, total_bytes = _checkpoint_bytes(meta_model, torch_dtype)
     plan = GraftPlan(
         base=source,
@@ -620,7 +466,9 @@ def plan_graft(
         dtype=torch_dtype,
         max_shard_size=max_shard_size,
         tokenizer_size=len(base_tokenizer),
-        counts=counts,
+        allow_pickle=allow_pickle,
+        overwrite=overwrite,
+        counts=parameter_counts(meta_model),
         new_parameters=new_parameters,
         new_bytes=new_bytes,
         total_bytes=total_bytes,
@@ -628,85 +476,27 @@ def plan_graft(
     return plan, base_tokenizer
 
 
-def _check_shard_size(max_shard_size: str) -> None:
-    from transformers.utils.hub import convert_file_size_to_int
-
-    try:
-        convert_file_size_to_int(max_shard_size)
-    except (ValueError, TypeError) as error:
-        raise GraftError(f"--max-shard-size {max_shard_size!r}: use digits and a unit, e.g. 5GB or 500MB.") from error
+# ----------------------------------------------------------------------------------------------------
+# Run: load, graft, write through a staging directory, verify, rename
 
 
-def base_license(base: BaseCheckpoint) -> str | None:
-    """The license in the base's own model card (directory or Hub snapshot), carried over to OUT's card."""
-    readme = base.path / "README.md" if base.kind != "gguf" else None
-    if readme is None or not readme.is_file():
-        return None
-    from huggingface_hub import ModelCard
-
-    try:
-        return ModelCard.load(readme).data.license
-    except (ValueError, OSError):  # a base card without valid metadata names no license
-        return None
+@dataclasses.dataclass
+class GraftResult:
+    out: Path
+    max_abs_logit_diff: float
+    canonical_ids: int | None  # distinct canonical ids of the Engram map (None without Engram)
+    vocab_size: int
+    files: list[str]
 
 
-def load_base_model(base: BaseCheckpoint, dtype: torch.dtype):
+def load_base_model(base: BaseCheckpoint, dtype: torch.dtype, allow_pickle: bool = False):
     """The base model as transformers loads it (GGUF dequantised)."""
     if base.kind == "gguf":
         # The config read while inspecting saves parsing the GGUF metadata once more.
-        model = AutoModelForCausalLM.from_pretrained(
-            base.path.parent, gguf_file=base.path.name, config=base.config, dtype=dtype
-        )
+        model = AutoModelForCausalLM.from_pretrained(base.path.parent, gguf_file=base.path.name, config=base.config, dtype=dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype)
+        model = from_pretrained(AutoModelForCausalLM, base.path, allow_pickle=allow_pickle, dtype=dtype)
     return model.eval()
-
-
-def load_grafted_model(plan: GraftPlan, tokenizer, base_model=None) -> MemoryLlamaForCausalLM:
-    """The MemoryLlama with the base's weights and zero-output memory. A directory is loaded straight into
-    the MemoryLlama (no second copy of the weights in memory); a GGUF model is copied from `base_model`."""
-    config = plan.memory_config
-    if plan.base.kind == "gguf":
-        if base_model is None:
-            raise ValueError("grafting from GGUF needs the dequantised base model")
-        model = MemoryLlamaForCausalLM._from_config(config, dtype=plan.dtype)
-        missing, unexpected = model.load_state_dict(base_model.state_dict(), strict=False)
-        model.generation_config = base_model.generation_config
-    else:
-        # The memory keys are missing by design and checked below; transformers' load report would list them all.
-        with _transformers_verbosity(hf_logging.ERROR):
-            model, info = MemoryLlamaForCausalLM.from_pretrained(
-                plan.base.path,
-                config=config,
-                dtype=plan.dtype,
-                output_loading_info=True,
-                use_safetensors=plan.base.weights_format == "safetensors",  # pickle only after --allow-pickle
-            )
-        missing, unexpected = info["missing_keys"], info["unexpected_keys"]
-        mismatched = info.get("mismatched_keys") or []
-        if mismatched:
-            raise GraftError(f"BASE's weights have unexpected shapes: {sorted(mismatched)[:5]}")
-    not_memory = sorted(key for key in missing if not is_memory_parameter_name(key))
-    if unexpected or not_memory:
-        raise GraftError(
-            f"BASE's weights do not match the Llama layout: unexpected keys {sorted(unexpected)[:5]}, "
-            f"missing keys {not_memory[:5]}. Only checkpoints with Llama key names can be grafted."
-        )
-    model.eval()
-    if config.engram_layers:
-        with torch.no_grad():
-            model.model.engram_canonical_map.copy_(build_canonical_map(tokenizer, config.vocab_size))
-    return model
-
-
-@contextlib.contextmanager
-def _transformers_verbosity(level: int):
-    previous = hf_logging.get_verbosity()
-    hf_logging.set_verbosity(level)
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(previous)
 
 
 @torch.no_grad()
@@ -724,15 +514,31 @@ def max_abs_difference(expected: list[torch.Tensor], actual: list[torch.Tensor])
     return max(float((e - a).abs().max()) for e, a in zip(expected, actual, strict=True))
 
 
-def run_graft(plan: GraftPlan, tokenizer, *, overwrite: bool = False, tolerance: float = DEFAULT_TOLERANCE, say=_say) -> GraftResult:
+def base_license(base: BaseCheckpoint) -> str | None:
+    """The license in the base's own model card (directory or Hub snapshot), carried over to OUT's card."""
+    readme = base.path / "README.md" if base.kind != "gguf" else None
+    if readme is None or not readme.is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        return ModelCard.load(readme).data.license
+    except (ValueError, OSError):  # a base card without valid metadata names no license
+        return None
+
+
+def run_graft(plan: GraftPlan, tokenizer, *, tolerance: float = DEFAULT_TOLERANCE, say=_say) -> GraftResult:
     """Load, graft, write OUT through a staging directory, verify against the base, rename."""
     from .model_card import render_model_card
 
     say(f"loading the base model ({plan.base.name}) ...")
-    base_model = load_base_model(plan.base, plan.dtype)
+    base_model = load_base_model(plan.base, plan.dtype, plan.allow_pickle)
     expected = prompt_logits(base_model, tokenizer)
     say("grafting memory ...")
-    model = load_grafted_model(plan, tokenizer, base_model)
+    if plan.base.kind == "gguf":  # dequantised in memory: copy its weights
+        model = graft(base_model, plan.memory_config, tokenizer=tokenizer, dtype=plan.dtype)
+    else:  # straight from the files into the MemoryLlama: no second copy of the weights in memory
+        model = graft(plan.base.path, plan.memory_config, tokenizer=tokenizer, dtype=plan.dtype, allow_pickle=plan.allow_pickle)
     del base_model
     canonical_ids = None
     if plan.memory_config.engram_layers:
@@ -740,13 +546,13 @@ def run_graft(plan: GraftPlan, tokenizer, *, overwrite: bool = False, tolerance:
         vocab = plan.memory_config.vocab_size
         say(f"canonical token ids: {canonical_ids:,} of {vocab:,} ({1 - canonical_ids / vocab:.1%} fewer)")
 
-    with atomic_output_dir(plan.out, overwrite) as staging:
+    with staging_directory(plan.out, plan.overwrite) as staging:
         say(f"writing {plan.out} ...")
         model.save_pretrained(staging, max_shard_size=plan.max_shard_size)
         tokenizer.save_pretrained(staging)
         del model
         say("verifying: reloading the written checkpoint and comparing logits with the base ...")
-        reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=plan.dtype).eval()
+        reloaded = from_pretrained(AutoModelForCausalLM, staging, dtype=plan.dtype).eval()
         if not isinstance(reloaded, MemoryLlamaForCausalLM):
             raise GraftError(f"The written checkpoint reloads as {type(reloaded).__name__}, not MemoryLlamaForCausalLM.")
         difference = max_abs_difference(expected, prompt_logits(reloaded, tokenizer))
@@ -777,74 +583,37 @@ def run_graft(plan: GraftPlan, tokenizer, *, overwrite: bool = False, tolerance:
     )
 
 
-def graft_checkpoint(
-    base: str,
-    out,
-    *,
-    preset: str = "both",
-    memory_json: str | None = None,
-    overrides=(),
-    dtype: str = "auto",
-    tokenizer: str | None = None,
-    allow_pickle: bool = False,
-    overwrite: bool = False,
-    dry_run: bool = False,
-    max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
-    tolerance: float = DEFAULT_TOLERANCE,
-    revision: str | None = None,
-    say=_say,
-) -> GraftPlan | GraftResult:
+def graft_checkpoint(base: str, out, *, dry_run: bool = False, tolerance: float = DEFAULT_TOLERANCE, say=_say, **settings):
     """Graft memory onto BASE and write a verified MemoryLlama checkpoint to OUT (see the module docstring).
 
-    Args:
-        base: a Hugging Face checkpoint directory, a `.gguf` file, or a Hub id.
-        out: the output directory; refused when it exists and is not empty, unless `overwrite`.
-        preset: "engram", "chapters" or "both" (`grafting.memory_preset`, sized for the base).
-        memory_json: a JSON file of memory fields applied over the preset.
-        overrides: "field=value" strings applied last (values parsed as JSON when possible).
-        dtype: "auto" (the base's dtype; float32 for GGUF), "float32", "bfloat16" or "float16".
-        tokenizer: a tokenizer to use instead of the one shipped with BASE.
-        allow_pickle: accept pickle-only (`pytorch_model.bin`) weights.
-        dry_run: print the plan and return it; nothing is loaded or written.
-        max_shard_size: largest safetensors shard, e.g. "5GB".
-        tolerance: largest absolute logit difference against the base that verification accepts.
-        revision: Hub revision when BASE is a Hub id.
-    Returns:
-        The plan for a dry run, else a GraftResult.
+    `settings` are those of `plan_graft` (preset, memory_json, overrides, dtype, tokenizer, allow_pickle,
+    overwrite, max_shard_size, revision). With `dry_run` the plan is printed and returned, and nothing is
+    loaded or written; otherwise the result (a GraftResult) is verified against the base: a largest absolute
+    logit difference above `tolerance` fails with nothing written.
+
     Raises:
-        GraftError: bad input (before any work) or a failed verification (nothing written).
+        ToolError (GraftError for the graft's own checks): bad input (before any work) or a failed
+        verification (nothing written).
     """
     if not tolerance >= 0:
         raise GraftError(f"--tolerance must be >= 0, got {tolerance}.")
-    plan, base_tokenizer = plan_graft(
-        base,
-        out,
-        preset=preset,
-        memory_json=memory_json,
-        overrides=overrides,
-        dtype=dtype,
-        tokenizer=tokenizer,
-        allow_pickle=allow_pickle,
-        overwrite=overwrite,
-        max_shard_size=max_shard_size,
-        revision=revision,
-    )
+    plan, base_tokenizer = plan_graft(base, out, **settings)
     say(("graft plan (dry run: nothing is written)\n" if dry_run else "graft plan\n") + plan.describe())
     if dry_run:
         return plan
-    return run_graft(plan, base_tokenizer, overwrite=overwrite, tolerance=tolerance, say=say)
+    return run_graft(plan, base_tokenizer, tolerance=tolerance, say=say)
 
 
 __all__ = [
+    "DTYPES",
+    "BaseCheckpoint",
     "GraftError",
     "GraftPlan",
     "GraftResult",
-    "atomic_output_dir",
-    "build_memory_config",
-    "check_output_dir",
     "graft_checkpoint",
     "inspect_base",
     "parse_overrides",
     "plan_graft",
     "read_memory_json",
+    "run_graft",
 ]

@@ -1,5 +1,5 @@
 """Hub export and upload: `memory-llama export CHECKPOINT OUT`, `memory-llama push CHECKPOINT REPO_ID`
-and `MemoryLlamaForCausalLM.push_to_hub`.
+and `modeling_memory.push_to_hub(model, repo_id)`.
 
 An exported folder loads with `trust_remote_code=True` where this package is not installed. transformers
 builds it: with the config and model classes registered for their Auto classes, `save_pretrained` copies
@@ -23,12 +23,14 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from .graft_checkpoint import DEFAULT_MAX_SHARD_SIZE, GraftError, atomic_output_dir, check_output_dir
+from .errors import ToolError
+from .loading import from_pretrained
 from .model_card import read_base_info, render_model_card
 from .modeling_memory_llama import MemoryLlamaForCausalLM
+from .safe_write import DEFAULT_MAX_SHARD_SIZE, check_output_dir, staging_directory
 
 
-class ExportError(GraftError):
+class ExportError(ToolError):
     """An export or push that cannot be done as asked; the message says what is wrong and how to fix it."""
 
 
@@ -167,7 +169,7 @@ def export_model_for_hub(
     out = Path(out)
     check_output_dir(out, overwrite)
     model_id = model_id or out.name
-    with atomic_output_dir(out, overwrite) as staging:
+    with staging_directory(out, overwrite) as staging:
         with registered_for_auto_class(model):
             model.save_pretrained(staging, max_shard_size=max_shard_size)
         if tokenizer is not None:
@@ -216,12 +218,12 @@ def _check_memory_checkpoint(checkpoint: str) -> None:
         )
 
 
-def load_checkpoint_for_export(checkpoint: str):
+def load_checkpoint_for_export(checkpoint: str, allow_pickle: bool = False):
     """(model, tokenizer or None, base name, base Hub id, license) of a MemoryLlama checkpoint."""
     _check_memory_checkpoint(checkpoint)
     try:
-        model = MemoryLlamaForCausalLM.from_pretrained(checkpoint, dtype="auto").eval()
-    except OSError as error:  # missing or pickle-only weights
+        model = from_pretrained(MemoryLlamaForCausalLM, checkpoint, allow_pickle=allow_pickle, dtype="auto").eval()
+    except OSError as error:  # missing weights
         raise ExportError(f"Cannot load the weights of {checkpoint!r}: {error}") from error
     try:
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -238,12 +240,13 @@ def export_for_hub(
     overwrite: bool = False,
     max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
     model_id: str | None = None,
+    allow_pickle: bool = False,
 ) -> ExportResult:
     """`memory-llama export`: a Hub-ready copy of the MemoryLlama checkpoint at `checkpoint` (directory, or
     Hub id when online). The base model named on the checkpoint's card carries over to the new card."""
     local = Path(checkpoint).expanduser()
     check_output_dir(Path(out), overwrite, sources=(local,) if local.exists() else ())
-    model, tokenizer, base_name, base_hub_id, license = load_checkpoint_for_export(checkpoint)
+    model, tokenizer, base_name, base_hub_id, license = load_checkpoint_for_export(checkpoint, allow_pickle)
     return export_model_for_hub(
         model,
         out,
@@ -302,44 +305,33 @@ def upload_folder_to_hub(
     )
 
 
-def push_checkpoint(
-    checkpoint: str,
-    repo_id: str,
-    *,
-    commit_message: str | None = None,
-    private: bool | None = None,
-    token: str | bool | None = None,
-    revision: str | None = None,
-    create_pr: bool = False,
-    max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
-):
-    """`memory-llama push`: export `checkpoint` into a temporary folder (checked as in `export_for_hub`) and
-    upload it to `repo_id`. Returns huggingface_hub's CommitInfo."""
-    _check_can_push(repo_id)
-    with tempfile.TemporaryDirectory(prefix="memory-llama-push-") as scratch:
-        folder = Path(scratch) / "export"
-        export_for_hub(checkpoint, folder, max_shard_size=max_shard_size, model_id=repo_id)
-        return upload_folder_to_hub(
-            folder, repo_id, commit_message=commit_message, private=private, token=token, revision=revision, create_pr=create_pr
-        )
+def push_checkpoint(checkpoint: str, repo_id: str, *, allow_pickle: bool = False, **upload_arguments):
+    """`memory-llama push`: `push_to_hub` of the MemoryLlama checkpoint at `checkpoint` (with its tokenizer).
+    `upload_arguments` are those of `push_to_hub`. Returns huggingface_hub's CommitInfo."""
+    _check_can_push(repo_id)  # before the weights load
+    model, tokenizer, *_ = load_checkpoint_for_export(checkpoint, allow_pickle)
+    return push_to_hub(model, repo_id, tokenizer=tokenizer, **upload_arguments)
 
 
-def push_model_to_hub(
+def push_to_hub(
     model: MemoryLlamaForCausalLM,
     repo_id: str,
     *,
     tokenizer=None,
-    commit_message: str | None = None,
-    commit_description: str | None = None,
-    private: bool | None = None,
-    token: str | bool | None = None,
-    revision: str | None = None,
-    create_pr: bool = False,
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
     tags=None,
+    **upload_arguments,
 ):
-    """What `MemoryLlamaForCausalLM.push_to_hub` does: export the in-memory model (plus `tokenizer`) into a
-    temporary folder, checked to load without the package, and upload it. Returns the CommitInfo."""
+    """Upload `model` as a copy that loads with `trust_remote_code=True` where this package is not installed:
+    weights, config with `auto_map`, the flat run-time modules, generation config, `tokenizer` when given, and
+    a model card (with `tags`). The copy is exported into a temporary folder and checked to load without the
+    package before anything is uploaded. `upload_arguments` are those of `upload_folder_to_hub`, named as in
+    `PreTrainedModel.push_to_hub`: commit_message, commit_description, private, token, revision, create_pr.
+    Returns huggingface_hub's CommitInfo.
+
+        modeling_memory.push_to_hub(model, "you/my-memory-llama", tokenizer=tokenizer)
+
+    (`model.push_to_hub` is transformers' own: it uploads the weights without the modeling code.)"""
     _check_can_push(repo_id)
     base_name = base_hub_id = license = None
     if model.name_or_path and Path(model.name_or_path).is_dir():
@@ -357,16 +349,7 @@ def push_model_to_hub(
             license=license,
             tags=tags or (),
         )
-        return upload_folder_to_hub(
-            folder,
-            repo_id,
-            commit_message=commit_message,
-            commit_description=commit_description,
-            private=private,
-            token=token,
-            revision=revision,
-            create_pr=create_pr,
-        )
+        return upload_folder_to_hub(folder, repo_id, **upload_arguments)
 
 
 __all__ = [
@@ -376,6 +359,6 @@ __all__ = [
     "export_model_for_hub",
     "logits_without_package",
     "push_checkpoint",
-    "push_model_to_hub",
+    "push_to_hub",
     "registered_for_auto_class",
 ]

@@ -1,4 +1,6 @@
-"""Which implementation runs a memory op: the Triton kernels or the PyTorch reference.
+"""Kernel utilities in one place: whether Triton is usable, the interpreter flag, which implementation
+runs a memory op (the Triton kernels or the PyTorch reference), and the block-size helper the kernel
+files share.
 
 Environment knobs, read once per process (the first time an op runs):
 
@@ -19,6 +21,13 @@ import os
 import torch
 
 KERNELS_ENV = "MODELING_MEMORY_KERNELS"
+INTERPRETER_ENV = "TRITON_INTERPRET"
+
+
+def interpreter_requested() -> bool:
+    """TRITON_INTERPRET=1 in the environment. Kernel modules read it once, when imported: Triton decorates
+    their kernels as interpreted functions only if it was set then."""
+    return os.environ.get(INTERPRETER_ENV) == "1"
 
 
 @functools.cache
@@ -41,7 +50,7 @@ def _settings() -> tuple[str, bool]:
         forced = os.environ.get(KERNELS_ENV, "").strip().lower()
         if forced not in ("", "triton", "torch"):
             raise ValueError(f"{KERNELS_ENV} must be 'triton' or 'torch' (or unset), got {forced!r}.")
-        _settings_read = (forced, os.environ.get("TRITON_INTERPRET") == "1")
+        _settings_read = (forced, interpreter_requested())
     return _settings_read
 
 
@@ -66,3 +75,17 @@ def reload_settings() -> None:
     """Read the environment knobs again (otherwise they are read once per process)."""
     global _settings_read
     _settings_read = None
+
+
+def check_kernel_device(tensor: torch.Tensor, kernels: str, module: str, interpreted: bool) -> None:
+    """Raise a clear error when `kernels` (e.g. "Engram") cannot run on `tensor`: Triton needs CUDA tensors, or
+    the interpreter switched on before the kernel `module` was imported (`interpreted`, read then)."""
+    if not tensor.is_cuda and not interpreted:
+        raise RuntimeError(
+            f"Triton {kernels} kernels need CUDA tensors, or {INTERPRETER_ENV}=1 set before {module} is first imported."
+        )
+
+
+def next_power_of_2(value: int) -> int:
+    """Smallest power of two >= value (1 for value <= 1): Triton block sizes must be powers of two."""
+    return 1 << max(0, int(value) - 1).bit_length()

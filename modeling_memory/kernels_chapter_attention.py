@@ -22,9 +22,9 @@ importable where Triton is missing. Without a GPU the kernels run only if TRITON
 before this module was imported.
 """
 
-import os
-
 import torch
+
+from .kernel_backend import check_kernel_device, interpreter_requested, next_power_of_2
 
 try:
     import triton
@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover - exercised only where Triton is missing
 
 
 # Kernels are decorated as interpreted functions when this was set at import time.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETED = interpreter_requested()
 
 # Pairs per forward / dq program, and per dK/dV program (a chunk is looped over in BLOCK_PAIRS steps).
 _BLOCK_PAIRS = 64
@@ -254,10 +254,6 @@ if triton is not None:
             tl.store(grad_values_ptr + bank_offsets, dv.to(grad_values_ptr.dtype.element_ty), mask=kv_mask)
 
 
-def _next_power_of_2(value: int) -> int:
-    return 1 << max(0, int(value) - 1).bit_length()
-
-
 def group_pairs_by_chapter(chapter_ids: torch.Tensor, num_chapters: int, block_size: int, exact_grid: bool):
     """Sort the (token, chapter) pairs by chapter and cut them into blocks of one chapter each.
 
@@ -301,11 +297,11 @@ def group_pairs_by_chapter(chapter_ids: torch.Tensor, num_chapters: int, block_s
 
 def _kernel_settings(query: torch.Tensor, chapter_size: int) -> dict:
     head_dim = query.shape[-1]
-    block_d = max(16, _next_power_of_2(head_dim))
+    block_d = max(16, next_power_of_2(head_dim))
     # Wide fp32 rows: halve the key tile so the pipelined K/V tiles fit in shared memory.
     block_keys = _BLOCK_KEYS // 2 if block_d * query.element_size() > 256 else _BLOCK_KEYS
     return dict(
-        BLOCK_KEYS=max(16, min(block_keys, _next_power_of_2(chapter_size))),
+        BLOCK_KEYS=max(16, min(block_keys, next_power_of_2(chapter_size))),
         BLOCK_D=block_d,
         # "tf32" is Triton's default on CUDA and only affects fp32 operands; fp32 inputs get exact products.
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
@@ -315,11 +311,7 @@ def _kernel_settings(query: torch.Tensor, chapter_size: int) -> dict:
 
 
 def _check_inputs(query, bank_keys, bank_values, chapter_ids, chapter_weights) -> None:
-    if not query.is_cuda and not INTERPRETED:
-        raise RuntimeError(
-            "Triton chapter-attention kernels need CUDA tensors, or TRITON_INTERPRET=1 set before "
-            "modeling_memory.kernels_chapter_attention is first imported."
-        )
+    check_kernel_device(query, "chapter-attention", __name__, INTERPRETED)
     num_tokens, num_heads, head_dim = query.shape
     if bank_keys.shape != bank_values.shape or bank_keys.shape[2:] != (num_heads, head_dim):
         raise ValueError(
@@ -358,7 +350,7 @@ class ChapterAttentionFunction(torch.autograd.Function):
         # One pass over pair_out (einsum would run this as a slow batched GEMV).
         out = torch.empty(num_tokens, num_heads, head_dim, dtype=query.dtype, device=query.device)
         row_width = num_heads * head_dim
-        block_w = min(_next_power_of_2(row_width), 256)
+        block_w = min(next_power_of_2(row_width), 256)
         _chapter_attention_combine_kernel[(triton.cdiv(num_tokens, _COMBINE_TOKENS), triton.cdiv(row_width, block_w))](
             pair_out, weights, out, num_tokens, reads, row_width, BLOCK_N=_COMBINE_TOKENS, BLOCK_W=block_w,
         )

@@ -3,25 +3,21 @@
 Forward: one kernel maps raw ids to canonical ids, hashes the suffix n-grams and gathers the rows of
 every head straight into the concatenated output `e`. Only when the table needs a gradient does it
 also write the row ids, a small (N, H) tensor (int32 where they fit), so the backward does not hash again.
-Backward: only the table gets a gradient, a dense (rows, D) tensor of which only the rows read are
-non-zero. No pass touches the whole table except the one zero fill of the gradient, which is the floor
-of the backward's time.
-- sorted (deterministic, and the default for fp16/bf16 tables): (token, head) entries stably sorted by
-  row; the first entry of each run of equal rows sums the run in sorted order, in fp32, and writes the
-  row once in the table dtype. Bitwise repeatable, no host sync.
-- atomic (the default for fp32 tables): each entry `atomic_add`s its gradient straight into the fp32
-  gradient; the summation order of repeated rows varies from run to run. Half tables do not take this
-  path: summing in fp32 would need an fp32 scratch and an extra pass over the rows, which measured slower
-  than the sort (and adding in the half dtype would round at every repeated row).
+
+Backward: the table's gradient is sparse (the convention of `ops_table_rows.py`): a coalesced COO tensor
+holding only the U distinct rows read. The (token, head) entries are stably sorted by row; the first
+entry of each run of equal rows sums the run in sorted order, in fp32, and writes it once, in the table
+dtype, as its run's row of the (U, D) values. Bitwise repeatable; nothing of the table's size is touched.
+Counting U costs one host sync.
 
 This module is imported only once `kernel_backend.triton_available()` is True; the guarded import
 keeps it importable (for Hub remote-code import checks) where Triton is missing. On a machine without
 a GPU the kernels run only if TRITON_INTERPRET=1 was set before this module was imported.
 """
 
-import os
-
 import torch
+
+from .kernel_backend import check_kernel_device, interpreter_requested, next_power_of_2
 
 try:
     import triton
@@ -32,7 +28,7 @@ except ImportError:  # pragma: no cover - exercised only where Triton is missing
 
 
 # Kernels are decorated as interpreted functions when this was set at import time.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETED = interpreter_requested()
 
 # Elements of the (tokens, heads, width) tile one program moves; the interpreter prefers few, large programs.
 _TILE_ELEMENTS = 1 << 16 if INTERPRETED else 1 << 12
@@ -107,32 +103,20 @@ if triton is not None:
             tl.store(rows_ptr + rows_offsets, rows.to(rows_ptr.dtype.element_ty), mask=rows_mask)
 
     @triton.jit
-    def _engram_atomic_kernel(
-        rows_ptr, grad_out_ptr, grad_table_ptr, num_entries, head_dim, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):
-        """fp32 tables: each entry e = token * H + head `atomic_add`s its gradient (row e of grad_out viewed as
-        (N * H, D)) into its table row."""
-        offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
-        offs_d = tl.arange(0, BLOCK_D)
-        entry_ok = offs_e < num_entries
-        mask = entry_ok[:, None] & (offs_d < head_dim)[None, :]
-        rows = tl.load(rows_ptr + offs_e, mask=entry_ok, other=0).to(tl.int64)
-        grad = tl.load(grad_out_ptr + offs_e.to(tl.int64)[:, None] * head_dim + offs_d[None, :], mask=mask, other=0.0)
-        tl.atomic_add(grad_table_ptr + rows[:, None] * head_dim + offs_d[None, :], grad, mask=mask)
-
-    @triton.jit
-    def _engram_sorted_sum_kernel(
-        grad_out_ptr, sorted_rows_ptr, sorted_entries_ptr, grad_table_ptr, num_entries, head_dim,
+    def _engram_row_sum_kernel(
+        grad_out_ptr, sorted_rows_ptr, sorted_entries_ptr, run_ids_ptr, values_ptr, num_entries, head_dim,
         BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """Entries sorted by row: the first entry of each run of equal rows sums the run, in sorted order, in fp32."""
+        """Entries sorted by row: the first entry of each run of equal rows sums the run, in sorted order, in
+        fp32, and stores it as row `run_ids[first]` of the sparse gradient's (U, D) values."""
         offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < head_dim
         entry_ok = offs_e < num_entries
         rows = tl.load(sorted_rows_ptr + offs_e, mask=entry_ok, other=-1).to(tl.int64)
         previous = tl.load(sorted_rows_ptr + offs_e - 1, mask=entry_ok & (offs_e > 0), other=-1)
-        active = entry_ok & (rows != previous)
+        is_first = entry_ok & (rows != previous)
+        active = is_first
         total = tl.zeros([BLOCK_E, BLOCK_D], dtype=tl.float32)
         position = offs_e
         # Runs are short (distinct n-grams rarely share a row); the loop runs as long as the block's longest run.
@@ -143,41 +127,29 @@ if triton is not None:
             position += 1
             next_row = tl.load(sorted_rows_ptr + position, mask=active & (position < num_entries), other=-1)
             active = active & (next_row == rows)
-        is_first = entry_ok & (rows != previous)
+        run = tl.load(run_ids_ptr + offs_e, mask=is_first, other=0).to(tl.int64)
         tl.store(
-            grad_table_ptr + rows[:, None] * head_dim + offs_d[None, :],
-            total.to(grad_table_ptr.dtype.element_ty),
+            values_ptr + run[:, None] * head_dim + offs_d[None, :],
+            total.to(values_ptr.dtype.element_ty),
             mask=is_first[:, None] & d_ok[None, :],
         )
 
 
-def _next_power_of_2(value: int) -> int:
-    return 1 << max(0, int(value) - 1).bit_length()
-
-
 def _tile_sizes(num_tokens: int, num_heads: int, head_dim: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_H, BLOCK_D): a full head row per program, as many heads and tokens as the tile allows."""
-    block_d = _next_power_of_2(head_dim)
-    block_h = min(_next_power_of_2(num_heads), max(1, _TILE_ELEMENTS // block_d))
-    block_t = min(_next_power_of_2(num_tokens), max(1, _TILE_ELEMENTS // (block_h * block_d)))
+    block_d = next_power_of_2(head_dim)
+    block_h = min(next_power_of_2(num_heads), max(1, _TILE_ELEMENTS // block_d))
+    block_t = min(next_power_of_2(num_tokens), max(1, _TILE_ELEMENTS // (block_h * block_d)))
     return block_t, block_h, block_d
 
 
-def _check_device(tensor: torch.Tensor) -> None:
-    if not tensor.is_cuda and not INTERPRETED:
-        raise RuntimeError(
-            "Triton Engram kernels need CUDA tensors, or TRITON_INTERPRET=1 set before "
-            "modeling_memory.kernels_engram is first imported."
-        )
-
-
 class EngramLookupFunction(torch.autograd.Function):
-    """Fused Engram lookup; the gradient goes to the table weight only."""
+    """Fused Engram lookup; the gradient goes to the table weight only (sparse, or dense on request)."""
 
     @staticmethod
     def forward(
         ctx, table_weight, token_ids, history_lengths, canonical_map, multipliers, head_orders, table_primes,
-        table_offsets, pad_id, max_order, deterministic,
+        table_offsets, pad_id, max_order, sparse_grad,
     ):
         batch, new_len = history_lengths.shape
         num_heads = table_primes.numel()
@@ -185,12 +157,12 @@ class EngramLookupFunction(torch.autograd.Function):
         num_tokens = batch * new_len
         out = torch.empty(batch, new_len, num_heads * head_dim, dtype=table_weight.dtype, device=table_weight.device)
         # The backward needs the row ids: the forward writes them (2-4 MB) rather than the backward hashing again.
-        # int32 where they fit: the deterministic path's radix sort then takes half the passes.
+        # int32 where they fit: the backward's radix sort then takes half the passes.
         store_rows = ctx.needs_input_grad[0]
         rows_dtype = torch.int32 if table_weight.shape[0] < 2**31 else torch.int64
         rows = torch.empty(num_tokens if store_rows else 0, num_heads, dtype=rows_dtype, device=table_weight.device)
         ctx.save_for_backward(rows)
-        ctx.deterministic = deterministic
+        ctx.sparse_grad = sparse_grad
         ctx.table_shape, ctx.table_dtype = table_weight.shape, table_weight.dtype
         if num_tokens == 0:
             return out
@@ -209,32 +181,28 @@ class EngramLookupFunction(torch.autograd.Function):
         (rows,) = ctx.saved_tensors
         grad_table = None
         if ctx.needs_input_grad[0]:
-            grad_table = _engram_table_grad(grad_out.contiguous(), rows, ctx.table_shape, ctx.table_dtype, ctx.deterministic)
+            grad_table = _engram_table_grad(grad_out.contiguous(), rows, ctx.table_shape, ctx.table_dtype)
+            if not ctx.sparse_grad:
+                grad_table = grad_table.to_dense()
         return (grad_table,) + (None,) * 10
 
 
-def _engram_table_grad(grad_out, rows, table_shape, table_dtype, deterministic) -> torch.Tensor:
-    """Gradient of the table (rows, D) from grad_out (B, S, H * D) and the forward's (N, H) row ids."""
+def _engram_table_grad(grad_out, rows, table_shape, table_dtype) -> torch.Tensor:
+    """Coalesced sparse gradient of the (rows, D) table from grad_out (B, S, H * D) and the forward's (N, H) row ids."""
     head_dim = table_shape[1]
     device = grad_out.device
-    block_d = _next_power_of_2(head_dim)
-    num_entries = rows.numel()
-    entry_grid = (triton.cdiv(num_entries, _ENTRY_BLOCK),)
-    grad_table = torch.zeros(table_shape, dtype=table_dtype, device=device)
-    if num_entries == 0:
-        return grad_table
-    if table_dtype == torch.float32 and not deterministic:
-        _engram_atomic_kernel[entry_grid](
-            rows, grad_out, grad_table, num_entries, head_dim, BLOCK_E=_ENTRY_BLOCK, BLOCK_D=block_d,
-        )
-        return grad_table
+    flat = rows.flatten()
     # Stable sort: entries of one row stay in (token, head) order, so the summation order is fixed.
-    sorted_rows, sorted_entries = torch.sort(rows.flatten(), stable=True)
-    _engram_sorted_sum_kernel[entry_grid](
-        grad_out, sorted_rows, sorted_entries, grad_table, num_entries, head_dim,
-        BLOCK_E=_ENTRY_BLOCK, BLOCK_D=block_d,
-    )
-    return grad_table
+    sorted_rows, sorted_entries = torch.sort(flat, stable=True)
+    unique_rows, run_ids = torch.unique_consecutive(sorted_rows, return_inverse=True)
+    values = torch.empty(unique_rows.numel(), head_dim, dtype=table_dtype, device=device)
+    if flat.numel() > 0:
+        _engram_row_sum_kernel[(triton.cdiv(flat.numel(), _ENTRY_BLOCK),)](
+            grad_out, sorted_rows, sorted_entries, run_ids, values, flat.numel(), head_dim,
+            BLOCK_E=_ENTRY_BLOCK, BLOCK_D=next_power_of_2(head_dim),
+        )
+    indices = unique_rows.to(torch.int64).unsqueeze(0)
+    return torch.sparse_coo_tensor(indices, values, tuple(table_shape), is_coalesced=True, check_invariants=False)
 
 
 def engram_lookup_triton(
@@ -247,7 +215,7 @@ def engram_lookup_triton(
     ngram_orders: list[int],
     pad_id: int,
     table_weight: torch.Tensor,
-    deterministic: bool = False,
+    sparse_grad: bool = True,
 ) -> torch.Tensor:
     """Fused Engram lookup; same contract as `ops_engram.engram_lookup_reference`.
 
@@ -260,12 +228,12 @@ def engram_lookup_triton(
         ngram_orders: orders, each with H / len(ngram_orders) heads.
         pad_id: canonical id standing for missing history.
         table_weight: (rows, D) the layer's embedding weight; the only input that gets a gradient.
-        deterministic: sum repeated rows' gradients in a fixed order (bitwise repeatable backward; half tables
-            always are).
+        sparse_grad: give the table a coalesced sparse gradient (the default); False densifies it, for optimizers
+            that take only dense gradients.
     Returns:
         (B, S, H * D) in the table's dtype.
     """
-    _check_device(table_weight)
+    check_kernel_device(table_weight, "Engram", __name__, INTERPRETED)
     num_heads = table_primes.numel()
     if num_heads % len(ngram_orders) != 0:
         raise ValueError(f"{num_heads} heads cannot be split evenly over the orders {ngram_orders}.")
@@ -283,5 +251,5 @@ def engram_lookup_triton(
     return EngramLookupFunction.apply(
         table_weight.contiguous(), as_long(token_ids), as_long(history_lengths), as_long(canonical_map),
         as_long(multipliers), head_orders, as_long(table_primes), as_long(table_offsets), int(pad_id), max_order,
-        bool(deterministic),
+        bool(sparse_grad),
     )

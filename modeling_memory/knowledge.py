@@ -129,16 +129,17 @@ class Probe:
     attribute: str
 
     def is_recalled(self, continuation: str) -> bool:
-        """Exact match: the continuation, stripped of leading whitespace, begins with the answer as
-        a whole word (so "19" does not match "1953" and "cat" does not match "caterpillar")."""
-        return normalized_answer_match(continuation, self.answer)
+        """`answer_recalled(continuation, self.answer)`."""
+        return answer_recalled(continuation, self.answer)
 
 
-def normalized_answer_match(continuation: str, answer: str) -> bool:
-    """Exact match of `answer` at the start of `continuation`, ignoring leading whitespace and
-    requiring a word boundary after it."""
+def answer_recalled(continuation: str, answer: str) -> bool:
+    """The one rule for a recalled fact (probes, the `knowledge_recall` metric, the benchmarks): the
+    continuation, stripped of leading whitespace, starts with the answer followed by a word boundary ("1953."
+    and "1953 and" recall 1953; "19530" does not, nor does "caterpillar" recall "cat"). Case- and
+    character-exact otherwise. An empty answer is never recalled."""
     text = continuation.lstrip()
-    if not text.startswith(answer):
+    if not answer or not text.startswith(answer):
         return False
     rest = text[len(answer) :]
     return not rest or not re.match(r"\w", rest[0])
@@ -243,4 +244,4 @@ class KnowledgeSet:
         return cls([Entity(**e) for e in data["entities"]], seed=data["seed"], statements_per_fact=data["statements_per_fact"])
 
 
-__all__ = ["ATTRIBUTES", "Entity", "KnowledgeSet", "Probe", "normalized_answer_match"]
+__all__ = ["ATTRIBUTES", "Entity", "KnowledgeSet", "Probe", "answer_recalled"]

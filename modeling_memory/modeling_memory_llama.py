@@ -13,7 +13,6 @@ zero values), so a model grafted from a Llama computes exactly what the Llama co
 changes it.
 """
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -178,23 +177,6 @@ class MemoryLlamaPreTrainedModel(PreTrainedModel):
         "router_logits": OutputRecorder(MemoryLlamaChapterMemory, index=1),
         "router_indices": OutputRecorder(MemoryLlamaChapterMemory, index=2),
     }
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, use_safetensors: bool | None = True, **kwargs):
-        """As `PreTrainedModel.from_pretrained`, but weights load from safetensors only: pickle files
-        (`pytorch_model.bin`) can run code when loaded. Opt in to them with `use_safetensors=False`."""
-        if use_safetensors and os.path.isdir(str(pretrained_model_name_or_path)):
-            folder = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder", ""))
-            names = os.listdir(folder) if os.path.isdir(folder) else []
-            has_safetensors = any(name.endswith(".safetensors") or name.endswith(".safetensors.index.json") for name in names)
-            pickles = sorted(name for name in names if name.endswith((".bin", ".pt", ".pth", ".ckpt")))
-            if pickles and not has_safetensors:
-                raise OSError(
-                    f"{pretrained_model_name_or_path} holds only pickle weights ({', '.join(pickles)}), which can run "
-                    "code when loaded. Convert them to safetensors, or opt in with `use_safetensors=False` if you "
-                    "trust their source."
-                )
-        return super().from_pretrained(pretrained_model_name_or_path, *args, use_safetensors=use_safetensors, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -410,18 +392,6 @@ class MemoryLlamaForCausalLM(MemoryLlamaPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    @classmethod
-    def from_llama(cls, llama_model_or_path, tokenizer=None, **memory_fields) -> "MemoryLlamaForCausalLM":
-        """Graft memory onto a Llama-family causal LM (a loaded model or a checkpoint path).
-
-        The result computes exactly what the Llama computes (the memory's last projections start at zero).
-        With a `tokenizer`, Engram's canonical-id map is built from it (otherwise the identity).
-        `memory_fields` are MemoryLlamaConfig memory fields, e.g. `engram_layers=[1], chapter_layers=[3]`.
-        """
-        from .grafting import graft_from_llama
-
-        return graft_from_llama(cls, llama_model_or_path, tokenizer=tokenizer, **memory_fields)
-
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
@@ -486,30 +456,6 @@ class MemoryLlamaForCausalLM(MemoryLlamaPreTrainedModel, GenerationMixin):
             router_logits=outputs.router_logits,
             router_indices=outputs.router_indices,
         )
-
-    def push_to_hub(self, repo_id: str, *, tokenizer=None, **kwargs):
-        """Upload a copy that loads with `trust_remote_code=True` where this package is not installed: weights,
-        config with `auto_map`, the flat modeling files, generation config, `tokenizer` when given, and a model
-        card. It is checked to load without the package before anything is uploaded. Other keyword arguments
-        are those of `PreTrainedModel.push_to_hub` (commit_message, private, token, revision, create_pr, ...).
-        Returns huggingface_hub's CommitInfo."""
-        import importlib
-
-        try:
-            # importlib rather than `from .hub_export import`: export tooling must stay out of the files that
-            # save_pretrained copies into Hub checkpoints (it follows `from .x import` lines).
-            hub_export = importlib.import_module(".hub_export", __package__)
-        except ModuleNotFoundError as error:
-            if error.name != f"{__package__}.hub_export":
-                raise
-            # Loaded as remote code without the package: transformers' own upload still carries the code.
-            if tokenizer is not None:
-                raise ValueError(
-                    "push_to_hub(tokenizer=...) needs the modeling_memory package; without it, push the tokenizer "
-                    "separately with tokenizer.push_to_hub(repo_id)."
-                ) from error
-            return super().push_to_hub(repo_id, **kwargs)
-        return hub_export.push_model_to_hub(self, repo_id, tokenizer=tokenizer, **kwargs)
 
 
 __all__ = [

@@ -141,27 +141,4 @@ def load_natural_text(
     return datasets.DatasetDict(train=split["train"], validation=split["test"])
 
 
-def token_blocks(texts, tokenizer, block_size: int, max_blocks: int | None = None):
-    """Documents tokenised, joined with EOS and cut into (num_blocks, block_size) int64 rows.
-
-    Args:
-        texts: iterable of strings, in order.
-        tokenizer: a Hugging Face tokenizer with an `eos_token_id`.
-        max_blocks: stop after this many rows (None: all).
-    """
-    import torch
-
-    ids: list[int] = []
-    needed = None if max_blocks is None else max_blocks * block_size
-    for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        ids.append(tokenizer.eos_token_id)
-        if needed is not None and len(ids) >= needed:
-            break
-    usable = (len(ids) // block_size) * block_size
-    if needed is not None:
-        usable = min(usable, needed)
-    return torch.tensor(ids[:usable], dtype=torch.long).view(-1, block_size)
-
-
-__all__ = ["PYTHON_DOCS", "load_natural_text", "prose_paragraphs", "python_docs_documents", "token_blocks"]
+__all__ = ["PYTHON_DOCS", "load_natural_text", "prose_paragraphs", "python_docs_documents"]

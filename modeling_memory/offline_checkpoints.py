@@ -8,12 +8,13 @@ that copy (~1 s). Both give identical weights.
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from .loading import from_pretrained
+from .safe_write import staging_directory
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "MODELING_MEMORY_CACHE"
@@ -47,14 +48,9 @@ def _convert_from_gguf(target: Path) -> None:
     clean = LlamaForCausalLM(LlamaConfig(**fields))
     clean.load_state_dict(loaded.state_dict(), strict=True)
     clean.generation_config = loaded.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    try:
+    with staging_directory(target, overwrite=True) as staging:  # a reader never sees a half-written copy
         clean.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, target)  # atomic: a reader never sees a half-written copy
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def smollm2_path() -> Path:
@@ -68,4 +64,4 @@ def smollm2_path() -> Path:
 def load_smollm2(dtype: torch.dtype = torch.float32):
     """(LlamaForCausalLM, tokenizer) of SmolLM2-135M-Instruct, offline."""
     path = smollm2_path()
-    return LlamaForCausalLM.from_pretrained(path, dtype=dtype).eval(), AutoTokenizer.from_pretrained(path)
+    return from_pretrained(LlamaForCausalLM, path, dtype=dtype).eval(), AutoTokenizer.from_pretrained(path)

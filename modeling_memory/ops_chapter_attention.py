@@ -3,7 +3,8 @@ and its top-k routed ones), softmax within each chapter, and the per-chapter out
 with the token's chapter weights (MoE-style). This is the op under chapter memory.
 
 Readable PyTorch reference and the dispatcher that picks it or the Triton kernels of
-`kernels_chapter_attention.py`.
+`kernels_chapter_attention.py`; and the folded form training uses when it is cheaper (keys and values the
+same unprojected rows for every head, the projections folded into the query and the output).
 
 Shapes: N tokens, H heads, D head width, C chapters of T memory tokens, R chapters read per token.
 """
@@ -44,6 +45,41 @@ def chapter_attention_reference(
         probs = scores.softmax(dim=-1)
         per_chapter = torch.einsum("nrht,nrthd->nrhd", probs, values.float())
         outputs.append(torch.einsum("nr,nrhd->nhd", chapter_weights[block].float(), per_chapter))
+    if not outputs:
+        return query.new_zeros(query.shape)
+    return torch.cat(outputs).to(query.dtype)
+
+
+def chapter_attention_folded_reference(
+    query: torch.Tensor,
+    bank_rows: torch.Tensor,
+    chapter_ids: torch.Tensor,
+    chapter_weights: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Chapter attention whose keys and values are the same (normed, unprojected) bank rows for every head: the
+    folded form used in training (`MemoryLlamaChapterMemory.attend_folded`), where the query already carries the
+    key projection and the output still needs the value projection.
+
+    Args:
+        query: (N, H, E) queries in the rows' space.
+        bank_rows: (C, T, E) the rows of each chapter, read as keys and as values by every head.
+        chapter_ids: (N, R) int64 chapters each token reads; chapter_weights (N, R) fp32.
+        scale: softmax scale.
+    Returns:
+        (N, H, E) in the query's dtype; scores and softmax statistics in fp32.
+    """
+    num_tokens, num_heads, _ = query.shape
+    reads, chapter_size = chapter_ids.shape[1], bank_rows.shape[1]
+    outputs = []
+    for start in range(0, num_tokens, TOKEN_BLOCK):
+        block = slice(start, start + TOKEN_BLOCK)
+        # Each token's R chapters side by side, (n, R * T, E): one product per token for all its heads and chapters.
+        rows = bank_rows[chapter_ids[block]].flatten(1, 2).float()
+        scores = torch.bmm(query[block].float(), rows.transpose(1, 2)) * scale  # (n, H, R * T)
+        probs = scores.view(-1, num_heads, reads, chapter_size).softmax(dim=-1)  # softmax within each chapter
+        weighted = probs * chapter_weights[block].float()[:, None, :, None]
+        outputs.append(torch.bmm(weighted.flatten(2), rows))
     if not outputs:
         return query.new_zeros(query.shape)
     return torch.cat(outputs).to(query.dtype)

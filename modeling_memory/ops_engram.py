@@ -1,7 +1,8 @@
 """Engram lookup: canonical-id map + n-gram hashing + gather of every head (the op under Engram).
 
 Readable PyTorch reference and the dispatcher that picks it or the Triton kernels of
-`kernels_engram.py`. Row ids depend on tokens only, so they are computed before the layer runs.
+`kernels_engram.py`. Row ids depend on tokens only, so they are computed before the layer runs. Both
+give the table a sparse row gradient (`ops_table_rows.py`): a step's cost does not grow with the table.
 
 Shapes: B batch, S new tokens, L = max_order - 1 history tokens prepended from the cache, H heads
 (all orders), D per-head width.
@@ -10,6 +11,7 @@ Shapes: B batch, S new tokens, L = max_order - 1 history tokens prepended from t
 import torch
 
 from .kernel_backend import kernel_choice
+from .ops_table_rows import gather_rows
 
 
 def engram_history_lengths(boundary: torch.Tensor, max_history: int) -> torch.Tensor:
@@ -74,29 +76,32 @@ def engram_row_ids_reference(
 
 
 def engram_lookup_reference(
-    token_ids, history_lengths, canonical_map, multipliers, table_primes, table_offsets, ngram_orders, pad_id, table
+    token_ids, history_lengths, canonical_map, multipliers, table_primes, table_offsets, ngram_orders, pad_id,
+    table_weight, sparse_grad: bool = True,
 ) -> torch.Tensor:
-    """Concatenated head embeddings e: (B, S, H * D). `table` is the layer's embedding module."""
+    """Concatenated head embeddings e: (B, S, H * D) from the layer's (rows, D) table weight. The table's
+    gradient is a coalesced sparse tensor of the rows read (dense with `sparse_grad=False`)."""
     rows = engram_row_ids_reference(
         token_ids, history_lengths, canonical_map, multipliers, table_primes, table_offsets, ngram_orders, pad_id
     )
-    return table(rows).flatten(-2)
+    return gather_rows(table_weight, rows, sparse_grad).flatten(-2)
 
 
 def engram_lookup(
-    token_ids, history_lengths, canonical_map, multipliers, table_primes, table_offsets, ngram_orders, pad_id, table,
-    deterministic: bool = False,
+    token_ids, history_lengths, canonical_map, multipliers, table_primes, table_offsets, ngram_orders, pad_id,
+    table_weight, sparse_grad: bool = True,
 ) -> torch.Tensor:
-    """Dispatcher: fused Triton kernel when usable and the table is a plain `nn.Embedding` (a PEFT-wrapped
-    table goes through the module so its adapter is applied), the reference otherwise."""
-    plain_table = type(table) is torch.nn.Embedding
-    if plain_table and kernel_choice(token_ids) == "triton":
+    """Dispatcher: the fused Triton kernel when usable (see `kernel_backend.py`), the reference otherwise; same
+    contract as `engram_lookup_reference`. It reads the weight tensor directly: a layer whose table carries an
+    adapter computes the row ids and calls its table module instead."""
+    if kernel_choice(token_ids) == "triton":
         from .kernels_engram import engram_lookup_triton
 
         return engram_lookup_triton(
             token_ids, history_lengths, canonical_map, multipliers, table_primes, table_offsets, ngram_orders,
-            pad_id, table.weight, deterministic=deterministic,
+            pad_id, table_weight, sparse_grad=sparse_grad,
         )
     return engram_lookup_reference(
-        token_ids, history_lengths, canonical_map, multipliers, table_primes, table_offsets, ngram_orders, pad_id, table
+        token_ids, history_lengths, canonical_map, multipliers, table_primes, table_offsets, ngram_orders, pad_id,
+        table_weight, sparse_grad=sparse_grad,
     )

@@ -13,16 +13,16 @@ dense (rank x rows) matrix. Instead, in the LoRA modes the memory parameters are
 on the base model after `get_peft_model` and saved next to the adapter as `memory.safetensors`
 (`save_adapter_with_memory` / `load_adapter_with_memory`).
 
-memory_llama has no PEFT default target modules. `recommended_lora_config` targets modules by a
-regular expression over their full paths, so a Llama projection name can never hit a memory module
-(or the reverse), and `prepare_model_for_mode` checks any user-given config with PEFT's own
-matcher before wrapping: a target that would land on a table, on memory in `lora` mode, or on
-nothing at all is an error, not a silent mis-target.
+memory_llama has no PEFT default target modules. `recommended_lora_config(model, mode)` lists the
+modules to wrap by their full names, chosen by module type (`memory_parameters.memory_kinds`: what
+belongs to a memory module is memory), so a Llama projection name can never hit a memory module (or
+the reverse), and `prepare_model_for_mode` checks any user-given config with PEFT's own matcher
+before wrapping: a target that would land on a table, on memory in `lora` mode, or on nothing at all
+is an error, not a silent mis-target.
 """
 
 import json
 import os
-import tempfile
 
 import safetensors.torch
 import torch
@@ -31,24 +31,12 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
-from .engram import MemoryLlamaEngram
-from .grafting import is_memory_parameter_name
+from .memory_parameters import TABLE_KINDS, memory_kinds
+from .safe_write import atomic_file
 
 TRAINING_MODES = ("full", "memory_only", "lora", "lora_all")
 BACKBONE_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-CHAPTER_LORA_TARGETS = ("router", "memory_query", "memory_key", "memory_value", "memory_output")
-ENGRAM_LORA_TARGETS = ("engram_key", "engram_value")
 MEMORY_WEIGHTS_NAME = "memory.safetensors"
-
-# Full-path patterns (PEFT matches a string target with re.fullmatch against each module name).
-_BACKBONE_PATTERN = (
-    r"model\.layers\.\d+\.(?:self_attn\.(?:" + "|".join(BACKBONE_LORA_TARGETS[:4]) + r")"
-    r"|mlp\.(?:" + "|".join(BACKBONE_LORA_TARGETS[4:]) + r"))"
-)
-_MEMORY_PATTERN = (
-    r"model\.layers\.\d+\.(?:chapter_memory\.(?:" + "|".join(CHAPTER_LORA_TARGETS) + r")"
-    r"|engram\.(?:" + "|".join(ENGRAM_LORA_TARGETS) + r"))"
-)
 
 
 def _check_mode(mode: str) -> None:
@@ -56,18 +44,48 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"Unknown training mode {mode!r}; choose one of {', '.join(TRAINING_MODES)}.")
 
 
-def recommended_lora_config(mode: str, r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.0) -> LoraConfig | None:
-    """The LoraConfig for a training mode (None for `full` and `memory_only`, which use no adapter).
+def _memory_names(model: nn.Module) -> set[str]:
+    """Names of the model's memory parameters and buffers (as `named_parameters` spells them)."""
+    return set(memory_kinds(model))
+
+
+def _is_memory_module(name: str, memory_names: set[str]) -> bool:
+    """Whether the module called `name` is memory or lies inside a memory module."""
+    return any(tensor.startswith(f"{name}.") for tensor in memory_names)
+
+
+def _memory_projections(model: nn.Module) -> list[str]:
+    """Full names of the memory's linear projections (router, chapter and Engram projections, the
+    product-key query, gate and output): what `lora_all` adds to the backbone's targets."""
+    kinds = memory_kinds(model)
+    return [
+        name for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and kinds.get(f"{name}.weight") not in (None, *TABLE_KINDS)
+    ]
+
+
+def _backbone_projections(model: nn.Module) -> list[str]:
+    """Full names of the backbone's attention and MLP projections (none inside memory)."""
+    memory = _memory_names(model)
+    return [
+        name for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in BACKBONE_LORA_TARGETS
+        and f"{name}.weight" not in memory
+    ]
+
+
+def recommended_lora_config(model: nn.Module, mode: str, r: int = 16, lora_alpha: int = 32, lora_dropout: float = 0.0) -> LoraConfig | None:
+    """The LoraConfig for a training mode of `model` (None for `full` and `memory_only`, which use no adapter).
 
     `lora`: LoRA on the backbone's attention and MLP projections.
-    `lora_all`: the same plus the memory projections (router, memory_query/key/value/output,
-    engram_key/value). Tables, banks, norms and the conv are trained directly in both.
+    `lora_all`: the same plus the memory's projections. Tables, banks, norms and the conv are trained
+    directly in both. Targets are listed by their full module names, chosen by module type.
     """
     _check_mode(mode)
     if mode in ("full", "memory_only"):
         return None
-    pattern = _BACKBONE_PATTERN if mode == "lora" else f"(?:{_BACKBONE_PATTERN}|{_MEMORY_PATTERN})"
-    return LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=pattern)
+    targets = _backbone_projections(model) + (_memory_projections(model) if mode == "lora_all" else [])
+    return LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets)
 
 
 def _lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -75,10 +93,15 @@ def _lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     return [name for name, _ in model.named_modules() if name and check_target_module_exists(config, name)]
 
 
+def _matching(names, entry: str) -> list[str]:
+    """The names PEFT's `modules_to_save` / `target_parameters` entry `entry` matches (equal, or ending in `.entry`)."""
+    return [name for name in names if name == entry or name.endswith(f".{entry}")]
+
+
 def check_lora_config(model: nn.Module, mode: str, config: LoraConfig) -> list[str]:
     """Validate a LoraConfig for `mode` on `model` before anything is wrapped; returns the target names.
 
-    Raises ValueError when the config targets nothing, an Engram table (a dense rank x rows delta),
+    Raises ValueError when the config targets nothing, a memory table (a dense rank x rows delta),
     memory modules in `lora` mode (there memory is trained directly), no memory projection in
     `lora_all` mode, or names memory modules in `modules_to_save` (a deep copy of each)."""
     if not isinstance(config, LoraConfig):
@@ -86,51 +109,50 @@ def check_lora_config(model: nn.Module, mode: str, config: LoraConfig) -> list[s
     if config.target_modules is None:
         raise ValueError(
             "The LoRA config has no target_modules, and memory_llama has no PEFT defaults: name them, or use "
-            "recommended_lora_config(mode)."
+            "recommended_lora_config(model, mode)."
         )
-    saved = list(config.modules_to_save or [])
-    memory_saved = [m for m in saved if is_memory_parameter_name(m) or m in ("table", "bank")]
-    if memory_saved:
+    kinds = memory_kinds(model)
+    memory = set(kinds)
+    module_names = [name for name, _ in model.named_modules() if name]
+    saved = [m for m in config.modules_to_save or [] if any(_is_memory_module(n, memory) for n in _matching(module_names, m))]
+    if saved:
         raise ValueError(
-            f"modules_to_save={memory_saved} would deep-copy memory modules (a second copy of each table or bank). "
+            f"modules_to_save={saved} would deep-copy memory modules (a second copy of each table or bank). "
             "Leave memory out of modules_to_save: the training modes train it directly and save it as "
             f"{MEMORY_WEIGHTS_NAME} next to the adapter."
         )
-    if config.target_parameters:
-        memory_params = [p for p in config.target_parameters if is_memory_parameter_name(p)]
-        if memory_params:
-            raise ValueError(
-                f"target_parameters={memory_params} put LoRA on memory parameters; the training modes train "
-                "tables and banks directly. Remove them from target_parameters."
-            )
+    parameter_names = [name for name, _ in model.named_parameters()]
+    memory_params = [p for p in config.target_parameters or [] if set(_matching(parameter_names, p)) & memory]
+    if memory_params:
+        raise ValueError(
+            f"target_parameters={memory_params} put LoRA on memory parameters; the training modes train "
+            "tables and banks directly. Remove them from target_parameters."
+        )
     targets = _lora_targets(model, config)
     if not targets:
         raise ValueError(
             f"The LoRA config's target_modules={config.target_modules!r} match no module of this model. "
-            "Use recommended_lora_config(mode) or name modules such as q_proj, v_proj."
+            "Use recommended_lora_config(model, mode) or name modules such as q_proj, v_proj."
         )
-    modules = dict(model.named_modules())
-    tables = [
-        name for name in targets
-        if isinstance(modules[name], nn.Embedding) and isinstance(modules.get(name.rsplit(".", 1)[0]), MemoryLlamaEngram)
-    ]
+    tables = [name for name in targets if kinds.get(f"{name}.weight") in TABLE_KINDS]
     if tables:
         raise ValueError(
-            f"target_modules hits Engram tables {tables[:3]}: LoRA on an embedding table adds a dense (rank x rows) "
-            "matrix as large as the table itself. Remove the table from target_modules; the training modes train "
-            "tables directly."
+            f"target_modules hits memory tables {tables[:3]}: LoRA on a table adds a dense (rank x rows) matrix as "
+            "large as the table itself. Remove the table from target_modules; the training modes train tables "
+            "directly."
         )
-    memory_targets = [name for name in targets if is_memory_parameter_name(name)]
+    memory_targets = [name for name in targets if _is_memory_module(name, memory)]
     if mode == "lora" and memory_targets:
         raise ValueError(
             f"In mode 'lora' the memory is trained directly, but target_modules={config.target_modules!r} also hits "
             f"memory modules {memory_targets[:4]}{' ...' if len(memory_targets) > 4 else ''}. Use mode 'lora_all' for "
-            "LoRA on the memory projections, or narrow target_modules (e.g. a regular expression over full names)."
+            "LoRA on the memory projections, or narrow target_modules (e.g. recommended_lora_config(model, 'lora'))."
         )
     if mode == "lora_all" and not memory_targets:
+        leaves = sorted({name.rsplit(".", 1)[-1] for name in _memory_projections(model)})
         raise ValueError(
             f"Mode 'lora_all' puts LoRA on the memory projections, but target_modules={config.target_modules!r} hits "
-            "none of them. Add " + ", ".join(CHAPTER_LORA_TARGETS + ENGRAM_LORA_TARGETS) + " or use mode 'lora'."
+            f"none of them. Add {', '.join(leaves)} or use mode 'lora'."
         )
     return targets
 
@@ -143,20 +165,20 @@ def prepare_model_for_mode(model, mode: str, lora_config: LoraConfig | None = No
     """Set up `model` (a MemoryLlamaForCausalLM) for a training mode; returns the model to train.
 
     `full` and `memory_only` return the model itself with requires_grad set; the LoRA modes return
-    a PeftModel (with `lora_config`, or `recommended_lora_config(mode)`) whose memory parameters
+    a PeftModel (with `lora_config`, or `recommended_lora_config(model, mode)`) whose memory parameters
     outside the adapter are trainable on the base model.
     """
     _check_mode(mode)
     if getattr(getattr(model, "config", None), "model_type", None) != "memory_llama":
         raise ValueError(
             f"Training modes need a MemoryLlama model, got {type(model).__name__}; graft memory first "
-            "(MemoryLlamaForCausalLM.from_llama)."
+            "(modeling_memory.from_llama)."
         )
-    has_memory = any(is_memory_parameter_name(name) for name, _ in model.named_parameters())
-    if mode != "full" and not has_memory:
+    memory = _memory_names(model)
+    if mode != "full" and not any(name in memory for name, _ in model.named_parameters()):
         raise ValueError(
-            f"Mode {mode!r} trains the memory, but this model has none (chapter_layers and engram_layers are empty). "
-            "Use mode 'full' or graft memory first."
+            f"Mode {mode!r} trains the memory, but this model has none (chapter_layers, engram_layers and pkm_layers "
+            "are empty). Use mode 'full' or graft memory first."
         )
     if mode == "full":
         for param in model.parameters():
@@ -164,10 +186,10 @@ def prepare_model_for_mode(model, mode: str, lora_config: LoraConfig | None = No
         return model
     if mode == "memory_only":
         for name, param in model.named_parameters():
-            param.requires_grad_(is_memory_parameter_name(name))
+            param.requires_grad_(name in memory)
         return model
 
-    config = lora_config if lora_config is not None else recommended_lora_config(mode)
+    config = lora_config if lora_config is not None else recommended_lora_config(model, mode)
     targets = check_lora_config(model, mode, config)
     peft_model = get_peft_model(model, config)
     wrapped = sorted(name for name, module in model.named_modules() if isinstance(module, LoraLayer))
@@ -177,23 +199,24 @@ def prepare_model_for_mode(model, mode: str, lora_config: LoraConfig | None = No
     return peft_model
 
 
+def _memory_outside_adapter(base: nn.Module):
+    """(name, parameter) of the memory parameters that are not LoRA weights nor LoRA-wrapped base weights."""
+    memory, adapter = _memory_names(base), _adapter_parameter_names(base)
+    for name, param in base.named_parameters():
+        if name in memory and name not in adapter and ".base_layer." not in name:
+            yield name, param
+
+
 def _mark_memory_trainable(peft_model: PeftModel) -> None:
     """Memory parameters outside the adapter train directly; LoRA-wrapped base weights stay frozen."""
-    adapter = _adapter_parameter_names(peft_model.get_base_model())
-    for name, param in peft_model.get_base_model().named_parameters():
-        if is_memory_parameter_name(name) and name not in adapter and ".base_layer." not in name:
-            param.requires_grad_(True)
+    for _, param in _memory_outside_adapter(peft_model.get_base_model()):
+        param.requires_grad_(True)
 
 
 def memory_state_dict(model) -> dict[str, torch.Tensor]:
     """The memory parameters a PEFT model trains outside its adapter, keyed as in the base model's state dict."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
-    adapter = _adapter_parameter_names(base)
-    return {
-        name: param.detach()
-        for name, param in base.named_parameters()
-        if param.requires_grad and is_memory_parameter_name(name) and name not in adapter and ".base_layer." not in name
-    }
+    return {name: param.detach() for name, param in _memory_outside_adapter(base) if param.requires_grad}
 
 
 def has_trainable_memory_outside_adapter(model) -> bool:
@@ -206,16 +229,9 @@ def save_memory_weights(model, directory: str) -> str:
     tensors = {name: tensor.contiguous().cpu().clone() for name, tensor in memory_state_dict(model).items()}
     if not tensors:
         raise ValueError("This model trains no memory outside an adapter; there is nothing to save.")
-    os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, MEMORY_WEIGHTS_NAME)
-    handle, staging = tempfile.mkstemp(prefix=".memory-", suffix=".safetensors", dir=directory)
-    os.close(handle)
-    try:
+    with atomic_file(path) as staging:
         safetensors.torch.save_file(tensors, staging, metadata={"format": "pt", "names": json.dumps(sorted(tensors))})
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
     return path
 
 
@@ -273,12 +289,13 @@ def load_adapter_with_memory(base_model, directory: str, is_trainable: bool = Fa
 def trainable_parameter_counts(model) -> dict[str, int]:
     """Trainable parameters split into adapter, memory (outside the adapter) and backbone, plus the total."""
     counts = {"adapter": 0, "memory": 0, "backbone": 0}
+    memory = _memory_names(model)
     seen = set()
     for name, param in model.named_parameters():
         if not param.requires_grad or id(param) in seen:
             continue
         seen.add(id(param))
-        key = "adapter" if "lora_" in name else "memory" if is_memory_parameter_name(name) else "backbone"
+        key = "adapter" if "lora_" in name else "memory" if name in memory else "backbone"
         counts[key] += param.numel()
     counts["total"] = sum(counts.values())
     return counts
@@ -289,7 +306,6 @@ __all__ = [
     "TRAINING_MODES",
     "check_lora_config",
     "has_trainable_memory_outside_adapter",
-    "is_memory_parameter_name",
     "load_adapter_with_memory",
     "load_memory_weights",
     "memory_state_dict",

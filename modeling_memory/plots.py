@@ -5,8 +5,7 @@ Both are drawn with matplotlib's Agg backend (no display needed) and written ato
 never finds a half-written PNG.
 """
 
-import os
-import tempfile
+from .safe_write import atomic_file
 
 
 def _pyplot():
@@ -19,16 +18,8 @@ def _pyplot():
 
 
 def _save_atomically(figure, path: str) -> str:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=".plot-", suffix=".png", dir=directory)
-    os.close(handle)
-    try:
+    with atomic_file(path) as staging:
         figure.savefig(staging, dpi=120, bbox_inches="tight")
-        os.replace(staging, path)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
     return path
 
 

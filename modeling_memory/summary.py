@@ -3,7 +3,7 @@
 import torch
 
 from .configuration_memory_llama import MemoryLlamaConfig
-from .grafting import is_memory_parameter_name
+from .memory_parameters import CHAPTER_BANK, ENGRAM_TABLE, PKM_VALUES, memory_kinds
 
 
 def memory_layout(config: MemoryLlamaConfig) -> str:
@@ -28,29 +28,34 @@ def memory_layout(config: MemoryLlamaConfig) -> str:
             f"each token reads {config.chapter_num_shared} shared + top-{config.chapter_top_k} routed chapters, "
             f"{config.chapter_num_heads} heads"
         )
-    if not (config.engram_layers or config.chapter_layers):
+    if config.pkm_layers:
+        lines.append(
+            f"product-key memory at {config.pkm_layers}: {config.pkm_num_slots:,} value slots"
+            f" ({'one table shared by all layers' if config.pkm_share_values else 'one table per layer'}); "
+            f"{config.pkm_heads} heads each read the top {config.pkm_top_k}"
+        )
+    if not (config.engram_layers or config.chapter_layers or config.pkm_layers):
         lines.append("no memory: this model is a plain Llama")
     return "\n".join(lines)
 
 
+# parameter_counts' key of each table kind; every other memory parameter counts as "memory_other".
+_TABLE_COUNTS = {CHAPTER_BANK: "chapter_bank", ENGRAM_TABLE: "engram_tables", PKM_VALUES: "pkm_values"}
+
+
 def parameter_counts(model) -> dict[str, int]:
-    """Parameters of the backbone, the chapter bank(s), the Engram tables, the rest of the memory, and those
-    touched per token (dense weights plus the rows and memory tokens one token reads)."""
+    """Parameters of the backbone, the chapter bank(s), the Engram tables, the product-key values, the rest of
+    the memory, and those touched per token (dense weights plus the rows and memory tokens one token reads)."""
     config = model.config
-    counts = {"backbone": 0, "chapter_bank": 0, "engram_tables": 0, "memory_other": 0}
+    counts = {"backbone": 0, "chapter_bank": 0, "engram_tables": 0, "pkm_values": 0, "memory_other": 0}
+    kinds = memory_kinds(model)
     seen = set()
     for name, param in model.named_parameters(remove_duplicate=False):
         if id(param) in seen:
             continue
         seen.add(id(param))
-        if "chapter_bank" in name or ".chapter_memory.bank." in name:
-            counts["chapter_bank"] += param.numel()
-        elif ".engram.table." in name:
-            counts["engram_tables"] += param.numel()
-        elif is_memory_parameter_name(name):
-            counts["memory_other"] += param.numel()
-        else:
-            counts["backbone"] += param.numel()
+        kind = kinds.get(name)
+        counts[_TABLE_COUNTS.get(kind, "memory_other") if kind else "backbone"] += param.numel()
     counts["total"] = sum(counts.values())
     embedding_rows = config.vocab_size * config.hidden_size
     tied = getattr(config, "tie_word_embeddings", False)
@@ -62,6 +67,7 @@ def parameter_counts(model) -> dict[str, int]:
         + counts["memory_other"]
         + len(config.chapter_layers) * chapter_tokens_read
         + len(config.engram_layers) * config.engram_dim
+        + len(config.pkm_layers) * config.pkm_heads * config.pkm_top_k * config.pkm_effective_value_dim
     )
     return counts
 

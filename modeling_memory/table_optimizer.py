@@ -1,29 +1,150 @@
-"""Lean optimizer state for huge embedding tables (the Engram tables).
+"""Optimizers for memory tables (Engram tables, chapter banks, any memory value table) that read and write
+only the rows a step touched, and the pieces that let them sit beside a dense optimizer.
 
-Dense Adam keeps two full-size moments: for a table of R rows x D columns that is 2·R·D extra
-floats, twice the table. Recommender systems train their embedding tables with *row-wise AdaGrad*
-instead (FBGEMM's EXACT_ROWWISE_ADAGRAD): one scalar per row, the running sum of the row's mean
-squared gradient, so the state is R floats, a fraction 1/D of the table.
+Tables train with sparse row gradients (a coalesced `torch.sparse_coo_tensor` of the rows read, see
+`ops_table_rows.py`), so a step's cost must not depend on the table's size: each optimizer here updates
+the touched rows and their state only. Rows a step did not read, and their state, stay bit-identical.
 
-    G_r += mean_j(g_rj^2)                       (only rows that received a gradient)
-    w_r -= lr * g_r / (sqrt(G_r) + eps)         (after decoupled weight decay w_r *= 1 - lr*wd)
+- `LazyAdam`: Adam whose moments are updated for the touched rows only (the Engram paper's recipe for its
+  tables: Adam at lr x 5, no weight decay). State: two floats per table weight.
+- `RowWiseAdagrad`: FBGEMM's EXACT_ROWWISE_ADAGRAD. One fp32 scalar per row, the running sum of the row's
+  mean squared gradient, so the state is a fraction 1/D of the table:
 
-Rows a step does not touch are not read or written (an Engram step touches a few rows per token).
+      G_r += mean_j(g_rj^2)                       (only rows that received a gradient)
+      w_r -= lr * g_r / (sqrt(G_r) + eps)         (after decoupled weight decay w_r *= 1 - lr*wd)
 
-`CombinedOptimizer` puts several optimizers over disjoint parameters behind one `Optimizer`, so
-`MemoryTrainer` can train the tables with `RowWiseAdagrad` and everything else with AdamW while
-the learning-rate scheduler, accelerate and Trainer checkpoints see a single optimizer.
+- `CombinedOptimizer` puts several optimizers over disjoint parameters behind one `Optimizer`, so that the
+  tables train with one of the above and everything else with AdamW while the learning-rate scheduler,
+  accelerate and Trainer checkpoints see a single optimizer.
+- `clip_grad_norm_`: torch's (which raises on sparse gradients in torch 2.13), counting sparse gradients by
+  their values.
+
+Both table optimizers take dense gradients too (rows whose gradient is all zero count as untouched).
+Needs torch only.
 """
+
+import math
 
 import torch
 from torch.optim import Optimizer
 
 
-class RowWiseAdagrad(Optimizer):
+def touched_rows(param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of `param` (rows first) that its gradient touches and their gradients.
+
+    Returns:
+        rows (U,) int64 sorted distinct row ids and their gradients (U, width) (a sparse gradient is coalesced
+        first: repeated rows summed, as gradient accumulation and all-reduce leave them repeated).
+    """
+    grad = param.grad
+    if grad.is_sparse:
+        grad = grad.coalesce()
+        rows = grad.indices()[0]
+        return rows, grad.values().reshape(rows.numel(), -1)
+    dense = grad.reshape(param.shape[0], -1)
+    rows = dense.ne(0).any(dim=1).nonzero().squeeze(1)
+    return rows, dense.index_select(0, rows)
+
+
+def _check_table_params(optimizer: Optimizer) -> None:
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.dim() == 0:
+                raise ValueError(f"{type(optimizer).__name__} needs parameters with at least one dimension (rows first).")
+
+
+class _Fp32StateOptimizer(Optimizer):
+    """Keeps the optimizer state fp32 through `load_state_dict`, which casts floating state to each parameter's
+    dtype (a bf16 table would get bf16 moments back, and resume inexactly)."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        super().load_state_dict(state_dict)
+        for saved_id, param in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if torch.is_tensor(value) and value.is_floating_point() and key != "step":
+                    self.state[param][key] = value.to(device=param.device, dtype=torch.float32, copy=True)
+
+
+class LazyAdam(_Fp32StateOptimizer):
+    """Adam on the touched rows only (lazy moments), for tables read a few rows at a time.
+
+    For every row r with a gradient g_r this step (t counts the steps in which the parameter had a gradient):
+
+        m_r = b1 m_r + (1 - b1) g_r;   v_r = b2 v_r + (1 - b2) g_r^2
+        w_r -= lr * (m_r / (1 - b1^t)) / (sqrt(v_r / (1 - b2^t)) + eps)   (after w_r *= 1 - lr*wd)
+
+    On a step that touches every row this is exactly `torch.optim.Adam` (AdamW with weight decay); rows without
+    a gradient keep their weights and moments (dense Adam would still decay their moments and move them).
+
+    Args:
+        params: parameters or parameter groups, tables (rows, ...) with sparse or dense gradients.
+        lr: learning rate.
+        betas: coefficients of the running averages of the gradient and its square.
+        eps: added to the denominator.
+        weight_decay: decoupled weight decay, applied to the rows a step updates (0 in the Engram recipe).
+
+    Moments are fp32 whatever the table's dtype.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        if lr <= 0:
+            raise ValueError(f"LazyAdam: lr must be > 0, got {lr}.")
+        if not all(0.0 <= beta < 1.0 for beta in betas) or len(betas) != 2:
+            raise ValueError(f"LazyAdam: betas must be two numbers in [0, 1), got {betas}.")
+        if eps <= 0:
+            raise ValueError(f"LazyAdam: eps must be > 0, got {eps}.")
+        if weight_decay < 0:
+            raise ValueError(f"LazyAdam: weight_decay must be >= 0, got {weight_decay}.")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        _check_table_params(self)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                rows, row_grads = touched_rows(param)
+                state = self.state[param]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+                    state["exp_avg_sq"] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+                if rows.numel() == 0:
+                    continue
+                state["step"] += 1
+                step = float(state["step"])
+                row_grads = row_grads.float()
+                exp_avg = state["exp_avg"].view(param.shape[0], -1)
+                exp_avg_sq = state["exp_avg_sq"].view(param.shape[0], -1)
+                # The operations of torch.optim.Adam, in its order, on the touched rows.
+                m = exp_avg.index_select(0, rows).lerp_(row_grads, 1 - beta1)
+                v = exp_avg_sq.index_select(0, rows).mul_(beta2).addcmul_(row_grads, row_grads, value=1 - beta2)
+                exp_avg.index_copy_(0, rows, m)
+                exp_avg_sq.index_copy_(0, rows, v)
+                denominator = (v.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+                weights = param.view(param.shape[0], -1)
+                new_rows = weights.index_select(0, rows).float()
+                if weight_decay:
+                    new_rows.mul_(1 - lr * weight_decay)
+                new_rows.addcdiv_(m, denominator, value=-lr / (1 - beta1**step))
+                weights.index_copy_(0, rows, new_rows.to(param.dtype))
+        return loss
+
+
+class RowWiseAdagrad(_Fp32StateOptimizer):
     """Row-wise AdaGrad: one accumulator per row of each parameter (rows = the first dimension).
 
     Args:
-        params: parameters or parameter groups, usually embedding tables (R, D).
+        params: parameters or parameter groups, usually tables (rows, D).
         lr: learning rate.
         eps: added to the square root of the accumulator.
         weight_decay: decoupled weight decay, applied to the rows a step updates (lazy, as sparse
@@ -45,10 +166,7 @@ class RowWiseAdagrad(Optimizer):
             raise ValueError(f"RowWiseAdagrad: initial_accumulator_value must be >= 0, got {initial_accumulator_value}.")
         defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, initial_accumulator_value=initial_accumulator_value)
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.dim() == 0:
-                    raise ValueError("RowWiseAdagrad needs parameters with at least one dimension (rows first).")
+        _check_table_params(self)
 
     def _state_for(self, param: torch.Tensor, group: dict) -> dict:
         state = self.state[param]
@@ -70,18 +188,11 @@ class RowWiseAdagrad(Optimizer):
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                rows_view = param.view(param.shape[0], -1)
-                if param.grad.is_sparse:
-                    grad = param.grad.coalesce()
-                    rows = grad.indices()[0]
-                    row_grads = grad.values().reshape(rows.numel(), -1)
-                else:
-                    dense = param.grad.reshape(param.shape[0], -1)
-                    rows = dense.ne(0).any(dim=1).nonzero().squeeze(1)
-                    row_grads = dense.index_select(0, rows)
+                rows, row_grads = touched_rows(param)
+                accumulator = self._state_for(param, group)["sum"]
                 if rows.numel() == 0:
                     continue
-                accumulator = self._state_for(param, group)["sum"]
+                rows_view = param.view(param.shape[0], -1)
                 row_grads = row_grads.float()
                 accumulator.index_add_(0, rows, row_grads.square().mean(dim=1))
                 scale = accumulator.index_select(0, rows).sqrt_().add_(eps).reciprocal_()
@@ -168,6 +279,39 @@ class CombinedOptimizer(Optimizer):
         return f"CombinedOptimizer({inner})"
 
 
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` for dense and sparse gradients alike: the total norm over every
+    gradient (a sparse one counted by its coalesced values, which it is left as), and every gradient scaled by
+    max_norm / (total + 1e-6) when that is below 1. Returns the total norm before clipping (fp32 scalar).
+    """
+    parameters = [parameters] if torch.is_tensor(parameters) else list(parameters)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    for index, grad in enumerate(grads):
+        if grad.is_sparse and not grad.is_coalesced():
+            grads[index] = grad.coalesce()
+    norms = [torch.linalg.vector_norm(g._values() if g.is_sparse else g, norm_type, dtype=torch.float32) for g in grads]
+    device = norms[0].device
+    total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
+    if math.isinf(max_norm):  # only the norm was asked for
+        return total
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for param in parameters:
+        grad = param.grad
+        if grad is None:
+            continue
+        if grad.is_sparse:
+            # Scale the coalesced values in place of the gradient (a sparse tensor's values are its own).
+            grad = grad.coalesce()
+            grad._values().mul_(scale.to(grad.device, grad.dtype))
+            param.grad = grad
+        else:
+            grad.mul_(scale.to(grad.device, grad.dtype))
+    return total
+
+
 def optimizer_state_bytes(optimizer: Optimizer) -> int:
     """Bytes held in tensors of the optimizer's state (moments, accumulators, step counters)."""
     total = 0
@@ -178,4 +322,4 @@ def optimizer_state_bytes(optimizer: Optimizer) -> int:
     return total
 
 
-__all__ = ["CombinedOptimizer", "RowWiseAdagrad", "optimizer_state_bytes"]
+__all__ = ["CombinedOptimizer", "LazyAdam", "RowWiseAdagrad", "clip_grad_norm_", "optimizer_state_bytes", "touched_rows"]

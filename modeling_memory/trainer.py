@@ -3,7 +3,11 @@
 - Parameter groups: Engram tables at lr x `engram_lr_multiplier`, chapter banks at
   lr x `chapter_bank_lr_multiplier`, both without weight decay; norms and biases without weight
   decay. The scheduler scales every group by the same factor, so the ratios hold all run long.
-  Optionally the tables get the lean `RowWiseAdagrad` (one scalar of state per row).
+- Tables (every kind in `memory_parameters.TABLE_KINDS`) have sparse row gradients and train with an
+  optimizer that touches only the rows a step read: `LazyAdam` (default) or `RowWiseAdagrad`
+  (`table_optimizer`), beside the `optim` optimizer for everything else, as one `CombinedOptimizer`.
+  Gradient clipping and the logged grad norm count the sparse gradients (torch's `clip_grad_norm_`
+  raises on them).
 - The router aux loss under gradient accumulation and data parallelism. While training,
   `compute_loss` asks the model for its router losses (`output_router_logits=True`, as for Mixtral),
   and the model adds its per-micro-batch `aux_loss` to `loss`; Trainer does not divide a `num_items_in_batch`-normalised
@@ -19,7 +23,9 @@
 - With a PEFT model whose memory is trained directly (see `peft_modes.py`), checkpoints also hold
   `memory.safetensors`, and resuming loads it back.
 
-A plain `Trainer` trains these models too, just without the extras.
+A plain `Trainer` trains these models too, without the extras, once the tables are switched to dense
+gradients (`set_sparse_table_gradients(model, False)`): its AdamW and gradient clipping take dense
+gradients only, and then every step updates every table row.
 """
 
 import json
@@ -36,31 +42,35 @@ from transformers import Trainer, TrainingArguments
 
 from .chapter_memory import MemoryLlamaChapterMemory
 from .engram import MemoryLlamaEngram
-from .memory_parameters import CHAPTER_BANK, ENGRAM_TABLE, memory_parameters
+from .memory_parameters import CHAPTER_BANK, ENGRAM_TABLE, TABLE_KINDS, memory_kinds, memory_parameters
 from .modeling_memory_llama import MemoryLlamaModel
-from .table_optimizer import CombinedOptimizer, RowWiseAdagrad
+from .table_optimizer import CombinedOptimizer, LazyAdam, RowWiseAdagrad, clip_grad_norm_
 
-TABLE_OPTIMIZERS = ("default", "rowwise_adagrad")
+# Optimizers of the tables: both update only the rows a step read.
+TABLE_OPTIMIZERS = {"adam": LazyAdam, "rowwise_adagrad": RowWiseAdagrad}
 # The seed papers' recipes: Engram tables at 5x the backbone's learning rate, the chapter bank at 2x.
 ENGRAM_LR_MULTIPLIER = 5.0
 CHAPTER_BANK_LR_MULTIPLIER = 2.0
+# The argument holding each table kind's learning-rate multiplier; a kind without one trains at lr x 1.
+TABLE_LR_MULTIPLIER_ARGUMENTS = {ENGRAM_TABLE: "engram_lr_multiplier", CHAPTER_BANK: "chapter_bank_lr_multiplier"}
+DEFAULT_TABLE_LR_MULTIPLIERS = {ENGRAM_TABLE: ENGRAM_LR_MULTIPLIER, CHAPTER_BANK: CHAPTER_BANK_LR_MULTIPLIER}
 
 
 @dataclass
 class MemoryTrainingArguments(TrainingArguments):
     """`TrainingArguments` plus the memory settings `MemoryTrainer` reads.
 
-    table_optimizer: "default" trains the Engram tables with the `optim` optimizer like everything
-        else; "rowwise_adagrad" gives them `RowWiseAdagrad` (state: one float per table row instead
-        of AdamW's two per weight).
+    table_optimizer: optimizer of the tables (Engram tables, chapter banks), which touches only the rows a
+        step read: "adam" (`LazyAdam`, with `adam_beta1/2` and `adam_epsilon`; state: two floats per table
+        weight) or "rowwise_adagrad" (`RowWiseAdagrad`; state: one float per table row).
     engram_lr_multiplier / chapter_bank_lr_multiplier: learning rate of the Engram tables / chapter banks
         over `learning_rate` (5 and 2, the papers' recipes).
     log_memory_health: add chapter usage, Engram gate and aux loss to the training logs.
     """
 
     table_optimizer: str = field(
-        default="default",
-        metadata={"help": "Optimizer of the Engram tables.", "choices": list(TABLE_OPTIMIZERS)},
+        default="adam",
+        metadata={"help": "Optimizer of the tables (touched rows only).", "choices": list(TABLE_OPTIMIZERS)},
     )
     engram_lr_multiplier: float = field(
         default=ENGRAM_LR_MULTIPLIER, metadata={"help": "Engram tables' learning rate / learning_rate."}
@@ -74,7 +84,7 @@ class MemoryTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         if self.table_optimizer not in TABLE_OPTIMIZERS:
-            raise ValueError(f"table_optimizer must be one of {TABLE_OPTIMIZERS}, got {self.table_optimizer!r}.")
+            raise ValueError(f"table_optimizer must be one of {tuple(TABLE_OPTIMIZERS)}, got {self.table_optimizer!r}.")
         for name in ("engram_lr_multiplier", "chapter_bank_lr_multiplier"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
@@ -82,46 +92,90 @@ class MemoryTrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
+def table_group_name(kind: str) -> str:
+    """Name of the optimizer group of one table kind: "engram_tables", "chapter_banks", ..."""
+    return f"{kind}s"
+
+
 def memory_parameter_groups(
     model: nn.Module,
     learning_rate: float,
     weight_decay: float,
-    engram_lr_multiplier: float,
-    chapter_bank_lr_multiplier: float,
     decay_parameter_names: list[str],
+    table_lr_multipliers: dict[str, float] | None = None,
 ) -> list[dict]:
     """Optimizer parameter groups for a memory model (trainable parameters only, empty groups left out).
 
     Groups, each with a "name": "decay" (lr, weight_decay), "no_decay" (lr, 0: names outside
-    `decay_parameter_names`, i.e. norms and biases), "engram_tables" (lr x engram multiplier, 0) and
-    "chapter_banks" (lr x bank multiplier, 0).
+    `decay_parameter_names`, i.e. norms and biases), and one per table kind (`TABLE_KINDS`) holding a
+    "table_kind" key: "engram_tables" (lr x engram multiplier, 0), "chapter_banks" (lr x bank multiplier, 0).
+    `table_lr_multipliers` maps a kind to its multiplier (default: the papers', 1 for other kinds).
     """
-    tables = {id(p) for p in memory_parameters(model, (ENGRAM_TABLE,))}
-    banks = {id(p) for p in memory_parameters(model, (CHAPTER_BANK,))}
+    multipliers = {**DEFAULT_TABLE_LR_MULTIPLIERS, **(table_lr_multipliers or {})}
+    names = memory_kinds(model)
+    table_kind_of = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if names.get(name) in TABLE_KINDS:
+            table_kind_of.setdefault(id(param), names[name])
     decay_names = set(decay_parameter_names)
-    buckets = {"decay": [], "no_decay": [], "engram_tables": [], "chapter_banks": []}
+    buckets = {"decay": [], "no_decay": [], **{table_group_name(kind): [] for kind in TABLE_KINDS}}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if id(param) in tables:
-            buckets["engram_tables"].append(param)
-        elif id(param) in banks:
-            buckets["chapter_banks"].append(param)
+        if id(param) in table_kind_of:
+            buckets[table_group_name(table_kind_of[id(param)])].append(param)
         elif name in decay_names:
             buckets["decay"].append(param)
         else:
             buckets["no_decay"].append(param)
-    settings = {
-        "decay": (learning_rate, weight_decay),
-        "no_decay": (learning_rate, 0.0),
-        "engram_tables": (learning_rate * engram_lr_multiplier, 0.0),
-        "chapter_banks": (learning_rate * chapter_bank_lr_multiplier, 0.0),
-    }
-    return [
-        {"name": name, "params": params, "lr": settings[name][0], "weight_decay": settings[name][1]}
-        for name, params in buckets.items()
-        if params
+    groups = [
+        {"name": "decay", "params": buckets["decay"], "lr": learning_rate, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": buckets["no_decay"], "lr": learning_rate, "weight_decay": 0.0},
     ]
+    for kind in TABLE_KINDS:
+        groups.append({
+            "name": table_group_name(kind), "table_kind": kind, "params": buckets[table_group_name(kind)],
+            "lr": learning_rate * multipliers.get(kind, 1.0), "weight_decay": 0.0,
+        })
+    return [group for group in groups if group["params"]]
+
+
+def build_memory_optimizer(
+    groups: list[dict], table_optimizer: str, dense_optimizer_cls: type, dense_optimizer_kwargs: dict
+) -> torch.optim.Optimizer:
+    """One optimizer for `memory_parameter_groups`: the table groups on `TABLE_OPTIMIZERS[table_optimizer]`, the
+    rest on `dense_optimizer_cls(**dense_optimizer_kwargs)`, combined (`CombinedOptimizer`) when both exist.
+    `LazyAdam` takes the dense optimizer's betas and eps when it has them."""
+    if table_optimizer not in TABLE_OPTIMIZERS:
+        raise ValueError(f"table_optimizer must be one of {tuple(TABLE_OPTIMIZERS)}, got {table_optimizer!r}.")
+    table_groups = [group for group in groups if "table_kind" in group]
+    dense_groups = [group for group in groups if "table_kind" not in group]
+    optimizers = [dense_optimizer_cls(dense_groups, **dense_optimizer_kwargs)] if dense_groups else []
+    if table_groups:
+        table_cls = TABLE_OPTIMIZERS[table_optimizer]
+        table_kwargs = {}
+        if table_cls is LazyAdam:
+            table_kwargs = {k: dense_optimizer_kwargs[k] for k in ("betas", "eps") if k in dense_optimizer_kwargs}
+        optimizers.append(table_cls(table_groups, lr=table_groups[0]["lr"], **table_kwargs))
+    return CombinedOptimizer(optimizers) if table_groups else optimizers[0]
+
+
+def set_sparse_table_gradients(model: nn.Module, enabled: bool) -> None:
+    """Give every memory table of `model` sparse row gradients (the default) or dense ones (`enabled=False`,
+    for optimizers and tools that take only dense gradients, such as a plain `Trainer`'s AdamW). Sets `sparse`
+    on each table's embedding module (which DDP reads when it wraps the model: call this before) and on the
+    chapter memories that read a shared bank."""
+    tables = {id(param) for param in memory_parameters(model, TABLE_KINDS)}
+    for module in model.modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            if any(id(param) in tables for param in module.parameters(recurse=False)):
+                module.sparse = enabled
+        elif isinstance(module, MemoryLlamaChapterMemory):
+            module.sparse_bank_gradient = enabled
+
+
+def has_sparse_gradients(parameters) -> bool:
+    return any(param.grad is not None and param.grad.is_sparse for param in parameters)
 
 
 class MemoryHealth:
@@ -279,6 +333,9 @@ class MemoryTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.is_fsdp_enabled:
+            # FSDP shards parameters and reduce-scatters dense gradients only (untested here: no multi-GPU machine).
+            set_sparse_table_gradients(self.model, False)
         self.memory_health = MemoryHealth()
         if self._setting("log_memory_health", True):
             self.memory_health.attach(self.model)
@@ -298,18 +355,22 @@ class MemoryTrainer(Trainer):
     # ---- optimizer ---------------------------------------------------------------------------
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
-        """Parameter groups for tables, banks, decay and no-decay parameters (see `memory_parameter_groups`)."""
+        """Parameter groups for tables, banks, decay and no-decay parameters (see `memory_parameter_groups`); the
+        tables on the table optimizer, the rest on `optim` (see `build_memory_optimizer`)."""
         if self.optimizer is not None:
             return self.optimizer
         opt_model = self.model if model is None else model
         self._check_memory_model()
+        multipliers = {
+            kind: self._setting(argument, DEFAULT_TABLE_LR_MULTIPLIERS[kind])
+            for kind, argument in TABLE_LR_MULTIPLIER_ARGUMENTS.items()
+        }
         groups = memory_parameter_groups(
             opt_model,
             learning_rate=self.args.learning_rate,
             weight_decay=self.args.weight_decay,
-            engram_lr_multiplier=self._setting("engram_lr_multiplier", ENGRAM_LR_MULTIPLIER),
-            chapter_bank_lr_multiplier=self._setting("chapter_bank_lr_multiplier", CHAPTER_BANK_LR_MULTIPLIER),
             decay_parameter_names=self.get_decay_parameter_names(opt_model),
+            table_lr_multipliers=multipliers,
         )
         if not groups:
             raise ValueError("The model has no trainable parameters: check the training mode (requires_grad flags).")
@@ -325,15 +386,25 @@ class MemoryTrainer(Trainer):
                 "drop the memory groups (table and bank learning rates, no weight decay). Use an optimizer such as "
                 "adamw_torch, adafactor or sgd with MemoryTrainer, or transformers.Trainer without the memory groups."
             )
-        table_groups = [g for g in groups if g["name"] == "engram_tables"]
-        if self._setting("table_optimizer", "default") == "rowwise_adagrad" and table_groups:
-            dense_groups = [g for g in groups if g["name"] != "engram_tables"]
-            table_optimizer = RowWiseAdagrad(table_groups, lr=table_groups[0]["lr"])
-            optimizers = [optimizer_cls(dense_groups, **optimizer_kwargs)] if dense_groups else []
-            self.optimizer = CombinedOptimizer(optimizers + [table_optimizer])
-        else:
-            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        table_optimizer = self._setting("table_optimizer", "adam")
+        self.optimizer = build_memory_optimizer(groups, table_optimizer, optimizer_cls, optimizer_kwargs)
         return self.optimizer
+
+    # ---- gradient norm and clipping with sparse table gradients -------------------------------
+
+    def _clip_grad_norm(self, model):
+        """Trainer's clipping, counting sparse table gradients (torch's `clip_grad_norm_` raises on them)."""
+        if not has_sparse_gradients(model.parameters()):
+            return super()._clip_grad_norm(model)
+        self.accelerator.unscale_gradients()  # as accelerate's clip_grad_norm_ does first (fp16 loss scaling)
+        return clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The norm Trainer logs as `grad_norm` (computed here, without clipping, when clipping is off)."""
+        if grad_norm is None and has_sparse_gradients(model.parameters()):
+            self.accelerator.unscale_gradients()
+            grad_norm = clip_grad_norm_(model.parameters(), float("inf"))
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
 
     # ---- loss --------------------------------------------------------------------------------
 
@@ -436,5 +507,7 @@ __all__ = [
     "MemoryTrainer",
     "MemoryTrainingArguments",
     "TABLE_OPTIMIZERS",
+    "build_memory_optimizer",
     "memory_parameter_groups",
+    "set_sparse_table_gradients",
 ]

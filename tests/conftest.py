@@ -62,6 +62,18 @@ def train_steps(model, steps: int = 3, seed: int = 0, lr: float = 0.05):
     return model
 
 
+def wake_memory(model, seed: int = 0, scale: float = 0.05):
+    """Give every all-zero parameter (the memory's zero-initialised last projections, and the product-key
+    values) seeded random values, the same in every model of one layout (name order), so that the memory
+    changes the output: n-gram history, routing, the hash buffers and the canonical-id map then show."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            if not param.any():
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    return model
+
+
 @pytest.fixture
 def trained_model():
     torch.manual_seed(0)

@@ -115,16 +115,38 @@ def test_strided_inputs_equal_contiguous(model):
         torch.testing.assert_close(model(ids, attention_mask=mask).logits, model(ids.contiguous()).logits)
 
 
-def test_pickle_only_checkpoint_refused_unless_opted_in(tmp_path):
-    from transformers import AutoModelForCausalLM
+def test_pickle_only_checkpoint_refused_unless_opted_in(tmp_path, capsys):
+    """Every loading path of the package reads safetensors only unless the user opts in: the commands
+    (`--allow-pickle`), `from_llama` with a path and the loading helper (`allow_pickle=True`)."""
+    from memory_llama_cli import main
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import modeling_memory
+    from modeling_memory.errors import ToolError
+    from modeling_memory.loading import from_pretrained
 
     torch.manual_seed(0)
     model = MemoryLlamaForCausalLM(tiny_config())
     model.config.save_pretrained(tmp_path)
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
-    with pytest.raises(OSError, match="only pickle weights .*use_safetensors=False"):
-        AutoModelForCausalLM.from_pretrained(tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, use_safetensors=False, dtype=torch.float32)
+    message = "only pickle weights \\(pytorch_model.bin\\), which can run code when loaded.*--allow-pickle"
+    with pytest.raises(ToolError, match=message):
+        from_pretrained(MemoryLlamaForCausalLM, tmp_path)
+    loaded = from_pretrained(MemoryLlamaForCausalLM, tmp_path, allow_pickle=True, dtype=torch.float32)
     ids = random_ids(1, 5, torch.Generator())
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    for command in (["export", str(tmp_path), str(tmp_path / "out")], ["eval", str(tmp_path), "--knowledge-entities", "1"]):
+        with pytest.raises(SystemExit, match=f"memory-llama {command[0]}: error: .*{message}"):
+            main(command)
+
+    llama_dir = tmp_path / "llama"
+    fields = {k: v for k, v in tiny_config().to_dict().items() if k in LlamaConfig.__dataclass_fields__}
+    llama = LlamaForCausalLM(LlamaConfig(**fields))
+    llama.config.save_pretrained(llama_dir)
+    torch.save(llama.state_dict(), llama_dir / "pytorch_model.bin")
+    with pytest.raises(ToolError, match=message):
+        modeling_memory.from_llama(str(llama_dir), engram_layers=[0], engram_table_size=31, engram_dim=16)
+    grafted = modeling_memory.from_llama(str(llama_dir), allow_pickle=True, engram_layers=[0], engram_table_size=31, engram_dim=16)
+    with torch.no_grad():
+        torch.testing.assert_close(grafted(ids).logits, llama.eval()(ids).logits)

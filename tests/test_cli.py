@@ -1,20 +1,14 @@
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from memory_llama_cli import main
 from modeling_memory import MemoryLlamaForCausalLM
-from modeling_memory.cli import main
 from modeling_memory.summary import parameter_counts
 from conftest import tiny_config
-
-
-def test_help_lists_commands():
-    result = subprocess.run([sys.executable, "-m", "modeling_memory.cli", "--help"], capture_output=True, text=True)
-    assert result.returncode == 0
-    for command in ("demo", "info", "generate"):
-        assert command in result.stdout
 
 
 def test_info_reports_layout_and_counts(tmp_path, capsys):
@@ -40,35 +34,28 @@ def test_info_refuses_plain_llama(tmp_path):
         main(["info", str(tmp_path)])
 
 
-@pytest.mark.slow
-def test_generate_command_on_real_checkpoint(tmp_path, capsys):
-    from modeling_memory.grafting import memory_preset
-    from modeling_memory.offline_checkpoints import load_smollm2
+def test_generate_command_greedy_equals_the_models_own(tmp_path, capsys):
+    from training_helpers import save_tiny_model, tiny_tokenizer
 
-    base, tokenizer = load_smollm2()
-    grafted = MemoryLlamaForCausalLM.from_llama(base, tokenizer=tokenizer, **memory_preset(base.config, "engram"))
-    grafted.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    assert main(["generate", str(tmp_path), "--prompt", "The capital of France is", "--max-new-tokens", "4"]) == 0
-    generated = capsys.readouterr().out
-    inputs = tokenizer("The capital of France is", return_tensors="pt")
-    expected = base.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    assert generated.strip() == tokenizer.decode(expected[0][inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    checkpoint = save_tiny_model(tmp_path / "model")
+    assert main(["generate", checkpoint, "--prompt", "Alice plays the", "--max-new-tokens", "6"]) == 0
+    model = MemoryLlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    tokenizer = tiny_tokenizer()
+    inputs = tokenizer("Alice plays the", return_tensors="pt")
+    expected = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    new_tokens = expected[0][inputs["input_ids"].shape[1] :]
+    assert capsys.readouterr().out.strip() == tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
 
 
 # ---- a thin command line ------------------------------------------------------------------------
 
-HEAVY_MODULES = ("torch", "transformers", "peft", "datasets", "accelerate", "matplotlib", "huggingface_hub")
+HEAVY_MODULES = ("torch", "transformers", "peft", "datasets", "accelerate", "matplotlib", "huggingface_hub", "modeling_memory")
 
-# Runs the parser in a fresh interpreter with a placeholder for the package: modeling_memory/__init__.py
-# imports torch and transformers to register the Auto classes, and this test is about what the parser
-# itself imports (nothing beyond the standard library for help, errors and the choice of a command).
+# In a fresh interpreter, as the console script runs it: build the parser, then answer help and argument
+# errors; print the exit codes and the heavy modules that got imported.
 PARSER_ONLY = """
-import importlib.util, sys, types
-placeholder = types.ModuleType("modeling_memory")
-placeholder.__path__ = importlib.util.find_spec("modeling_memory").submodule_search_locations  # imports nothing
-sys.modules["modeling_memory"] = placeholder
-from modeling_memory.cli import build_parser, main
+import sys
+from memory_llama_cli import build_parser, main
 build_parser()
 codes = []
 for argv in {command_lines}:
@@ -81,32 +68,33 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in {heavy}))
 """
 
 
-def test_parser_help_and_argument_errors_import_nothing_heavy():
+def test_help_and_argument_errors_import_nothing_heavy():
     command_lines = [
         ["--help"], ["train", "--help"], ["eval", "--help"], ["generate", "--help"], ["graft", "--help"],
+        ["export", "--help"], ["push", "--help"], ["info", "--help"], ["demo", "--help"],
         ["bogus"], ["train", "model", "--mode", "bogus"], ["train"], ["generate", "checkpoint"], ["info"],
         ["info", "a", "b"],
     ]
     code = PARSER_ONLY.format(heavy=HEAVY_MODULES, command_lines=command_lines)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert result.returncode == 0, result.stderr
     codes, heavy = result.stdout.strip().splitlines()[-2:]
-    assert codes == "[0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2]", result.stderr[-2000:]
+    assert codes == "[0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2]", result.stderr[-2000:]
     assert heavy == "[]"
+    assert "demo" in result.stdout and "hyphens or underscores" in result.stdout
 
 
-def test_building_the_parser_adds_no_imports_to_the_package():
-    """With the package imported as users do, building the parser and choosing `train` import no
-    training code (Trainer, PEFT, datasets, plots)."""
-    code = (
-        "import sys; import modeling_memory.cli as cli; before = set(sys.modules); cli.build_parser()\n"
-        "try:\n    cli.main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
-        "print(sorted(m for m in set(sys.modules) - before if m.startswith(('transformers', 'peft', 'datasets', "
-        "'matplotlib', 'modeling_memory', 'torch'))))"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == "['modeling_memory.training_cli']"
+def test_console_script_and_module_entry_points():
+    """The installed `memory-llama` script and `python -m modeling_memory.cli` (what `accelerate launch -m`
+    runs) reach the same entry point."""
+    import shutil
+
+    script = shutil.which("memory-llama", path=os.path.dirname(sys.executable))
+    assert script is not None, "reinstall the package (pip install -e .) to get the memory-llama script"
+    result = subprocess.run([script, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "graft" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "modeling_memory.cli", "info"], capture_output=True, text=True)
+    assert result.returncode == 2 and "the following arguments are required: checkpoint" in result.stderr
 
 
 def test_help_lists_one_spelling_and_both_are_accepted(capsys):
@@ -124,7 +112,7 @@ def test_help_lists_one_spelling_and_both_are_accepted(capsys):
 
 
 def test_both_spellings():
-    from modeling_memory.cli import both_spellings
+    from memory_llama_cli import both_spellings
 
     assert both_spellings("--max-new-tokens") == ["--max-new-tokens", "--max_new_tokens"]
     assert both_spellings("--output_dir") == ["--output_dir", "--output-dir"]

@@ -7,8 +7,8 @@ import math
 import datasets
 import pytest
 
-from modeling_memory.data import knowledge_dataset, load_text_dataset, tokenize_and_pack
-from modeling_memory.knowledge import ATTRIBUTES, KnowledgeSet, normalized_answer_match
+from modeling_memory.data import knowledge_dataset, load_text_dataset, pack_documents, tokenize_and_pack
+from modeling_memory.knowledge import ATTRIBUTES, KnowledgeSet, answer_recalled
 from modeling_memory.metrics import load_metric, metric_path
 from training_helpers import tiny_tokenizer
 
@@ -72,6 +72,19 @@ def test_packing_matches_a_plain_python_reference():
     assert sum(sum(row["attention_mask"]) for row in rows) == len(stream)  # nothing dropped
 
 
+def test_pack_documents_one_row_per_document_and_dropping_the_rest():
+    documents = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]  # + EOS 2 each; pad 0
+    assert pack_documents(documents, 4, eos_id=2, pad_id=0, row_per_document=True) == (
+        [[5, 6, 7, 2], [8, 2, 0, 0], [9, 10, 11, 12], [13, 2, 0, 0]],
+        [[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0]],
+    )
+    assert pack_documents(documents, 4, eos_id=2, pad_id=0, drop_partial=True)[0] == [[5, 6, 7, 2], [8, 2, 9, 10], [11, 12, 13, 2]]
+    assert pack_documents(documents, 3, eos_id=2, pad_id=0, drop_partial=True, max_rows=2)[0] == [[5, 6, 7], [2, 8, 2]]
+    consumed = []
+    pack_documents((consumed.append(d) or d for d in documents), 3, eos_id=2, pad_id=0, max_rows=1)
+    assert len(consumed) == 1  # stops reading once the rows are full
+
+
 def test_packing_rejects_bad_settings():
     tokenizer = tiny_tokenizer()
     dataset = datasets.Dataset.from_dict({"text": DOCUMENTS})
@@ -114,13 +127,14 @@ MATCH_CASES = [
     (" 1953. He moved", "1953", True), ("1953", "1953", True), ("  Lisbon,", "Lisbon", True),
     (" 19530", "1953", False), (" caterpillar", "cat", False), (" Blue Optics Ltd", "Blue Optics", True),
     (" blue optics", "Blue Optics", False), ("", "cat", False), (" the cello", "cello", False),
+    (" anything", "", False), ("", "", False),  # an empty answer is never recalled
 ]
 
 
 def test_knowledge_recall_metric_matches_probe_rule():
     metric = load_metric("knowledge_recall")
     predictions, references = [c[0] for c in MATCH_CASES], [c[1] for c in MATCH_CASES]
-    expected = [normalized_answer_match(p, r) for p, r in zip(predictions, references)]
+    expected = [answer_recalled(p, r) for p, r in zip(predictions, references)]
     assert expected == [c[2] for c in MATCH_CASES]
     result = metric.compute(predictions=predictions, references=references)
     assert result == {"exact_match": pytest.approx(sum(expected) / len(expected)), "num_probes": len(expected)}

@@ -3,10 +3,12 @@ config) against the same run in one process with the same global batch; and FSDP
 processes, which accelerate 1.15 does not support, refused with a clear error instead of silently
 training plain data parallel. The one-process reference runs in the test process.
 
-Same data order (sequential sampling), global batch 4 = 1 process x 4 = 2 processes x 2. The
-router z-loss is a per-token mean, so with full rows the mean over micro-batches equals the
-whole-batch mean; the load-balancing loss is a product of batch means and would differ between
-a batch of 4 and two of 2, so it is switched off here (its scaling is tested in test_trainer.py).
+Same data order (sequential sampling), global batch 4 = 1 process x 2 rows x 2 accumulation steps =
+2 processes x 1 row x 2 accumulation steps: the tables' sparse gradients accumulate over micro-batches
+(DDP's no_sync) before DDP all-reduces them. The router z-loss is a per-token mean, so with full rows
+the mean over micro-batches equals the whole-batch mean; the load-balancing loss is a product of batch
+means and would differ between micro-batches of 2 rows and of 1, so it is switched off here (its
+scaling is tested in test_trainer.py).
 Tolerance (fp32): losses agree to rtol 1e-5 per step (gradient all-reduce sums in another order);
 the saved models' logits to atol 1e-4.
 """
@@ -25,7 +27,7 @@ from training_helpers import save_tiny_model
 
 pytestmark = pytest.mark.slow
 
-STEPS, GLOBAL_BATCH, BLOCK = 4, 4, 32
+STEPS, GLOBAL_BATCH, ACCUMULATION, BLOCK = 4, 4, 2, 32
 
 
 def _free_port() -> int:
@@ -59,13 +61,14 @@ def _train(workspace, name, processes, config=None):
     train = [
         "train", str(workspace / "model"), "--data", str(workspace / "train.txt"),
         "--block-size", str(BLOCK), "--output_dir", str(output), "--max_steps", str(STEPS),
-        "--per_device_train_batch_size", str(GLOBAL_BATCH // processes), "--learning_rate", "1e-2",
+        "--per_device_train_batch_size", str(GLOBAL_BATCH // (processes * ACCUMULATION)),
+        "--gradient_accumulation_steps", str(ACCUMULATION), "--learning_rate", "1e-2",
         "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--seed", "0",
         "--train_sampling_strategy", "sequential", "--disable_tqdm", "true", "--dataloader_pin_memory", "false",
         "--use_cpu", "true",
     ]
     if config is None:
-        from modeling_memory.cli import main
+        from memory_llama_cli import main
 
         assert main(train) == 0
         return output, _losses(output), ""
@@ -110,7 +113,7 @@ def test_fsdp_on_cpu_processes_is_refused_not_silently_replaced(workspace, monke
     """`accelerate launch` with an FSDP config exports ACCELERATE_USE_FSDP=true to every process, but
     accelerate 1.15 only honours it on GPU-like process groups; TrainingArguments' own --fsdp goes the
     same way. Both are refused on CPU (checked in one process: the check reads exactly that state)."""
-    from modeling_memory.cli import main
+    from memory_llama_cli import main
 
     arguments = ["train", str(workspace / "model"), "--data", str(workspace / "train.txt"), "--block-size", str(BLOCK),
                  "--max_steps", "1", "--report_to", "none", "--use_cpu", "true"]

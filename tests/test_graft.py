@@ -8,15 +8,19 @@ import string
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+import modeling_memory
+from conftest import wake_memory
+from memory_llama_cli import main
 from modeling_memory import MemoryLlamaForCausalLM
 from modeling_memory.canonical_ids import build_canonical_map
-from modeling_memory.cli import main
-from modeling_memory.graft_checkpoint import GraftError, graft_checkpoint, sigterm_raises_keyboard_interrupt
+from modeling_memory.errors import ToolError
+from modeling_memory.graft_checkpoint import GraftError, graft_checkpoint
+from modeling_memory.grafting import MEMORY_FIELDS
 from modeling_memory.model_card import read_base_info
+from modeling_memory.safe_write import sigterm_as_interrupt
 
 # Keeps the memory small so a graft takes a second; the presets themselves are checked by the dry run.
 SMALL_MEMORY = ["engram_table_size=101", "chapter_num_chapters=9", "chapter_size=4"]
@@ -123,6 +127,34 @@ def test_graft_directory_end_to_end(base_dir, tmp_path, capsys):
     assert "{{" not in card and "base_model_name: tiny-llama" in card
 
 
+def test_woken_memory_agrees_across_graft_paths_padding_and_the_cache(base_dir, tmp_path):
+    """With the memory's zero-initialised projections made non-zero the memory changes the output, so a wrong
+    buffer (hash multipliers, table offsets, the canonical-id map), n-gram history that reaches across padding,
+    or a cache that loses a window shows. References: the in-memory graft of the same base with the same
+    parameters (each model keeps its own buffers), each prompt alone, and uncached generation."""
+    out = tmp_path / "tiny-memory"
+    assert main(["graft", str(base_dir), str(out), *[x for s in SMALL_MEMORY for x in ("--set", s)]]) == 0
+    written = wake_memory(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval())
+    tokenizer = char_tokenizer()
+    fields = {name: getattr(written.config, name) for name in MEMORY_FIELDS}
+    in_memory = modeling_memory.from_llama(LlamaForCausalLM.from_pretrained(base_dir), tokenizer=tokenizer, **fields)
+    in_memory.load_state_dict(dict(written.named_parameters()), strict=False)  # parameters only
+
+    base, batch, base_logits = reference_logits(base_dir, tokenizer)
+    valid = batch["attention_mask"].bool()
+    with torch.no_grad():
+        logits = written(**batch).logits
+        assert (logits[valid] - base_logits[valid]).abs().max() > 0.1  # the memory is awake
+        torch.testing.assert_close(in_memory(**batch).logits[valid], logits[valid], rtol=0, atol=1e-5)
+        for row, prompt in enumerate(PROMPTS):
+            alone = written(**tokenizer(prompt, return_tensors="pt")).logits[0]
+            torch.testing.assert_close(logits[row][valid[row]], alone, rtol=0, atol=1e-5)
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    cached = written.generate(**batch, **kwargs)
+    assert torch.equal(cached, written.generate(**batch, use_cache=False, **kwargs))
+    assert torch.equal(cached, in_memory.generate(**batch, **kwargs))
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(base_dir, tmp_path, capsys):
     out = tmp_path / "never-written"
     plan = graft_checkpoint(str(base_dir), out, dry_run=True)
@@ -190,7 +222,7 @@ def test_pickle_weights_refused_unless_allowed(tmp_path):
     llama.config.save_pretrained(base)
     char_tokenizer().save_pretrained(base)
     torch.save(llama.state_dict(), base / "pytorch_model.bin")
-    with pytest.raises(GraftError, match="only pickle weights .* --allow-pickle"):
+    with pytest.raises(ToolError, match="only pickle weights .* --allow-pickle"):
         graft_checkpoint(str(base), tmp_path / "out")
     assert not (tmp_path / "out").exists()
     graft_checkpoint(str(base), tmp_path / "out", preset="engram", overrides=SMALL_MEMORY, allow_pickle=True)
@@ -293,7 +325,7 @@ def test_base_that_does_not_exist_and_hub_id_offline(tmp_path):
     with pytest.raises(GraftError, match="no such GGUF file"):
         graft_checkpoint(str(tmp_path / "model.gguf"), tmp_path / "out")
     (tmp_path / "weights.gguf").write_bytes(b"not gguf at all")
-    with pytest.raises(GraftError, match="not a GGUF file"):
+    with pytest.raises(ToolError, match="not a GGUF file"):
         graft_checkpoint(str(tmp_path / "weights.gguf"), tmp_path / "out")
     assert os.environ["HF_HUB_OFFLINE"] == "1"
     with pytest.raises(GraftError, match=r"taken as a Hub id, but Hugging Face offline mode is on \(HF_HUB_OFFLINE=1\)"):
@@ -317,15 +349,15 @@ def test_non_empty_out_needs_overwrite(base_dir, tmp_path, capsys):
 def test_failed_verification_leaves_nothing(base_dir, tmp_path, monkeypatch):
     from modeling_memory import graft_checkpoint as module
 
-    load = module.load_grafted_model
+    graft = module.graft
 
     def grafted_with_live_memory(*args, **kwargs):
-        model = load(*args, **kwargs)
+        model = graft(*args, **kwargs)
         with torch.no_grad():
             model.model.layers[1].engram.engram_value.weight.normal_()  # memory no longer adds zero
         return model
 
-    monkeypatch.setattr(module, "load_grafted_model", grafted_with_live_memory)
+    monkeypatch.setattr(module, "graft", grafted_with_live_memory)
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("old")
@@ -348,7 +380,7 @@ def test_interrupted_run_leaves_no_partial_out(base_dir, tmp_path, monkeypatch):
 def test_sigterm_becomes_keyboard_interrupt():
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
-        with sigterm_raises_keyboard_interrupt():
+        with sigterm_as_interrupt():
             os.kill(os.getpid(), signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) is before
 
@@ -398,7 +430,7 @@ def test_model_card_template_ships_with_the_installed_package(tmp_path):
     root = Path(__file__).resolve().parent.parent
     project = tmp_path / "project"
     project.mkdir()
-    for name in ("pyproject.toml", "setup.cfg", "README.md"):
+    for name in ("pyproject.toml", "setup.cfg", "README.md", "memory_llama_cli.py"):
         shutil.copy(root / name, project / name)
     for folder in ("modeling_memory", "model_cards"):
         shutil.copytree(root / folder, project / folder, ignore=shutil.ignore_patterns("__pycache__"))

@@ -22,11 +22,11 @@ import yaml
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.utils import _http
 from safetensors.torch import load, load_file, save_file
-from transformers import AutoModelForCausalLM
 
 import modeling_memory
+from memory_llama_cli import main
 from modeling_memory import MemoryLlamaConfig, MemoryLlamaForCausalLM
-from modeling_memory.cli import main
+from modeling_memory.errors import ToolError
 from modeling_memory.graft_checkpoint import GraftError, graft_checkpoint
 from modeling_memory.hub_export import ExportError, export_for_hub
 from modeling_memory.model_card import read_base_info
@@ -36,14 +36,14 @@ from test_graft import SMALL_MEMORY, assert_same_as_base, char_tokenizer, write_
 # The HTTP client library huggingface_hub uses (httpx before 2.0, its fork httpx2 since).
 http_client = _http.httpx2 if hasattr(_http, "httpx2") else _http.httpx
 
-# Every module the run-time code can import (the kernels lazily), and package modules that must not travel.
+# Exactly the run-time modules: the model, its memory modules, the ops with their kernels (imported lazily)
+# and the kernel switch. Tooling (grafting, canonical ids, export, the command line, ...) never travels.
 RUNTIME_FILES = {
-    "modeling_memory_llama.py", "configuration_memory_llama.py", "engram.py",
-    "chapter_memory.py", "ops_engram.py", "ops_chapter_attention.py", "kernel_backend.py",
-    "kernels_engram.py", "kernels_chapter_attention.py", "grafting.py", "canonical_ids.py",
+    "modeling_memory_llama.py", "configuration_memory_llama.py", "engram.py", "chapter_memory.py",
+    "product_key_memory.py", "ops_engram.py", "ops_chapter_attention.py", "ops_product_keys.py", "ops_table_rows.py",
+    "kernel_backend.py", "kernels_engram.py", "kernels_chapter_attention.py", "kernels_product_keys.py",
 }
 PACKAGE_DIR = Path(modeling_memory.__file__).parent
-TOOLING_FILES = {"__init__.py", "cli.py", "graft_checkpoint.py", "hub_export.py", "model_card.py", "summary.py", "demo.py"}
 
 
 class FakeHub:
@@ -178,8 +178,7 @@ def exported(trained, tmp_path_factory):
 def test_export_folder_contents(trained, exported):
     model, _ = trained
     files = {p.name for p in exported.iterdir()}
-    assert RUNTIME_FILES <= files
-    assert not files & TOOLING_FILES
+    assert {name for name in files if name.endswith(".py")} == RUNTIME_FILES
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "README.md"} <= files
     config = json.loads((exported / "config.json").read_text())
     assert config["auto_map"] == {
@@ -305,7 +304,7 @@ def test_push_uploads_the_checked_export(trained, exported, fake_hub, capsys):
 
 def test_push_to_hub_from_python(trained, fake_hub):
     model, checkpoint = trained
-    commit = model.push_to_hub("me/from-python", tokenizer=char_tokenizer(), commit_message="hello", revision="dev")
+    commit = modeling_memory.push_to_hub(model, "me/from-python", tokenizer=char_tokenizer(), commit_message="hello", revision="dev")
     assert commit.commit_url.startswith("https://huggingface.co/me/from-python/commit/")
     repo = fake_hub.repos["me/from-python"]
     assert "dev" in repo["branches"] and repo["commits"][0]["revision"] == "dev"
@@ -317,11 +316,11 @@ def test_push_to_hub_from_python(trained, fake_hub):
 
 def test_push_refused_offline_or_with_a_bad_repo_id(trained, monkeypatch):
     model, checkpoint = trained
-    monkeypatch.setattr("modeling_memory.hub_export.export_for_hub", lambda *a, **k: pytest.fail("exported"))
+    monkeypatch.setattr("modeling_memory.hub_export.load_checkpoint_for_export", lambda *a, **k: pytest.fail("loaded"))
     with pytest.raises(SystemExit, match=r"offline mode is on \(HF_HUB_OFFLINE=1\)"):
         main(["push", str(checkpoint), "me/tiny-memory"])
     with pytest.raises(ExportError, match="Invalid Hub repository id 'not a repo'"):
-        model.push_to_hub("not a repo")
+        modeling_memory.push_to_hub(model, "not a repo")
 
 
 def test_graft_from_a_hub_id(fake_hub, tmp_path, monkeypatch):
@@ -351,7 +350,7 @@ def test_graft_from_a_hub_id(fake_hub, tmp_path, monkeypatch):
     small = {name: data for name, data in files.items() if name.endswith((".json", ".md"))}
     small.pop("model.safetensors.index.json")
     fake_hub.serve("org/pickled", {**small, "pytorch_model.bin": (tmp_path / "pytorch_model.bin").read_bytes()})
-    with pytest.raises(GraftError, match="only pickle weights .* --allow-pickle"):
+    with pytest.raises(ToolError, match="only pickle weights .* --allow-pickle"):
         graft_checkpoint("org/pickled", tmp_path / "out")
     assert not fake_hub.downloaded("org/pickled", "pytorch_model.bin")
     with pytest.raises(GraftError, match="no such model repository on the Hub"):

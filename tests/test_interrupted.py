@@ -1,10 +1,15 @@
-"""Interrupted work: graft, export and train killed (SIGKILL) at random points leave no corrupted
-output; training resumed from its last complete checkpoint reaches the uninterrupted run's losses;
-a target that cannot be written gives a clean error before any work."""
+"""Interrupted work: graft, export and train killed in the middle of their work leave no corrupted output, and
+a rerun just works; a terminated (SIGTERM) run also removes its staging folder; training resumed from its last
+complete checkpoint reaches the uninterrupted run's losses; a target that cannot be written gives a clean
+error before any work.
+
+A killed run must be killed mid-work, not after it finished, and without guessing how long the work takes: the
+command runs in a child process in which one function of the pipeline is replaced by one that writes a marker
+file and waits; the test kills the child once the marker is there, so the kill always lands at that point."""
 
 import json
 import os
-import random
+import signal
 import subprocess
 import sys
 import time
@@ -13,7 +18,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from modeling_memory.cli import main
+from memory_llama_cli import main
 from test_graft import SMALL_MEMORY, assert_same_as_base, write_base
 from training_helpers import save_tiny_model
 
@@ -27,21 +32,56 @@ TRAIN = ["--knowledge-entities", "6", "--block-size", "48", "--mode", "full", "-
          "--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--logging_steps", "1", "--save_steps", "2",
          "--report_to", "none", "--disable_tqdm", "true", "--dataloader_pin_memory", "false", "--seed", "0"]
 
+# `memory-llama ARGS...` in which the CALL-th call of MODULE:ATTRIBUTE (an attribute path, e.g. a method of a
+# class) writes MARKER and waits for a signal instead of running.
+_BLOCKED_COMMAND = r"""
+import functools, importlib, signal, sys
+target, call, marker, *arguments = sys.argv[1:]
+module_name, attribute_path = target.split(":")
+owner = importlib.import_module(module_name)
+*owners, attribute = attribute_path.split(".")
+for name in owners:
+    owner = getattr(owner, name)
+original = getattr(owner, attribute)
+calls = []
 
-def start(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "modeling_memory.cli", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS="1"))
+@functools.wraps(original)
+def blocked(*args, **kwargs):
+    calls.append(None)
+    if len(calls) == int(call):
+        open(marker, "w").close()
+        while True:
+            signal.pause()  # until the test's signal
+    return original(*args, **kwargs)
+
+setattr(owner, attribute, blocked)
+from memory_llama_cli import main
+sys.exit(main(arguments))
+"""
 
 
-def kill_after(process: subprocess.Popen, seconds: float) -> bool:
-    """SIGKILL the process after `seconds` unless it finished first; True when it was killed."""
-    try:
-        process.wait(timeout=seconds)
-        return False
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        return True
+def run_blocked(tmp_path, target: str, arguments: list[str], call: int = 1) -> subprocess.Popen:
+    """Start `memory-llama ARGUMENTS` and return once it is blocked in the `call`-th call of `target`."""
+    marker = tmp_path / "blocked"
+    process = subprocess.Popen(
+        [sys.executable, "-c", _BLOCKED_COMMAND, target, str(call), str(marker), *arguments],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    while not marker.exists():
+        if process.poll() is not None:
+            pytest.fail(f"the command ended (status {process.returncode}) before reaching {target}: {process.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    return process
+
+
+def stop(process: subprocess.Popen, signum: int) -> int:
+    assert process.poll() is None  # still at work: the signal lands mid-run
+    process.send_signal(signum)
+    return process.wait()
+
+
+def hidden(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
 def losses(directory) -> dict[int, float]:
@@ -49,29 +89,29 @@ def losses(directory) -> dict[int, float]:
         return {e["step"]: e["loss"] for e in json.load(handle)["log_history"] if "loss" in e}
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_graft_killed_at_random_leaves_no_corrupted_output(tmp_path, seed):
+# Points inside a graft / export: writing the weights into the staging folder, checking what was written.
+GRAFT_STOPS = ["transformers.modeling_utils:safe_save_file", "modeling_memory.graft_checkpoint:max_abs_difference"]
+EXPORT_STOPS = ["transformers.modeling_utils:safe_save_file", "modeling_memory.hub_export:logits_without_package"]
+
+
+@pytest.mark.parametrize("target", GRAFT_STOPS)
+def test_graft_killed_mid_work_leaves_no_output_and_a_rerun_works(tmp_path, target):
     base = write_base(tmp_path / "base")
     out = tmp_path / "out"
-    delay = random.Random(seed).uniform(2.0, 12.0)  # imports take a few seconds; the whole graft ~10-20 s
-    killed = kill_after(start("graft", str(base), str(out), *SET_SMALL_MEMORY), delay)
-    if out.exists():
-        assert_same_as_base(base, out)  # finished before the kill, or renamed just in time: complete
-    else:
-        assert killed
-        assert main(["graft", str(base), str(out), *SET_SMALL_MEMORY]) == 0  # a rerun just works
-        assert_same_as_base(base, out)
+    assert stop(run_blocked(tmp_path, target, ["graft", str(base), str(out), *SET_SMALL_MEMORY]), signal.SIGKILL) == -signal.SIGKILL
+    assert not out.exists()
+    assert [name.endswith(".partial") for name in hidden(tmp_path)] == [True]  # the staging folder it was writing
+    assert main(["graft", str(base), str(out), *SET_SMALL_MEMORY]) == 0
+    assert_same_as_base(base, out)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_export_killed_at_random_leaves_no_corrupted_output(tmp_path, seed):
+@pytest.mark.parametrize("target", EXPORT_STOPS)
+def test_export_killed_mid_work_leaves_no_output_and_a_rerun_works(tmp_path, target):
     checkpoint = save_tiny_model(tmp_path / "model")
     out = tmp_path / "exported"
-    delay = random.Random(seed).uniform(2.0, 15.0)
-    killed = kill_after(start("export", str(checkpoint), str(out)), delay)
-    if not out.exists():
-        assert killed
-        assert main(["export", str(checkpoint), str(out)]) == 0
+    assert stop(run_blocked(tmp_path, target, ["export", checkpoint, str(out)]), signal.SIGKILL) == -signal.SIGKILL
+    assert not out.exists()
+    assert main(["export", checkpoint, str(out)]) == 0
     exported = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
     original = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     ids = torch.randint(3, original.config.vocab_size, (1, 9))
@@ -79,17 +119,25 @@ def test_export_killed_at_random_leaves_no_corrupted_output(tmp_path, seed):
         torch.testing.assert_close(exported(ids).logits, original(ids).logits, rtol=0, atol=0)
 
 
+def test_terminated_graft_removes_its_staging_folder(tmp_path):
+    base = write_base(tmp_path / "base")
+    out = tmp_path / "out"
+    process = run_blocked(tmp_path, GRAFT_STOPS[1], ["graft", str(base), str(out), *SET_SMALL_MEMORY])
+    assert stop(process, signal.SIGTERM) != 0
+    assert not out.exists() and hidden(tmp_path) == []
+
+
 def test_train_killed_then_resumed_matches_uninterrupted(tmp_path):
     base = save_tiny_model(tmp_path / "base")
     uninterrupted, interrupted = tmp_path / "a", tmp_path / "b"
     assert main(["train", base, *TRAIN, "--output_dir", str(uninterrupted)]) == 0
 
-    process = start("train", base, *TRAIN, "--output_dir", str(interrupted))
-    deadline = time.monotonic() + 300
-    while not (interrupted / "checkpoint-2" / "trainer_state.json").exists():
-        assert process.poll() is None and time.monotonic() < deadline, "training ended before its first checkpoint"
-        time.sleep(0.05)
-    assert kill_after(process, random.Random(0).uniform(0.0, 0.5)), "training finished before it could be killed"
+    # Killed while writing its second checkpoint: model and optimizer written, trainer state not yet.
+    arguments = ["train", base, *TRAIN, "--output_dir", str(interrupted)]
+    process = run_blocked(tmp_path, "transformers.trainer:Trainer._save_rng_state", arguments, call=2)
+    assert stop(process, signal.SIGKILL) == -signal.SIGKILL
+    assert (interrupted / "checkpoint-2" / "trainer_state.json").is_file()
+    assert not (interrupted / "checkpoint-4" / "trainer_state.json").exists()  # the half-written one
     assert not (interrupted / "model.safetensors").exists()  # the final model is written only at the end
 
     assert main(["train", base, *TRAIN, "--output_dir", str(interrupted), "--resume_from_checkpoint", "last"]) == 0

@@ -1,7 +1,8 @@
 """Tests of the two memory ops and their Triton kernels.
 
 - Reference tier (always): `ops_engram` and `ops_chapter_attention` references against naive
-  per-token, per-head Python loops.
+  per-token, per-head Python loops; the sparse row gradients of the table reads (`ops_table_rows`)
+  against the dense gradients of `F.embedding`.
 - Interpreter tier (`test_triton_*`, Triton installed): the kernels run on the CPU under the Triton
   interpreter in fp32 and fp16 against the references, forward and every gradient. The interpreter must be
   switched on (TRITON_INTERPRET=1) before Triton is first imported, which `import transformers` already
@@ -22,8 +23,9 @@ import torch
 
 from modeling_memory import kernel_backend, ops_chapter_attention, ops_engram
 from modeling_memory.kernel_backend import KERNELS_ENV
-from modeling_memory.ops_chapter_attention import chapter_attention_reference
+from modeling_memory.ops_chapter_attention import chapter_attention_folded_reference, chapter_attention_reference
 from modeling_memory.ops_engram import engram_history_lengths, engram_lookup_reference, engram_row_ids_reference
+from modeling_memory.ops_table_rows import gather_rows
 
 
 # Kernel vs reference, per dtype: (atol, rtol). fp16 kernels round probabilities and score gradients to
@@ -183,7 +185,7 @@ def test_engram_row_ids_reference_matches_naive_loop(orders):
 
 def test_engram_lookup_reference_concatenates_heads():
     inputs, table, _ = make_engram_inputs(2, 9, [2, 3], heads_per_order=3, head_dim=5)
-    e = engram_lookup_reference(**inputs, table=table)
+    e = engram_lookup_reference(**inputs, table_weight=table.weight)
     rows = naive_engram_rows(**inputs)
     heads = rows.shape[-1]
     assert e.shape == (2, 9, heads * 5)
@@ -191,6 +193,70 @@ def test_engram_lookup_reference_concatenates_heads():
         for s in range(9):
             for h in range(heads):
                 assert torch.equal(e[b, s, h * 5 : (h + 1) * 5], table.weight[rows[b, s, h]])
+
+
+def dense_table_grad(table_weight, rows, grad_rows):
+    """The dense gradient of `table_weight[rows]`, from torch's own embedding backward (fp32)."""
+    weight = table_weight.detach().float().requires_grad_()
+    (grad,) = torch.autograd.grad(torch.nn.functional.embedding(rows, weight), [weight], grad_rows.float())
+    return grad
+
+
+def assert_coalesced_rows(grad, rows):
+    assert grad.is_sparse and grad.is_coalesced()
+    assert torch.equal(grad.indices()[0], rows.unique())  # each row read, once, sorted
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_gather_rows_sparse_gradient_sums_repeated_rows(dtype):
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(50, 6, generator=generator).to(dtype).requires_grad_()
+    rows = torch.tensor([[3, 7, 3], [49, 3, 0]])  # row 3 read three times
+    grad_rows = torch.randn(2, 3, 6, generator=generator).to(dtype)
+    out = gather_rows(table, rows)
+    assert torch.equal(out, table.detach()[rows])
+    (grad,) = torch.autograd.grad(out, [table], grad_rows)
+    assert_coalesced_rows(grad, rows)
+    assert grad.dtype == dtype and grad.values().shape == (4, 6)
+    # Summed in fp32 and rounded once: within one rounding of the fp32 sum.
+    tolerance = (1e-6, 1e-6) if dtype == torch.float32 else (1e-3, 1e-3)
+    assert_close(grad.to_dense(), dense_table_grad(table, rows, grad_rows), tolerance, "table grad")
+    (again,) = torch.autograd.grad(gather_rows(table, rows), [table], grad_rows)
+    assert torch.equal(again.values(), grad.values())  # repeatable bit for bit
+    (dense,) = torch.autograd.grad(gather_rows(table, rows, sparse_grad=False), [table], grad_rows)
+    assert dense.layout == torch.strided
+
+
+def test_engram_lookup_reference_gives_sparse_row_gradient():
+    inputs, table, _ = make_engram_inputs(3, 20, [2, 3], heads_per_order=2, head_dim=8, repeated_token=4)
+    weight = table.weight.detach().clone().requires_grad_()
+    out = engram_lookup_reference(**inputs, table_weight=weight)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    (grad,) = torch.autograd.grad(out, [weight], grad_out)
+    rows = engram_row_ids_reference(**inputs)
+    assert_coalesced_rows(grad, rows)
+    assert grad._nnz() < rows.numel() / 4  # one repeated token: far fewer rows than (token, head) reads
+    expected = dense_table_grad(weight, rows, grad_out.view(*rows.shape, -1))
+    torch.testing.assert_close(grad.to_dense(), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_engram_layer_calls_a_wrapped_table_as_a_module():
+    """A table with an adapter on it is not read through its weight: the layer calls the module."""
+    from conftest import tiny_config
+    from modeling_memory.engram import MemoryLlamaEngram
+
+    engram = MemoryLlamaEngram(tiny_config(), layer_idx=0)
+
+    class ShiftedTable(torch.nn.Embedding):  # stands for a module with an adapter delta
+        def forward(self, ids):
+            return super().forward(ids) + 1.0
+
+    token_ids = torch.randint(3, 90, (2, 2 + 6), generator=torch.Generator().manual_seed(0))
+    history = engram_history_lengths(torch.zeros_like(token_ids, dtype=torch.bool), 2)
+    canonical_map = torch.arange(97)
+    plain = engram.lookup(token_ids, history, canonical_map)
+    engram.table = ShiftedTable.from_pretrained(engram.table.weight.detach())
+    torch.testing.assert_close(engram.lookup(token_ids, history, canonical_map), plain + 1.0)
 
 
 @pytest.mark.parametrize("num_shared, top_k", [(1, 2), (0, 1), (1, 0), (2, 2)])
@@ -202,6 +268,22 @@ def test_chapter_attention_reference_matches_naive_loop(monkeypatch, num_shared,
     scale = 8**-0.5
     out = chapter_attention_reference(query, keys, values, ids, weights, scale)
     expected = naive_chapter_attention(query, keys, values, ids, weights, scale)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    grad = torch.randn_like(out)
+    for got, want in zip(grads_of(out, inputs, grad), grads_of(expected, inputs, grad)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_folded_chapter_attention_reads_shared_rows_for_every_head(monkeypatch):
+    """The folded form (the same rows as keys and values for every head) against the naive loop given those rows
+    as every head's keys and values."""
+    monkeypatch.setattr(ops_chapter_attention, "TOKEN_BLOCK", 4)
+    query, _, _, ids, weights = make_chapter_inputs(10, 3, 12, 5, 7, 1, 2, seed=4)
+    rows = torch.randn(5, 7, 12, generator=torch.Generator().manual_seed(5))
+    inputs = [query.requires_grad_(), rows.requires_grad_(), weights.requires_grad_()]
+    out = chapter_attention_folded_reference(query, rows, ids, weights, 0.3)
+    per_head = rows.unsqueeze(2).expand(5, 7, 3, 12)
+    expected = naive_chapter_attention(query, per_head, per_head, ids, weights, 0.3)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
     grad = torch.randn_like(out)
     for got, want in zip(grads_of(out, inputs, grad), grads_of(expected, inputs, grad)):
@@ -296,47 +378,49 @@ ENGRAM_CASES = {
 }
 
 
-def run_engram(engram_kernels, case, dtype, deterministic, seed=0):
-    """Kernel and reference outputs and table gradients; the reference gradient is taken in fp32."""
+def run_engram(engram_kernels, case, dtype, seed=0, sparse_grad=True):
+    """Kernel and reference outputs and table gradients; the reference gradient is dense, taken in fp32."""
     inputs, table, _ = make_engram_inputs(**ENGRAM_CASES[case], seed=seed, dtype=dtype)
     weight = table.weight.detach().clone().requires_grad_()
-    out = engram_kernels.engram_lookup_triton(**inputs, table_weight=weight, deterministic=deterministic)
+    out = engram_kernels.engram_lookup_triton(**inputs, table_weight=weight, sparse_grad=sparse_grad)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     (grad,) = grads_of(out, [weight], grad_out)
-    reference_table = torch.nn.Embedding.from_pretrained(weight.detach().float(), freeze=False)
-    expected = engram_lookup_reference(**inputs, table=reference_table)
-    (expected_grad,) = grads_of(expected, [reference_table.weight], grad_out.float())
-    return out, expected, grad, expected_grad
+    reference_weight = weight.detach().float().requires_grad_()
+    expected = engram_lookup_reference(**inputs, table_weight=reference_weight, sparse_grad=False)
+    (expected_grad,) = grads_of(expected, [reference_weight], grad_out.float())
+    return out, expected, grad, expected_grad, engram_row_ids_reference(**inputs)
 
 
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", list(ENGRAM_CASES))
-def test_triton_engram_kernel_matches_reference(interpreted, case, dtype, deterministic):
-    out, expected, grad, expected_grad = run_engram(interpreted[0], case, dtype, deterministic)
+def test_triton_engram_kernel_matches_reference(interpreted, case, dtype):
+    out, expected, grad, expected_grad, rows = run_engram(interpreted[0], case, dtype)
     assert out.dtype == dtype and grad.dtype == dtype
     # A gather: the forward is exact in every dtype.
     assert torch.equal(out.float(), expected)
-    # The kernels accumulate in fp32 and round once: within one fp16 rounding of the fp32 reference.
-    assert_close(grad, expected_grad, (1e-6, 1e-6) if dtype == torch.float32 else (1e-3, 1e-3), "table grad")
+    # Only the rows read, each once; the kernels accumulate in fp32 and round once: within one fp16
+    # rounding of the fp32 reference.
+    assert_coalesced_rows(grad, rows)
+    assert_close(grad.to_dense(), expected_grad, (1e-6, 1e-6) if dtype == torch.float32 else (1e-3, 1e-3), "table grad")
 
 
-def test_triton_engram_repeated_rows_accumulate(interpreted):
+def test_triton_engram_repeated_rows_accumulate_and_dense_on_request(interpreted):
     # Every token is the same id, so each head reads one row for all its tokens of the same history.
-    out, _, grad, expected_grad = run_engram(interpreted[0], "repeated_rows", torch.float32, deterministic=False)
-    touched = (expected_grad != 0).any(dim=1).sum()
-    assert touched < out.shape[0] * out.shape[1] / 4  # far fewer rows than (token, head) reads
-    torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
+    out, _, grad, expected_grad, rows = run_engram(interpreted[0], "repeated_rows", torch.float32)
+    assert grad._nnz() < out.shape[0] * out.shape[1] / 4  # far fewer rows than (token, head) reads
+    torch.testing.assert_close(grad.to_dense(), expected_grad, atol=1e-5, rtol=1e-5)
+    _, _, dense, _, _ = run_engram(interpreted[0], "repeated_rows", torch.float32, sparse_grad=False)
+    assert dense.layout == torch.strided and torch.equal(dense, grad.to_dense())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_triton_engram_deterministic_backward_is_bitwise_repeatable(interpreted, dtype):
-    first = run_engram(interpreted[0], "repeated_rows", dtype, deterministic=True, seed=3)[2]
-    second = run_engram(interpreted[0], "repeated_rows", dtype, deterministic=True, seed=3)[2]
-    assert torch.equal(first, second)
+def test_triton_engram_backward_is_bitwise_repeatable(interpreted, dtype):
+    first = run_engram(interpreted[0], "repeated_rows", dtype, seed=3)[2]
+    second = run_engram(interpreted[0], "repeated_rows", dtype, seed=3)[2]
+    assert torch.equal(first.indices(), second.indices()) and torch.equal(first.values(), second.values())
 
 
-def test_triton_engram_dispatcher_uses_kernel_for_plain_embedding_only(interpreted, monkeypatch):
+def test_triton_engram_dispatcher_uses_kernel(interpreted, monkeypatch):
     engram_kernels = interpreted[0]
     inputs, table, _ = make_engram_inputs(2, 5, [2, 3], heads_per_order=2, head_dim=8)
     calls = []
@@ -344,16 +428,8 @@ def test_triton_engram_dispatcher_uses_kernel_for_plain_embedding_only(interpret
     monkeypatch.setattr(engram_kernels, "engram_lookup_triton", lambda *a, **k: calls.append(1) or original(*a, **k))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     kernel_backend.reload_settings()
-    out = ops_engram.engram_lookup(**inputs, table=table)
-    assert calls and torch.equal(out, engram_lookup_reference(**inputs, table=table))
-
-    class WrappedEmbedding(torch.nn.Embedding):  # stands for a module with an adapter on it
-        pass
-
-    wrapped = WrappedEmbedding.from_pretrained(table.weight.detach())
-    calls.clear()
-    ops_engram.engram_lookup(**inputs, table=wrapped)
-    assert not calls
+    out = ops_engram.engram_lookup(**inputs, table_weight=table.weight)
+    assert calls and torch.equal(out, engram_lookup_reference(**inputs, table_weight=table.weight))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -459,28 +535,25 @@ def assert_relative(actual, expected, tolerance, what):
     assert error < tolerance, f"{what}: relative error {error:.2e} >= {tolerance:.0e}"
 
 
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-def test_gpu_engram_kernel(compiled, dtype, deterministic):
+def test_gpu_engram_kernel(compiled, dtype):
     engram_kernels = compiled[0]
     inputs, table, _ = make_engram_inputs(4, 512, [2, 3], heads_per_order=8, head_dim=32, vocab=1000,
                                           primes=primes_from(1000, 16), dtype=dtype)
     inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in inputs.items()}
-    table = table.cuda()
-    weight = table.weight.detach().clone().requires_grad_()
-    out = engram_kernels.engram_lookup_triton(**inputs, table_weight=weight, deterministic=deterministic)
-    expected = engram_lookup_reference(**inputs, table=table)
+    weight = table.weight.detach().cuda().requires_grad_()
+    out = engram_kernels.engram_lookup_triton(**inputs, table_weight=weight)
+    expected = engram_lookup_reference(**inputs, table_weight=weight.detach())
     assert torch.equal(out, expected)
     grad_out = torch.randn_like(out)
     (grad,) = grads_of(out, [weight], grad_out)
-    reference_table = torch.nn.Embedding.from_pretrained(weight.detach().float(), freeze=False)
-    (expected_grad,) = grads_of(engram_lookup_reference(**inputs, table=reference_table), [reference_table.weight],
-                                grad_out.float())
-    assert_relative(grad, expected_grad, GPU_RELATIVE_TOLERANCE[dtype], "table grad")
-    if deterministic:
-        (again,) = grads_of(engram_kernels.engram_lookup_triton(**inputs, table_weight=weight, deterministic=True),
-                            [weight], grad_out)
-        assert torch.equal(grad, again)
+    assert_coalesced_rows(grad, engram_row_ids_reference(**inputs))
+    reference_weight = weight.detach().float().requires_grad_()
+    (expected_grad,) = grads_of(engram_lookup_reference(**inputs, table_weight=reference_weight, sparse_grad=False),
+                                [reference_weight], grad_out.float())
+    assert_relative(grad.to_dense(), expected_grad, GPU_RELATIVE_TOLERANCE[dtype], "table grad")
+    (again,) = grads_of(engram_kernels.engram_lookup_triton(**inputs, table_weight=weight), [weight], grad_out)
+    assert torch.equal(grad.values(), again.values())
 
 
 @pytest.mark.parametrize("head_dim, chapter_size", [(64, 128), (128, 100), (32, 64)])

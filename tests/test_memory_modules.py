@@ -125,12 +125,14 @@ def test_projected_bank_reused_at_inference_and_never_stale():
     assert after[0] is not first[0] and not torch.allclose(after[0], first[0])
 
 
-def test_training_projects_only_the_chapters_read():
+def test_training_projects_only_the_chapters_read(monkeypatch):
     """With autograd the bank projection is recomputed every step, for the chapters the batch reads only;
-    the result equals the inference path that projects (and caches) the whole bank."""
+    the result equals the inference path that projects (and caches) the whole bank. The bank's gradient is
+    sparse, the rows of the chapters read only, and equals the dense gradient."""
     torch.manual_seed(0)
     model = train_steps(MemoryLlamaForCausalLM(tiny_config(chapter_num_chapters=40, chapter_top_k=1)))
     memory, bank = model.model.layers[2].chapter_memory, model.model.chapter_bank.weight
+    monkeypatch.setattr(memory, "folding_is_cheaper", lambda *args: False)  # the projecting path
     hidden = torch.randn(1, 3, 32)
     projected_rows = []
     hook = memory.memory_key.register_forward_hook(lambda module, args, output: projected_rows.append(args[0].shape[0]))
@@ -142,7 +144,46 @@ def test_training_projects_only_the_chapters_read():
     assert projected_rows == [40 * 5, chapter_ids.unique().numel() * 5]
     torch.testing.assert_close(trained, expected, rtol=1e-5, atol=1e-6)
     trained.sum().backward()
-    assert bank.grad is not None and bank.grad.abs().sum() > 0
+    grad = bank.grad.coalesce()
+    read = chapter_ids.unique()
+    assert torch.equal(grad.indices()[0], (read[:, None] * 5 + torch.arange(5)).flatten())
+    bank.grad = None
+    memory.sparse_bank_gradient = False
+    memory(hidden, bank)[0].sum().backward()
+    assert bank.grad.layout == torch.strided and bank.grad.abs().sum() > 0
+    torch.testing.assert_close(grad.to_dense(), bank.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_folded_training_path_equals_projecting_the_rows(monkeypatch):
+    """Training attends either to the projected rows of the chapters read or with the key/value projections
+    folded into the query and output; both give the same outputs and gradients (bank, router, projections)."""
+    torch.manual_seed(0)
+    model = train_steps(MemoryLlamaForCausalLM(tiny_config(chapter_num_chapters=40, chapter_num_shared=2)))
+    memory, bank = model.model.layers[2].chapter_memory, model.model.chapter_bank.weight
+    hidden = torch.randn(2, 7, 32)
+    grad_out = torch.randn(2, 7, 32)
+    results = []
+    for fold in (False, True):
+        monkeypatch.setattr(memory, "folding_is_cheaper", lambda *args, fold=fold: fold)
+        model.zero_grad(set_to_none=True)
+        out, _, _ = memory(hidden, bank)
+        out.backward(grad_out)
+        grads = {name: p.grad.to_dense() for name, p in memory.named_parameters() if p.grad is not None}
+        results.append((out.detach(), bank.grad.to_dense(), grads))
+    (projected, projected_bank, projected_grads), (folded, folded_bank, folded_grads) = results
+    torch.testing.assert_close(folded, projected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(folded_bank, projected_bank, rtol=1e-5, atol=1e-6)
+    assert folded_grads.keys() == projected_grads.keys() and "router.weight" in folded_grads
+    for name in folded_grads:
+        torch.testing.assert_close(folded_grads[name], projected_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_folding_is_chosen_when_cheaper_and_only_for_plain_projections():
+    memory = MemoryLlamaForCausalLM(tiny_config()).model.layers[2].chapter_memory  # d = 32, 2 heads of 16, T = 5
+    assert memory.folding_is_cheaper(num_tokens=4, reads_per_token=3, num_read=9)  # few tokens per chapter
+    assert not memory.folding_is_cheaper(num_tokens=4096, reads_per_token=3, num_read=9)  # many: project once
+    memory.memory_key = type("WrappedLinear", (torch.nn.Linear,), {})(32, 32, bias=False)  # e.g. an adapter
+    assert not memory.folding_is_cheaper(num_tokens=4, reads_per_token=3, num_read=9)
 
 
 def losses_of(logits, mask, top_k):

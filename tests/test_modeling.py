@@ -7,8 +7,9 @@ from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForC
 
 from transformers import DynamicCache, StaticCache
 
+import modeling_memory
 from modeling_memory import MemoryLlamaForCausalLM, MemoryLlamaModel
-from conftest import EOS, PAD, VOCAB, random_ids, tiny_config, train_steps
+from conftest import EOS, PAD, VOCAB, random_ids, tiny_config, train_steps, wake_memory
 
 FP32_ATOL = 1e-5
 # A small product-key memory: 36 slots, 2 heads reading 3 each.
@@ -65,17 +66,31 @@ def test_memories_off_is_exactly_llama():
 
 
 @pytest.mark.parametrize("share", [True, False])
-def test_grafted_model_computes_what_llama_computes(share):
+def test_grafted_model_computes_what_llama_computes(share, tmp_path):
     config = tiny_config(**PKM)
     torch.manual_seed(0)
     llama = LlamaForCausalLM(llama_config_of(config)).eval()
     memory_fields = {k: getattr(config, k) for k in ("chapter_layers", "engram_layers", "chapter_num_chapters",
                      "chapter_size", "chapter_num_heads", "engram_heads_per_order", "engram_table_size", "engram_dim")}
-    grafted = MemoryLlamaForCausalLM.from_llama(llama, chapter_share_bank=share, pkm_share_values=share,
-                                                **memory_fields, **PKM)
+    memory_fields.update(chapter_share_bank=share, pkm_share_values=share, **PKM)
+    grafted = modeling_memory.from_llama(llama, **memory_fields)
     ids = random_ids(3, 14, torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(grafted(ids).logits, llama(ids).logits, rtol=0, atol=FP32_ATOL)
+
+    # Woken memory changes the output: the graft of the saved Llama (loaded straight into the MemoryLlama, its
+    # buffers built by _init_weights) given the same parameters agrees with it, on a padded batch as row by row.
+    llama.save_pretrained(tmp_path)
+    from_path = modeling_memory.from_llama(str(tmp_path), **memory_fields)
+    from_path.load_state_dict(dict(wake_memory(grafted).named_parameters()), strict=False)  # parameters only
+    ids, mask = left_padded_batch(torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = grafted(ids, attention_mask=mask).logits
+        assert (logits - llama(ids, attention_mask=mask).logits)[mask.bool()].abs().max() > 0.1  # awake
+        torch.testing.assert_close(from_path(ids, attention_mask=mask).logits, logits, rtol=0, atol=FP32_ATOL)
+        for row in range(ids.shape[0]):
+            alone = ids[row : row + 1, mask[row].bool()]
+            torch.testing.assert_close(grafted(alone).logits[0], logits[row, mask[row].bool()], rtol=0, atol=FP32_ATOL)
 
 
 CAUSALITY_LAYOUTS = {
@@ -354,7 +369,8 @@ def test_eos_resets_ngram_history_in_the_model():
     model = train_steps(MemoryLlamaForCausalLM(tiny_config(chapter_layers=[], engram_layers=[0, 1, 2])))
     generator = torch.Generator().manual_seed(14)
     first, second = random_ids(1, 6, generator), random_ids(1, 5, generator)
-    model.model.layers[1].engram.table.register_forward_hook(lambda m, i, o: captured.append(o))
+    # The rows read, as the key projection receives them (the table's weight is read by the lookup op directly).
+    model.model.layers[1].engram.engram_key.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
     captured = []
     with torch.no_grad():
         model(torch.cat([first, torch.tensor([[EOS]]), second], dim=1))
@@ -368,8 +384,8 @@ def test_from_llama_path_refuses_missing_backbone_weights(tmp_path):
     config = tiny_config(chapter_layers=[], engram_layers=[])
     llama = LlamaForCausalLM(llama_config_of(config))
     llama.save_pretrained(tmp_path)
-    grafted = MemoryLlamaForCausalLM.from_llama(str(tmp_path), engram_layers=[0], engram_table_size=31, engram_dim=16,
-                                                engram_heads_per_order=2)
+    grafted = modeling_memory.from_llama(str(tmp_path), engram_layers=[0], engram_table_size=31, engram_dim=16,
+                                         engram_heads_per_order=2)
     ids = random_ids(1, 6, torch.Generator())
     with torch.no_grad():
         torch.testing.assert_close(grafted(ids).logits, llama.eval()(ids).logits, rtol=0, atol=FP32_ATOL)
@@ -377,5 +393,5 @@ def test_from_llama_path_refuses_missing_backbone_weights(tmp_path):
     weights.pop("model.layers.1.mlp.up_proj.weight")
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="missing non-memory keys \\['model.layers.1.mlp.up_proj.weight'\\]"):
-        MemoryLlamaForCausalLM.from_llama(str(tmp_path), engram_layers=[0], engram_table_size=31, engram_dim=16,
-                                          engram_heads_per_order=2)
+        modeling_memory.from_llama(str(tmp_path), engram_layers=[0], engram_table_size=31, engram_dim=16,
+                                   engram_heads_per_order=2)

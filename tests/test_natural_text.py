@@ -1,10 +1,9 @@
 """The offline natural-text source: prose extraction, the deterministic split, the missing-package error."""
 
 import pytest
-import torch
 
 from modeling_memory import natural_text
-from modeling_memory.natural_text import load_natural_text, prose_paragraphs, token_blocks
+from modeling_memory.natural_text import load_natural_text, prose_paragraphs
 
 RST = """\
 Reading files
@@ -60,16 +59,3 @@ def test_missing_source_names_the_install_command(tmp_path, monkeypatch):
     monkeypatch.setenv(natural_text.PYTHON_DOCS_ENV, str(tmp_path / "absent"))
     with pytest.raises(FileNotFoundError, match="apt-get install python3-doc"):
         load_natural_text()
-
-
-class _CharTokenizer:
-    eos_token_id = 0
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [ord(ch) for ch in text]}
-
-
-def test_token_blocks_join_documents_with_eos():
-    blocks = token_blocks(["abc", "de"], _CharTokenizer(), block_size=3)
-    assert torch.equal(blocks, torch.tensor([[97, 98, 99], [0, 100, 101]]))
-    assert token_blocks(["abcdefgh"], _CharTokenizer(), block_size=2, max_blocks=2).shape == (2, 2)

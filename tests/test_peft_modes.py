@@ -2,6 +2,9 @@
 fine-tuning, LoRA with directly trained memory saved beside the adapter (no deep copies), LoRA on the
 memory projections, and merge_and_unload.
 
+In every mode the tables (Engram tables, chapter bank) get sparse gradients and no tensor of a table's
+size is allocated in a training step's forward and backward.
+
 Tolerances (fp32): reloaded adapters reproduce logits to 1e-6 (the same weights and code path);
 merged LoRA weights (W + scale * B A folded once) to atol 1e-5 / rtol 1e-4."""
 
@@ -12,12 +15,13 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel
 from peft.utils.other import ModulesToSaveWrapper
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from conftest import random_ids
 from modeling_memory import MemoryLlamaForCausalLM
 from modeling_memory.peft_modes import (
     MEMORY_WEIGHTS_NAME,
-    is_memory_parameter_name,
     load_adapter_with_memory,
     load_memory_weights,
     prepare_model_for_mode,
@@ -59,20 +63,21 @@ def _wrapped_leaf_names(peft_model):
 
 
 def test_recommended_configs_target_exactly_the_intended_modules():
-    assert recommended_lora_config("full") is None and recommended_lora_config("memory_only") is None
+    assert recommended_lora_config(tiny_model(vocab_size=97), "full") is None
+    assert recommended_lora_config(tiny_model(vocab_size=97), "memory_only") is None
     model = prepare_model_for_mode(tiny_model(vocab_size=97), "lora")
     assert _wrapped_leaf_names(model) == BACKBONE
     model = prepare_model_for_mode(tiny_model(vocab_size=97), "lora_all")
     assert _wrapped_leaf_names(model) == BACKBONE | MEMORY_PROJECTIONS
     with pytest.raises(ValueError, match="Unknown training mode"):
-        recommended_lora_config("qlora")
+        recommended_lora_config(tiny_model(vocab_size=97), "qlora")
 
 
 @pytest.mark.parametrize(
     "config, mode, message",
     [
         (LoraConfig(target_modules=["q_proj", "engram_key"]), "lora", "also hits memory modules"),
-        (LoraConfig(target_modules=["table"]), "lora_all", "hits Engram tables"),
+        (LoraConfig(target_modules=["table"]), "lora_all", "hits memory tables"),
         (LoraConfig(target_modules=["q_proj"]), "lora_all", "hits none of them"),
         (LoraConfig(target_modules=["qproj"]), "lora", "match no module"),
         (LoraConfig(), "lora", "no target_modules"),
@@ -92,13 +97,47 @@ def test_modes_need_a_memory_model_with_memory():
         prepare_model_for_mode(tiny_model(vocab_size=97, engram_layers=[], chapter_layers=[]), "memory_only")
 
 
+class _DenseTensorsOfShapes(TorchDispatchMode):
+    """Records every op that produces a new dense tensor (not a view) of one of `shapes`."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        self.shapes, self.ops = shapes, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided and not tensor._is_view():
+                if tuple(tensor.shape) in self.shapes:
+                    self.ops.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("mode", ["full", "memory_only", "lora", "lora_all"])
+def test_tables_get_sparse_gradients_in_every_mode(mode):
+    # Table sizes that no other tensor of the model has (more chapters than a batch reads).
+    model = prepare_model_for_mode(tiny_model(vocab_size=97, engram_table_size=211, chapter_num_chapters=60), mode)
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    tables = [base.model.layers[0].engram.table.weight, base.model.chapter_bank.weight]
+    ids = random_ids(2, 10, torch.Generator().manual_seed(0))
+    model.train()
+    with _DenseTensorsOfShapes({tuple(t.shape) for t in tables}) as recorder:
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert recorder.ops == []  # no dense gradient (nor anything else) of a table's size
+    for table in tables:
+        assert table.requires_grad and table.grad.is_sparse
+        assert 0 < table.grad.coalesce()._nnz() < table.shape[0]
+
+
 def test_memory_only_trains_memory_and_nothing_else(tmp_path):
     model = prepare_model_for_mode(tiny_model(vocab_size=97), "memory_only")
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     _train(model, tmp_path)
+    # tiny_config: Engram at layer 0, chapter memory (and its norm) at layer 2, one shared bank.
+    memory = ("model.layers.0.engram.", "model.layers.2.chapter_memory.", "model.layers.2.memory_layernorm.", "model.chapter_bank.")
     for name, param in model.named_parameters():
         changed = not torch.equal(param.detach(), before[name])
-        assert changed == is_memory_parameter_name(name), name
+        assert changed == name.startswith(memory), name
     model.save_pretrained(tmp_path / "saved")
     reloaded = MemoryLlamaForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32)
     torch.testing.assert_close(_logits(reloaded), _logits(model), rtol=0, atol=1e-6)

@@ -1,9 +1,12 @@
 """MemoryTrainer against independent references: parameter groups and their learning rates under the
-scheduler, the aux loss under gradient accumulation (against plain PyTorch gradients), memory-health
-statistics (against the router logits and gate recomputed by hand) and the evaluation loss.
+scheduler, the aux loss under gradient accumulation (against plain PyTorch gradients), the logged gradient
+norm and clipping with sparse table gradients (against norms of the densified gradients), the optimizer
+it builds in a plain PyTorch loop (against dense AdamW), memory-health statistics (against the router
+logits and gate recomputed by hand) and the evaluation loss.
 
 Tolerances (fp32 throughout): gradients that sum the same terms in another order agree to
-rtol 1e-4 / atol 1e-6; the plain-Trainer failure case differs by far more (the aux term x2).
+rtol 1e-4 / atol 1e-6; the plain-Trainer failure case differs by far more (the aux term x2). Parameters
+after one optimizer step from the same gradients agree to 1e-6.
 """
 
 import math
@@ -14,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from conftest import random_ids, tiny_config
+from conftest import random_ids, tiny_config, train_steps
 from training_helpers import tiny_tokenizer  # noqa: F401  (also sets one intra-op thread)
 from modeling_memory import MemoryLlamaForCausalLM
-from modeling_memory.trainer import MemoryTrainer, MemoryTrainingArguments
+from modeling_memory.trainer import MemoryTrainer, MemoryTrainingArguments, memory_parameter_groups, set_sparse_table_gradients
 
 GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-6
 
@@ -46,22 +49,32 @@ class _GradientCapture(TrainerCallback):
     """Copies the accumulated gradients just before the first optimizer step."""
 
     def __init__(self, model):
-        self.model, self.gradients = model, None
+        self.model, self.gradients, self.sparse_rows = model, None, None
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.gradients is None:
-            self.gradients = {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None}
+        if self.gradients is None:  # tables' sparse gradients densified, to compare with any reference
+            named = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
+            self.gradients = {n: grad.detach().to_dense() for n, grad in named}
+            self.sparse_rows = {n: grad.coalesce().indices()[0] for n, grad in named if grad.is_sparse}
 
 
-def _trainer_gradients(tmp_path, trainer_cls, config, batch_size, accumulation, dataset, args_cls=MemoryTrainingArguments):
+def _trainer_gradients(tmp_path, trainer_cls, config, batch_size, accumulation, dataset, args_cls=MemoryTrainingArguments,
+                       warm_up=False, **overrides):
+    """The gradients just before the first optimizer step, and the trainer. `warm_up`: a few SGD steps first, so
+    that the zero-initialised memory outputs (and with them the tables' gradients) are non-zero."""
     torch.manual_seed(0)
     model = MemoryLlamaForCausalLM(config)
+    if warm_up:
+        train_steps(model, steps=2)
+    if trainer_cls is Trainer:  # its AdamW and clipping take dense gradients only
+        set_sparse_table_gradients(model, False)
     capture = _GradientCapture(model)
-    args = _args(tmp_path, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation)
+    args = _args(tmp_path, per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation, **overrides)
     if args_cls is TrainingArguments:
         args = TrainingArguments(**{k: v for k, v in args.to_dict().items() if k in TrainingArguments.__dataclass_fields__ and TrainingArguments.__dataclass_fields__[k].init})
-    trainer_cls(model=model, args=args, train_dataset=dataset, callbacks=[capture]).train()
-    return capture.gradients
+    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, callbacks=[capture])
+    trainer.train()
+    return capture.gradients, trainer
 
 
 def _assert_gradients_close(first, second):
@@ -120,14 +133,14 @@ def test_aux_loss_under_gradient_accumulation_matches_one_big_batch(tmp_path):
     whole-batch mean, so any difference is a scaling error. A plain Trainer over-weights it."""
     config = tiny_config(router_aux_loss_coef=0.0, router_z_loss_coef=1.0)
     dataset = _dataset()
-    one_batch = _trainer_gradients(tmp_path / "a", MemoryTrainer, config, 8, 1, dataset)
-    accumulated = _trainer_gradients(tmp_path / "b", MemoryTrainer, config, 4, 2, dataset)
+    one_batch, _ = _trainer_gradients(tmp_path / "a", MemoryTrainer, config, 8, 1, dataset)
+    accumulated, _ = _trainer_gradients(tmp_path / "b", MemoryTrainer, config, 4, 2, dataset)
     _assert_gradients_close(one_batch, accumulated)
 
     # A plain Trainer gets the router losses only from the config (Mixtral's convention).
     plain_config = tiny_config(router_aux_loss_coef=0.0, router_z_loss_coef=1.0, output_router_logits=True)
-    plain_one = _trainer_gradients(tmp_path / "c", Trainer, plain_config, 8, 1, dataset, TrainingArguments)
-    plain_accumulated = _trainer_gradients(tmp_path / "d", Trainer, plain_config, 4, 2, dataset, TrainingArguments)
+    plain_one, _ = _trainer_gradients(tmp_path / "c", Trainer, plain_config, 8, 1, dataset, TrainingArguments)
+    plain_accumulated, _ = _trainer_gradients(tmp_path / "d", Trainer, plain_config, 4, 2, dataset, TrainingArguments)
     router = "model.layers.2.chapter_memory.router.weight"  # its gradient comes from the aux loss only
     torch.testing.assert_close(plain_one[router], one_batch[router], rtol=GRAD_RTOL, atol=GRAD_ATOL)
     torch.testing.assert_close(plain_accumulated[router], 2 * accumulated[router], rtol=GRAD_RTOL, atol=GRAD_ATOL)
@@ -138,7 +151,7 @@ def test_accumulated_gradients_match_plain_pytorch_reference(tmp_path):
     gradient of: token-summed cross-entropy / all loss tokens + the mean of the two micro-batch aux losses."""
     config = tiny_config(router_aux_loss_coef=0.5, router_z_loss_coef=0.1)
     dataset = _dataset()
-    trainer_gradients = _trainer_gradients(tmp_path, MemoryTrainer, config, 4, 2, dataset)
+    trainer_gradients, _ = _trainer_gradients(tmp_path, MemoryTrainer, config, 4, 2, dataset)
 
     torch.manual_seed(0)
     model = MemoryLlamaForCausalLM(config).train()
@@ -149,8 +162,67 @@ def test_accumulated_gradients_match_plain_pytorch_reference(tmp_path):
         logits = out.logits[:, :-1].reshape(-1, config.vocab_size).float()
         cross_entropy = F.cross_entropy(logits, labels[rows, 1:].reshape(-1), ignore_index=-100, reduction="sum")
         (cross_entropy / loss_tokens + out.aux_loss / 2).backward()
-    reference = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    reference = {n: p.grad.to_dense() for n, p in model.named_parameters() if p.grad is not None}
     _assert_gradients_close(trainer_gradients, reference)
+
+
+def test_table_gradients_are_sparse_and_counted_in_grad_norm_and_clipping(tmp_path):
+    """Under gradient accumulation the tables' gradients stay sparse (only the rows read); Trainer's logged
+    grad_norm is the norm of all gradients, tables included, and clipping scales them all alike."""
+    config = tiny_config(chapter_num_chapters=40, chapter_top_k=1)  # a bank larger than a batch reads
+    dataset = _dataset()
+    unclipped, trainer = _trainer_gradients(tmp_path / "a", MemoryTrainer, config, 4, 2, dataset, warm_up=True)
+    capture = next(c for c in trainer.callback_handler.callbacks if isinstance(c, _GradientCapture))
+    assert set(capture.sparse_rows) == {"model.layers.0.engram.table.weight", "model.chapter_bank.weight"}
+    for name, rows in capture.sparse_rows.items():
+        assert 0 < rows.numel() < unclipped[name].shape[0]  # the rows read, not the table
+        outside = torch.ones(unclipped[name].shape[0], dtype=torch.bool)
+        outside[rows] = False
+        assert unclipped[name][~outside].abs().sum() > 0 and not unclipped[name][outside].any()
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in unclipped.values()]))
+    assert trainer.state.log_history[0]["grad_norm"] == pytest.approx(float(norm), rel=1e-5)
+
+    max_norm = float(norm) / 4
+    clipped, trainer = _trainer_gradients(tmp_path / "b", MemoryTrainer, config, 4, 2, dataset, warm_up=True,
+                                          max_grad_norm=max_norm)
+    assert trainer.state.log_history[0]["grad_norm"] == pytest.approx(float(norm), rel=1e-5)  # the norm before clipping
+    for name, gradient in clipped.items():
+        torch.testing.assert_close(gradient, unclipped[name] * (max_norm / (norm + 1e-6)), rtol=GRAD_RTOL, atol=GRAD_ATOL)
+
+
+def test_optimizer_of_memory_trainer_in_a_plain_pytorch_loop(tmp_path):
+    """`create_optimizer()` outside Trainer: loss.backward(); step(); zero_grad(). The first step equals dense
+    AdamW with the same groups (zero moments: the lazy table update is Adam's on every row); table rows a
+    step did not read stay bit-identical."""
+    config = tiny_config()
+    torch.manual_seed(0)
+    model = train_steps(MemoryLlamaForCausalLM(config), steps=2)  # non-zero memory outputs: tables get gradients
+    reference = MemoryLlamaForCausalLM(config)
+    reference.load_state_dict(model.state_dict())
+    set_sparse_table_gradients(reference, False)
+    args = _args(tmp_path, learning_rate=1e-2, weight_decay=0.0)
+    optimizer = MemoryTrainer(model=model, args=args, train_dataset=_dataset()).create_optimizer()
+    groups = memory_parameter_groups(reference, 1e-2, 0.0, [n for n, _ in reference.named_parameters()])
+    dense_optimizer = torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    table = model.model.layers[0].engram.table.weight
+    generator = torch.Generator().manual_seed(0)
+    for step in range(3):
+        ids = random_ids(2, 10, generator)
+        before = table.detach().clone()
+        for one_model, one_optimizer in ((model, optimizer), (reference, dense_optimizer)):
+            one_model.train()
+            one_model(ids, labels=ids).loss.backward()
+            if one_model is model:
+                read = table.grad.coalesce().indices()[0]
+            one_optimizer.step()
+            one_optimizer.zero_grad()
+        untouched = torch.ones(table.shape[0], dtype=torch.bool)
+        untouched[read] = False
+        assert untouched.any() and torch.equal(table.detach()[untouched], before[untouched])
+        assert not torch.equal(table.detach()[read], before[read])
+        if step == 0:
+            for (name, param), expected in zip(model.named_parameters(), reference.parameters()):
+                torch.testing.assert_close(param, expected, rtol=1e-6, atol=1e-6, msg=name)
 
 
 def test_memory_health_logs_match_recomputed_statistics(tmp_path):
@@ -204,6 +276,7 @@ def test_health_logging_can_be_switched_off_and_plain_trainer_trains(tmp_path):
 
     torch.manual_seed(0)
     model = MemoryLlamaForCausalLM(tiny_config())
+    set_sparse_table_gradients(model, False)  # a plain Trainer's AdamW and clipping take dense gradients only
     args = TrainingArguments(output_dir=str(tmp_path / "plain"), report_to="none", save_strategy="no", disable_tqdm=True,
                              max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1)
     Trainer(model=model, args=args, train_dataset=dataset).train()

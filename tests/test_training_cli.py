@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, LlamaConfig, LlamaForCausalLM, MistralConfig
 
+from memory_llama_cli import main
 from modeling_memory import MemoryLlamaForCausalLM
-from modeling_memory.cli import main
 from modeling_memory.knowledge import KnowledgeSet
 from modeling_memory.peft_modes import load_adapter_with_memory
 from training_helpers import save_tiny_model, tiny_tokenizer
@@ -53,15 +53,17 @@ def test_train_help_names_real_fields_and_the_modules_choices():
     import dataclasses
     import re
 
-    from modeling_memory import grafting, peft_modes, training_cli
+    import memory_llama_cli
+    from modeling_memory import grafting, peft_modes, safe_write
     from modeling_memory.trainer import MemoryTrainingArguments
 
-    assert training_cli.TRAINING_MODES == peft_modes.TRAINING_MODES
-    assert training_cli.GRAFT_PRESETS == grafting.PRESETS
+    assert memory_llama_cli.TRAINING_MODES == peft_modes.TRAINING_MODES
+    assert memory_llama_cli.GRAFT_PRESETS == grafting.PRESETS
+    assert memory_llama_cli.DEFAULT_MAX_SHARD_SIZE == safe_write.DEFAULT_MAX_SHARD_SIZE
     own_parser = argparse.ArgumentParser()
-    training_cli.add_train_arguments(own_parser)
+    memory_llama_cli.add_train_arguments(own_parser)
     own = {action.dest for action in own_parser._actions} | {"help_training"}
-    named = {name.replace("-", "_") for name in re.findall(r"--([\w-]+)", training_cli.TRAIN_EPILOG)} - own
+    named = {name.replace("-", "_") for name in re.findall(r"--([\w-]+)", memory_llama_cli.TRAIN_EPILOG)} - own
     fields = {f.name for f in dataclasses.fields(MemoryTrainingArguments)}
     assert {"output_dir", "learning_rate", "table_optimizer"} <= named <= fields, named - fields
 

@@ -1,18 +1,18 @@
 """Exact-match recall of knowledge probes, as an `evaluate` metric module.
 
-A prediction is the model's greedy continuation of a probe's prompt; it recalls the fact when,
-after leading whitespace, it starts with the answer followed by a word boundary ("1953." and
-"1953 and" match 1953; "19530" and "caterpillar" do not match 1953 and cat). Matching is case-
-and character-exact otherwise.
+A prediction is the model's greedy continuation of a probe's prompt; it recalls the fact by the
+package's one rule, `modeling_memory.knowledge.answer_recalled`: after leading whitespace, it starts
+with the answer followed by a word boundary ("1953." and "1953 and" match 1953; "19530" and
+"caterpillar" do not match 1953 and cat).
 
     metric = evaluate.load(".../metrics/knowledge_recall")
     metric.compute(predictions=[" 1953. He"], references=["1953"])   # {"exact_match": 1.0, ...}
 """
 
-import re
-
 import datasets
 import evaluate
+
+from modeling_memory.knowledge import answer_recalled
 
 _DESCRIPTION = "Exact-match recall: does the continuation start with the answer (whole word)?"
 _KWARGS_DESCRIPTION = """
@@ -23,15 +23,6 @@ Returns:
     exact_match (`float`): fraction of predictions that start with their answer as a whole word.
     num_probes (`int`): number of probes scored.
 """
-_WORD_CHARACTER = re.compile(r"\w")
-
-
-def recalled(prediction: str, answer: str) -> bool:
-    text = prediction.lstrip()
-    if not answer or not text.startswith(answer):
-        return False
-    rest = text[len(answer) :]
-    return not rest or not _WORD_CHARACTER.match(rest[0])
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
@@ -47,5 +38,5 @@ class KnowledgeRecall(evaluate.Metric):
     def _compute(self, predictions, references):
         if not predictions:
             raise ValueError("No probes to score.")
-        hits = sum(recalled(p, r) for p, r in zip(predictions, references))
+        hits = sum(answer_recalled(p, r) for p, r in zip(predictions, references))
         return {"exact_match": hits / len(predictions), "num_probes": len(predictions)}

@@ -1,0 +1,134 @@
+"""The Engram lookup against transformers' in-tree n-gram embedding (`qwen4_exp`), side by side in one process.
+
+Both hash the bigrams and trigrams of every token (8 heads each, each head its own prime-sized table of
+~200,003 rows: 3.2M rows x 64 = 205M parameters, width 1024) and gather one row per head; timed is forward +
+backward (the table's gradient included) on batch 8 x 512 tokens, fp32, on the CPU:
+
+- ours: `MemoryLlamaEngram.ngram_context` + `lookup`, whose table gradient is sparse (the rows read);
+- qwen4_exp: `Qwen4ExpTextNGramEmbedding.forward`, whose `nn.Embedding` gradient is dense (the whole table).
+
+To show where the difference comes from, each also runs with the other layout (ours dense, theirs with
+`sparse=True`). Calls interleave (A B C D A B ...), medians; the gradient is set to None after each call.
+
+    python benchmarks/engram_lookup.py                # about 2 minutes on a 2-core CPU
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import command_line, interleaved_timings, machine_description, markdown_table, median, write_section  # noqa: E402
+
+import torch  # noqa: E402
+from transformers.models.qwen4_exp.configuration_qwen4_exp import Qwen4ExpTextConfig  # noqa: E402
+from transformers.models.qwen4_exp.modeling_qwen4_exp import Qwen4ExpTextNGramEmbedding  # noqa: E402
+
+from modeling_memory import MemoryLlamaConfig  # noqa: E402
+from modeling_memory.engram import MemoryLlamaEngram  # noqa: E402
+
+VOCAB, EOS = 49152, 2
+TARGET = 0.1
+
+
+def our_lookup(rows_per_head: int, heads_per_order: int, width: int) -> MemoryLlamaEngram:
+    config = MemoryLlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, eos_token_id=EOS, engram_layers=[0], engram_ngram_orders=[2, 3],
+        engram_heads_per_order=heads_per_order, engram_table_size=rows_per_head, engram_dim=width, chapter_layers=[],
+    )
+    engram = MemoryLlamaEngram(config, layer_idx=0)
+    torch.nn.init.normal_(engram.table.weight, std=0.02)
+    return engram
+
+
+def their_lookup(rows_per_head: int, heads_per_order: int, width: int) -> Qwen4ExpTextNGramEmbedding:
+    config = Qwen4ExpTextConfig(
+        vocab_size=VOCAB, hidden_size=width, num_hidden_layers=1, eos_token_id=EOS, ngram_size=3,
+        heads_per_ngram=heads_per_order, ngram_vocab_size_base=rows_per_head,
+    )
+    embedding = Qwen4ExpTextNGramEmbedding(config, embedding_dim=width, layer_idx=0)
+    torch.nn.init.normal_(embedding.ngram_embedding.weight, std=0.02)
+    return embedding
+
+
+def forward_backward(run, table: torch.nn.Embedding, sparse: bool, grad_out: torch.Tensor):
+    """One timed call: `run()` (the lookup from token ids) and its backward, the table's gradient `sparse` or not."""
+
+    def call():
+        table.sparse = sparse
+        run().backward(grad_out)
+        table.weight.grad = None
+
+    return call
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--rows-per-head", type=int, default=200_003)
+    parser.add_argument("--heads-per-order", type=int, default=8)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's); 1 is steadier on a busy machine")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    machine = machine_description()
+    print(f"machine: {machine}", flush=True)
+
+    torch.manual_seed(0)
+    input_ids = torch.randint(3, VOCAB, (args.batch, args.seq_len))
+    input_ids[torch.rand(input_ids.shape) < 0.01] = EOS  # a few document ends: history stops there in both
+    boundaries = input_ids == EOS
+    ours = our_lookup(args.rows_per_head, args.heads_per_order, args.width)
+    theirs = their_lookup(args.rows_per_head, args.heads_per_order, args.width)
+    canonical_map = torch.arange(VOCAB)
+    rows = (ours.table.num_embeddings, theirs.ngram_embedding.num_embeddings)
+    print(f"tables: ours {rows[0]:,} x {ours.table.embedding_dim}, qwen4_exp {rows[1]:,} x "
+          f"{theirs.ngram_embedding.embedding_dim} (padded to a multiple of 128)", flush=True)
+
+    def run_ours():
+        return ours.lookup(*ours.ngram_context(input_ids, boundaries, None), canonical_map)
+
+    def run_theirs():
+        return theirs(input_ids, None)
+
+    grad_out = torch.randn(args.batch, args.seq_len, args.width)
+    assert run_ours().shape == run_theirs().shape == grad_out.shape
+
+    functions = {
+        "ours (sparse gradient)": forward_backward(run_ours, ours.table, True, grad_out),
+        "qwen4_exp (dense gradient)": forward_backward(run_theirs, theirs.ngram_embedding, False, grad_out),
+        "ours, dense gradient": forward_backward(run_ours, ours.table, False, grad_out),
+        "qwen4_exp, sparse=True": forward_backward(run_theirs, theirs.ngram_embedding, True, grad_out),
+    }
+    timings = interleaved_timings(functions, args.repeats)
+    reference = median(timings["qwen4_exp (dense gradient)"])
+    table_rows = [[name, f"{median(t) * 1e3:.1f}", f"{median(t) / reference:.3f}x"] for name, t in timings.items()]
+    table = markdown_table(["lookup, forward + backward", "median ms", "vs qwen4_exp"], table_rows)
+    print(table, flush=True)
+    ratio = median(timings["ours (sparse gradient)"]) / reference
+    verdict = f"Target <= {TARGET}x qwen4_exp: **{'met' if ratio <= TARGET else 'missed'}** ({ratio:.3f}x)."
+    print(verdict)
+    elapsed = time.perf_counter() - started
+    body = (
+        f"Command: `{command_line()}` ({elapsed / 60:.1f} min)\n\nMachine: {machine}.\n\n"
+        f"Orders 2 and 3 x {args.heads_per_order} heads, width {args.width} ({args.width // (2 * args.heads_per_order)} "
+        f"per head), ~{args.rows_per_head:,} rows per head ({rows[0]:,} rows in all), batch {args.batch} x "
+        f"{args.seq_len} tokens, fp32; forward + backward from token ids (hashing included) to the table's "
+        f"gradient; calls interleaved, median of {args.repeats}.\n\n{table}\n\n{verdict} The difference is the "
+        f"gradient's layout: a dense gradient allocates and fills the whole {rows[1] * args.width * 4 / 2**20:,.0f} MiB "
+        f"table every step; a sparse one holds only the rows of the {args.batch * args.seq_len * 2 * args.heads_per_order:,} "
+        f"(token, head) reads."
+    )
+    if not args.no_write:
+        write_section("Engram lookup vs transformers' qwen4_exp n-gram embedding (benchmarks/engram_lookup.py)", body)
+
+
+if __name__ == "__main__":
+    main()
