@@ -23,7 +23,7 @@ SPELLING_NOTE = (
 )
 # peft_modes.TRAINING_MODES and grafting.PRESETS, spelt out so that building the parser imports neither
 # torch nor PEFT (a test checks that they agree).
-TRAINING_MODES = ("full", "memory_only", "lora", "lora_all")
+TRAINING_MODES = ("full", "memory_only", "lora", "lora_all", "sparse_memory")
 GRAFT_PRESETS = ("engram", "chapters", "both", "pkm", "all")
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # safe_write.DEFAULT_MAX_SHARD_SIZE (checked by the same test)
 
@@ -209,6 +209,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--knowledge-statements", type=int, default=3, choices=[1, 2, 3], help="training phrasings per fact")
     add_option(parser, "--block-size", type=int, default=256, help="tokens per packed training row")
     add_option(parser, "--mode", choices=TRAINING_MODES, default="full", help="training mode (see README, 'Training modes')")
+    add_option(parser, "--sparse-memory-top-t", type=int, metavar="T",
+               help="sparse_memory mode: rows trained per memory table, the top T by TF-IDF (default 500)")
+    add_option(parser, "--background-data", metavar="PATH",
+               help="sparse_memory mode: background text the slots are ranked against (default: the offline natural text)")
+    add_option(parser, "--background-rows", type=int, metavar="N",
+               help="sparse_memory mode: background rows of --block-size tokens counted (default 256)")
     add_option(parser, "--lora-r", type=int, default=16, help="LoRA rank (lora modes)")
     add_option(parser, "--lora-alpha", type=int, default=32, help="LoRA alpha (lora modes)")
     add_option(parser, "--lora-dropout", type=float, default=0.0, help="LoRA dropout (lora modes)")

@@ -34,7 +34,7 @@ from torch import nn
 from .memory_parameters import TABLE_KINDS, memory_kinds
 from .safe_write import atomic_file
 
-TRAINING_MODES = ("full", "memory_only", "lora", "lora_all")
+TRAINING_MODES = ("full", "memory_only", "lora", "lora_all", "sparse_memory")
 BACKBONE_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MEMORY_WEIGHTS_NAME = "memory.safetensors"
 
@@ -82,7 +82,7 @@ def recommended_lora_config(model: nn.Module, mode: str, r: int = 16, lora_alpha
     directly in both. Targets are listed by their full module names, chosen by module type.
     """
     _check_mode(mode)
-    if mode in ("full", "memory_only"):
+    if mode in ("full", "memory_only", "sparse_memory"):
         return None
     targets = _backbone_projections(model) + (_memory_projections(model) if mode == "lora_all" else [])
     return LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets)
@@ -161,14 +161,23 @@ def _adapter_parameter_names(model: nn.Module) -> set[str]:
     return {name for name, _ in model.named_parameters() if "lora_" in name}
 
 
-def prepare_model_for_mode(model, mode: str, lora_config: LoraConfig | None = None):
+def prepare_model_for_mode(
+    model, mode: str, lora_config: LoraConfig | None = None, sparse_memory_slots: dict | None = None
+):
     """Set up `model` (a MemoryLlamaForCausalLM) for a training mode; returns the model to train.
 
     `full` and `memory_only` return the model itself with requires_grad set; the LoRA modes return
     a PeftModel (with `lora_config`, or `recommended_lora_config(model, mode)`) whose memory parameters
-    outside the adapter are trainable on the base model.
+    outside the adapter are trainable on the base model. `sparse_memory` trains only the table rows in
+    `sparse_memory_slots` (table parameter name -> row ids, from `sparse_memory_finetuning.rank_slots`)
+    and freezes everything else.
     """
     _check_mode(mode)
+    if (mode == "sparse_memory") != (sparse_memory_slots is not None):
+        raise ValueError(
+            "Mode 'sparse_memory' trains the slots chosen by TF-IDF and needs them as `sparse_memory_slots` "
+            "(from modeling_memory.sparse_memory_finetuning.rank_slots, or select_and_prepare); other modes take none."
+        )
     if getattr(getattr(model, "config", None), "model_type", None) != "memory_llama":
         raise ValueError(
             f"Training modes need a MemoryLlama model, got {type(model).__name__}; graft memory first "
@@ -188,6 +197,10 @@ def prepare_model_for_mode(model, mode: str, lora_config: LoraConfig | None = No
         for name, param in model.named_parameters():
             param.requires_grad_(name in memory)
         return model
+    if mode == "sparse_memory":
+        from .sparse_memory_finetuning import prepare_sparse_memory_finetuning
+
+        return prepare_sparse_memory_finetuning(model, sparse_memory_slots)
 
     config = lora_config if lora_config is not None else recommended_lora_config(model, mode)
     targets = check_lora_config(model, mode, config)

@@ -212,6 +212,66 @@ def _text_rows(args, tokenizer, text_column: str, main_process_first=None):
         return tokenize_and_pack(dataset, tokenizer, args.block_size, text_column=text_column)
 
 
+SPARSE_MEMORY_SLOTS_NAME = "sparse_memory_slots.safetensors"
+
+
+def _sparse_memory_slots(args, model, tokenizer, rows, training_args) -> dict:
+    """The rows `--mode sparse_memory` trains: read back from a resumed run's output folder (so a resumed run
+    trains the same slots), else ranked by TF-IDF of the training rows' reads against the background's, and
+    written to the output folder."""
+    import torch
+    from safetensors.torch import load_file
+
+    from .data import load_text_dataset, tokenize_and_pack
+    from .sparse_memory_finetuning import count_slot_reads, describe_selection, rank_slots
+
+    saved = os.path.join(training_args.output_dir, SPARSE_MEMORY_SLOTS_NAME)
+    if args.resume_from_checkpoint is not None and os.path.isfile(saved):
+        slots = load_file(saved)
+        print(f"sparse_memory: the slots of the run being resumed ({saved})")
+        print(describe_selection(slots, model))
+        return slots
+
+    if args.background_data is not None:
+        try:
+            background = load_text_dataset(args.background_data, text_column=args.text_column)
+        except (ValueError, FileNotFoundError) as error:
+            raise ToolError(f"--background-data: {error}")
+        text_column = args.text_column
+    else:
+        from .natural_text import load_natural_text
+
+        try:
+            background = load_natural_text()["train"]
+        except FileNotFoundError as error:
+            raise ToolError(f"{error} Or name background text with --background-data PATH.")
+        text_column = "text"
+    background_rows = tokenize_and_pack(background, tokenizer, args.block_size, text_column=text_column)
+    background_rows = background_rows.select(range(min(len(background_rows), args.background_rows or 256)))
+
+    def batches(dataset, size: int = 8):
+        for start in range(0, len(dataset), size):
+            chunk = dataset[start : start + size]
+            yield {"input_ids": torch.tensor(chunk["input_ids"]), "attention_mask": torch.tensor(chunk["attention_mask"])}
+
+    try:
+        new_reads = count_slot_reads(model, batches(rows))
+    except ValueError as error:
+        raise ToolError(f"--mode sparse_memory: {error}")
+    slots = rank_slots(new_reads, count_slot_reads(model, batches(background_rows)), args.sparse_memory_top_t or 500)
+    print(f"sparse_memory: ranked against {len(background_rows)} background rows; {describe_selection(slots, model)}")
+    return slots
+
+
+def _save_sparse_memory_slots(slots: dict, output_dir: str) -> None:
+    from safetensors.torch import save_file
+
+    from .safe_write import atomic_file
+
+    with atomic_file(os.path.join(output_dir, SPARSE_MEMORY_SLOTS_NAME)) as temporary:
+        save_file({name: rows.contiguous() for name, rows in slots.items()}, temporary)
+
+
 # ---- train ------------------------------------------------------------------------------------
 
 
@@ -263,6 +323,14 @@ def run_train(args) -> int:
     has_memory = config.model_type == "memory_llama" and (config.chapter_layers or config.engram_layers or config.pkm_layers)
     if args.mode != "full" and config.model_type == "memory_llama" and not has_memory:
         raise ToolError(f"--mode {args.mode} trains the memory, but {args.model} has none; use --mode full or --graft.")
+    sparse_options = {"--sparse-memory-top-t": args.sparse_memory_top_t, "--background-data": args.background_data,
+                      "--background-rows": args.background_rows}
+    given = [name for name, value in sparse_options.items() if value is not None]
+    if args.mode != "sparse_memory" and given:
+        raise ToolError(f"{', '.join(given)} only apply to --mode sparse_memory (this run is --mode {args.mode}).")
+    for name in ("--sparse-memory-top-t", "--background-rows"):
+        if sparse_options[name] is not None and sparse_options[name] < 1:
+            raise ToolError(f"{name} must be >= 1, got {sparse_options[name]}.")
     if args.lora_r < 1 or args.lora_alpha < 1 or not 0 <= args.lora_dropout < 1:
         raise ToolError("--lora-r and --lora-alpha must be >= 1 and --lora-dropout in [0, 1).")
     if args.resume_from_checkpoint == "last":
@@ -300,14 +368,17 @@ def run_train(args) -> int:
     else:
         model = graft(args.model, memory_config, tokenizer=tokenizer, dtype=torch.float32, allow_pickle=args.allow_pickle)
     lora_config = recommended_lora_config(model, args.mode, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
-    model = prepare_model_for_mode(model, args.mode, lora_config)
     rows = _text_rows(args, tokenizer, args.text_column, training_args.main_process_first)
+    slots = _sparse_memory_slots(args, model, tokenizer, rows, training_args) if args.mode == "sparse_memory" else None
+    model = prepare_model_for_mode(model, args.mode, lora_config, sparse_memory_slots=slots)
     if replace_previous_run:
         # As late as possible, so that a failure while loading keeps the previous run. Every process
         # decided this before the barrier in _text_rows, so all of them meet here; one deletes.
         with training_args.main_process_first(local=False, desc="replacing the previous run"):
             if training_args.process_index == 0:
                 _remove_previous_run(training_args.output_dir)
+    if slots is not None and training_args.process_index == 0:
+        _save_sparse_memory_slots(slots, training_args.output_dir)  # a resumed run trains the same slots
 
     from transformers import default_data_collator
 

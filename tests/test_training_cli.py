@@ -300,3 +300,41 @@ def test_train_graft_refuses_families_without_the_llama_layout(tmp_path, config,
         main(["train", str(model_dir), "--graft", "both", "--knowledge-entities", "2", "--output_dir", str(tmp_path / "o"), *COMMON])
     assert message in str(raised.value.code)
     assert not (tmp_path / "o").exists()
+
+
+def test_sparse_memory_mode_trains_only_the_ranked_rows(tmp_path):
+    """`--mode sparse_memory`: the ranked rows are saved beside the run, and after training only those rows of
+    the tables differ from the starting checkpoint; every other weight is bit-identical."""
+    from safetensors.torch import load_file
+
+    model_dir = save_tiny_model(tmp_path / "model", chapter_layers=[], pkm_layers=[1], pkm_num_keys=6,
+                                pkm_top_k=3, pkm_heads=2, pkm_key_dim=8)
+    background = tmp_path / "background.txt"
+    background.write_text("\n".join(f"The river runs past the old mill number {i} at dawn." for i in range(40)))
+    out = tmp_path / "run"
+    main(["train", model_dir, "--knowledge-entities", "2", "--mode", "sparse_memory", "--sparse-memory-top-t", "5",
+          "--background-data", str(background), "--block-size", "32", "--output_dir", str(out), "--max_steps", "3",
+          "--per_device_train_batch_size", "2", "--learning_rate", "0.05", "--save_strategy", "no", *COMMON])
+    slots = load_file(out / "sparse_memory_slots.safetensors")
+    assert set(slots) == {"model.layers.0.engram.table.weight", "model.pkm_values.weight"}
+    assert all(0 < rows.numel() <= 5 for rows in slots.values())
+
+    before = MemoryLlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+    after = MemoryLlamaForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+    for name, original in before.items():
+        if name not in slots:
+            assert torch.equal(after[name], original), name
+            continue
+        changed = (after[name] != original).any(dim=1)
+        chosen = torch.zeros_like(changed)
+        chosen[slots[name]] = True
+        assert not changed[~chosen].any(), name
+        if name == "model.pkm_values.weight":  # a fresh Engram's zero value projection passes its table no gradient
+            assert changed[chosen].any(), name
+
+
+def test_sparse_memory_options_need_the_mode(base, tmp_path):
+    with pytest.raises(SystemExit, match="only apply to --mode sparse_memory"):
+        main(["train", base, "--knowledge-entities", "2", "--sparse-memory-top-t", "5", "--block-size", "32",
+              "--output_dir", str(tmp_path / "x"), *COMMON])
+    assert not (tmp_path / "x").exists()
