@@ -140,8 +140,7 @@ def optimizer_for(model, lr: float, weight_decay: float = 0.0, trainable=None, t
         param.requires_grad_(trainable is None or trainable(name))
     every_name = [name for name, _ in model.named_parameters()]  # weight decay on every non-table parameter
     groups = memory_parameter_groups(model, lr, weight_decay, decay_parameter_names=every_name)
-    # fused=True: what Trainer uses by default (optim="adamw_torch_fused").
-    return build_memory_optimizer(groups, table_optimizer, torch.optim.AdamW, {"betas": (0.9, 0.95), "fused": True})
+    return build_memory_optimizer(groups, table_optimizer, torch.optim.AdamW, {"betas": (0.9, 0.95)})
 
 
 def train(model, next_batch, steps: int, lr: float, warmup_steps: int = 0, trainable=None, log_every: int = 0, label: str = ""):

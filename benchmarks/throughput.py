@@ -85,7 +85,7 @@ def dense_adamw(model):
     (the tables' learning-rate groups kept)."""
     set_sparse_table_gradients(model, False)
     groups = memory_parameter_groups(model, 1e-6, 0.0, [name for name, _ in model.named_parameters()])
-    return torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=True)
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95))
 
 
 def inference_forward(model, ids):

@@ -107,10 +107,9 @@ class MemoryLlamaChapterMemory(nn.Module):
 
     def folding_is_cheaper(self, num_tokens: int, reads_per_token: int, num_read: int) -> bool:
         """Whether `attend_folded` costs fewer FLOPs than projecting the `num_read` chapters read. Both are exact;
-        folding works on the modules' weights, so it is used only for a plain `nn.Linear` key and value projection
-        and a plain RMSNorm (a module carrying an adapter is called as a module)."""
-        plain = type(self.memory_key) is nn.Linear and type(self.memory_value) is nn.Linear
-        if not plain or type(self.bank_norm) is not LlamaRMSNorm:
+        folding works on the modules' weights, so it is used only for plain `nn.Linear` projections (a projection
+        carrying an adapter is called as a module)."""
+        if type(self.memory_key) is not nn.Linear or type(self.memory_value) is not nn.Linear:
             return False
         hidden, keys_read = self.num_heads * self.head_dim, reads_per_token * self.chapter_size
         projected = num_read * self.chapter_size * hidden * hidden + num_tokens * keys_read * hidden
@@ -120,31 +119,24 @@ class MemoryLlamaChapterMemory(nn.Module):
     def attend_folded(
         self, query: torch.Tensor, rows: torch.Tensor, chapter_ids: torch.Tensor, chapter_weights: torch.Tensor
     ) -> torch.Tensor:
-        """Chapter attention with the bank norm and the key and value projections folded into the query and the
-        output, so that the rows read are never normed nor projected.
+        """Chapter attention with the key and value projections folded into the query and the output.
 
-        Per head h, with x_j a bank row, n_j = gamma * r_j * x_j its RMSNorm (r_j = 1 / rms(x_j)) and W_k[h], W_v[h]
-        the head's (D, d) slices of the projections:
-            q . (W_k[h] n_j) = r_j ((W_k[h]^T q) * gamma) . x_j,   sum_j p_j W_v[h] n_j = W_v[h] (gamma * sum_j p_j r_j x_j).
-        The work is O(N * R * T * H * d), whatever the number U of chapters read, instead of O(U * T * d^2).
+        Per head h, with n_j the normed bank rows and W_k[h], W_v[h] the head's (D, d) slices of the projections:
+        q . (W_k[h] n_j) = (W_k[h]^T q) . n_j, and sum_j p_j W_v[h] n_j = W_v[h] sum_j p_j n_j. So the rows read
+        are normed but never projected: O(N * R * T * H * d) work instead of O(U * T * d^2), whatever the number
+        U of chapters read.
 
         Args:
             query: (N, H, D) projected queries.
             rows: (U * T, d) bank rows of the chapters read; chapter_ids (N, R) into them; chapter_weights (N, R).
         Returns:
-            (N, H, D), as `chapter_attention` of the normed and projected rows.
+            (N, H, D), as `chapter_attention` of the projected rows.
         """
-        rows = rows.to(query.dtype).view(-1, self.chapter_size, rows.shape[-1])  # (U, T, d)
-        # 1 / rms from the row norm: one pass over the rows, forward and backward (fp32, as LlamaRMSNorm).
-        squares_mean = torch.linalg.vector_norm(rows, dim=-1, dtype=torch.float32).square() / rows.shape[-1]
-        row_scales = torch.rsqrt(squares_mean + self.bank_norm.variance_epsilon)  # (U, T)
-        gamma = self.bank_norm.weight.to(query.dtype)
+        normed = self.bank_norm(rows.to(query.dtype)).view(-1, self.chapter_size, rows.shape[-1])  # (U, T, d)
         per_head = (self.num_heads, self.head_dim, -1)
-        folded_query = torch.einsum("nhe,hed->nhd", query, self.memory_key.weight.view(per_head)) * gamma
-        mixed = chapter_attention_folded_reference(
-            folded_query, rows, chapter_ids, chapter_weights, self.head_dim**-0.5, row_scales
-        )
-        return torch.einsum("nhd,hed->nhe", mixed * gamma, self.memory_value.weight.view(per_head))
+        folded_query = torch.einsum("nhe,hed->nhd", query, self.memory_key.weight.view(per_head))
+        mixed = chapter_attention_folded_reference(folded_query, normed, chapter_ids, chapter_weights, self.head_dim**-0.5)
+        return torch.einsum("nhd,hed->nhe", mixed, self.memory_value.weight.view(per_head))
 
     def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """

@@ -56,19 +56,16 @@ def chapter_attention_folded_reference(
     chapter_ids: torch.Tensor,
     chapter_weights: torch.Tensor,
     scale: float,
-    row_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Chapter attention whose keys and values are the same (unprojected) bank rows for every head: the folded
-    form used in training (`MemoryLlamaChapterMemory.attend_folded`), where the query already carries the key
-    projection and the output still needs the value projection.
+    """Chapter attention whose keys and values are the same (normed, unprojected) bank rows for every head: the
+    folded form used in training (`MemoryLlamaChapterMemory.attend_folded`), where the query already carries the
+    key projection and the output still needs the value projection.
 
     Args:
         query: (N, H, E) queries in the rows' space.
         bank_rows: (C, T, E) the rows of each chapter, read as keys and as values by every head.
         chapter_ids: (N, R) int64 chapters each token reads; chapter_weights (N, R) fp32.
         scale: softmax scale.
-        row_scales: (C, T) or None: each row counts as bank_rows * row_scales[..., None] (a norm's 1 / rms,
-            applied to the scores and the probabilities instead of to the rows).
     Returns:
         (N, H, E) in the query's dtype; scores and softmax statistics in fp32.
     """
@@ -79,16 +76,10 @@ def chapter_attention_folded_reference(
         block = slice(start, start + TOKEN_BLOCK)
         # Each token's R chapters side by side, (n, R * T, E): one product per token for all its heads and chapters.
         rows = bank_rows[chapter_ids[block]].flatten(1, 2).float()
-        scores = torch.bmm(query[block].float(), rows.transpose(1, 2))  # (n, H, R * T)
-        weights = chapter_weights[block].float()[:, None, :, None]
-        if row_scales is None:
-            scores = scores * scale
-        else:
-            token_row_scales = row_scales[chapter_ids[block]].float().view(-1, 1, reads, chapter_size)
-            scores = scores * (scale * token_row_scales.flatten(2))
-            weights = weights * token_row_scales
+        scores = torch.bmm(query[block].float(), rows.transpose(1, 2)) * scale  # (n, H, R * T)
         probs = scores.view(-1, num_heads, reads, chapter_size).softmax(dim=-1)  # softmax within each chapter
-        outputs.append(torch.bmm((probs * weights).flatten(2), rows))
+        weighted = probs * chapter_weights[block].float()[:, None, :, None]
+        outputs.append(torch.bmm(weighted.flatten(2), rows))
     if not outputs:
         return query.new_zeros(query.shape)
     return torch.cat(outputs).to(query.dtype)

@@ -75,9 +75,8 @@ class LazyAdam(_Fp32StateOptimizer):
         m_r = b1 m_r + (1 - b1) g_r;   v_r = b2 v_r + (1 - b2) g_r^2
         w_r -= lr * (m_r / (1 - b1^t)) / (sqrt(v_r / (1 - b2^t)) + eps)   (after w_r *= 1 - lr*wd)
 
-    On a step that touches every row this is `torch.optim.AdamW(fused=True)` (the same kernel runs on the touched
-    rows); rows without a gradient keep their weights and moments (dense Adam would still decay their moments and
-    move them).
+    On a step that touches every row this is exactly `torch.optim.Adam` (AdamW with weight decay); rows without
+    a gradient keep their weights and moments (dense Adam would still decay their moments and move them).
 
     Args:
         params: parameters or parameter groups, tables (rows, ...) with sparse or dense gradients.
@@ -122,18 +121,21 @@ class LazyAdam(_Fp32StateOptimizer):
                 if rows.numel() == 0:
                     continue
                 state["step"] += 1
-                weights = param.view(param.shape[0], -1)
+                step = float(state["step"])
+                row_grads = row_grads.float()
                 exp_avg = state["exp_avg"].view(param.shape[0], -1)
                 exp_avg_sq = state["exp_avg_sq"].view(param.shape[0], -1)
-                # torch's fused AdamW kernel on the touched rows: one pass instead of one per operation.
-                new_rows = weights.index_select(0, rows).float()
-                m, v = exp_avg.index_select(0, rows), exp_avg_sq.index_select(0, rows)
-                torch._fused_adamw_(
-                    [new_rows], [row_grads.float()], [m], [v], [], [state["step"].to(param.device)],
-                    lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False,
-                )
+                # The operations of torch.optim.Adam, in its order, on the touched rows.
+                m = exp_avg.index_select(0, rows).lerp_(row_grads, 1 - beta1)
+                v = exp_avg_sq.index_select(0, rows).mul_(beta2).addcmul_(row_grads, row_grads, value=1 - beta2)
                 exp_avg.index_copy_(0, rows, m)
                 exp_avg_sq.index_copy_(0, rows, v)
+                denominator = (v.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+                weights = param.view(param.shape[0], -1)
+                new_rows = weights.index_select(0, rows).float()
+                if weight_decay:
+                    new_rows.mul_(1 - lr * weight_decay)
+                new_rows.addcdiv_(m, denominator, value=-lr / (1 - beta1**step))
                 weights.index_copy_(0, rows, new_rows.to(param.dtype))
         return loss
 

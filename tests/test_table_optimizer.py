@@ -50,7 +50,7 @@ def test_lazy_adam_matches_sparse_adam_and_dense_adam_on_touched_rows(weight_dec
     dense_table = torch.nn.Embedding.from_pretrained(start.clone(), freeze=False)
     lazy = LazyAdam(lazy_table.parameters(), lr=0.05, betas=(0.8, 0.9), eps=1e-8, weight_decay=weight_decay)
     dense_cls = torch.optim.AdamW if weight_decay else torch.optim.Adam
-    dense = dense_cls(dense_table.parameters(), lr=0.05, betas=(0.8, 0.9), eps=1e-8, weight_decay=weight_decay, fused=True)
+    dense = dense_cls(dense_table.parameters(), lr=0.05, betas=(0.8, 0.9), eps=1e-8, weight_decay=weight_decay)
     reference = None
     if not weight_decay:  # torch's SparseAdam has no weight decay
         sparse_adam_table = torch.nn.Embedding.from_pretrained(start.clone(), freeze=False, sparse=True)
