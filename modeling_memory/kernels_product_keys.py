@@ -15,9 +15,9 @@ keeps it importable (for Hub remote-code import checks) where Triton is missing.
 a GPU the kernels run only if TRITON_INTERPRET=1 was set before this module was imported.
 """
 
-import os
-
 import torch
+
+from .kernel_backend import check_kernel_device, interpreter_requested, next_power_of_2
 
 try:
     import triton
@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover - exercised only where Triton is missing
 
 
 # Kernels are decorated as interpreted functions when this was set at import time.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETED = interpreter_requested()
 
 # Elements of the (tokens, reads, columns) tile one program gathers; the interpreter prefers few, large programs.
 _TILE_ELEMENTS = 1 << 16 if INTERPRETED else 1 << 13
@@ -130,24 +130,12 @@ if triton is not None:
         )
 
 
-def _next_power_of_2(value: int) -> int:
-    return 1 << max(0, int(value) - 1).bit_length()
-
-
 def _tile_sizes(num_tokens: int, num_reads: int, value_dim: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_J, BLOCK_D): as wide a column block as allowed, then as many reads and tokens as fit."""
-    block_d = min(_next_power_of_2(value_dim), _MAX_BLOCK_D)
-    block_j = min(_next_power_of_2(num_reads), max(1, _TILE_ELEMENTS // block_d))
-    block_t = min(_next_power_of_2(num_tokens), max(1, _TILE_ELEMENTS // (block_j * block_d)))
+    block_d = min(next_power_of_2(value_dim), _MAX_BLOCK_D)
+    block_j = min(next_power_of_2(num_reads), max(1, _TILE_ELEMENTS // block_d))
+    block_t = min(next_power_of_2(num_tokens), max(1, _TILE_ELEMENTS // (block_j * block_d)))
     return block_t, block_j, block_d
-
-
-def _check_device(tensor: torch.Tensor) -> None:
-    if not tensor.is_cuda and not INTERPRETED:
-        raise RuntimeError(
-            "Triton product-key kernels need CUDA tensors, or TRITON_INTERPRET=1 set before "
-            "modeling_memory.kernels_product_keys is first imported."
-        )
 
 
 class ProductKeyBagFunction(torch.autograd.Function):
@@ -207,7 +195,7 @@ def _bag_values_grad(grad_out, indices, weights, values_shape, values_dtype) -> 
     torch.cumsum(counts, 0, out=run_starts[1:])
     grad_rows = torch.empty(rows.numel(), value_dim, dtype=values_dtype, device=grad_out.device)
     if rows.numel() > 0:
-        block_d = min(_next_power_of_2(value_dim), _MAX_BLOCK_D)
+        block_d = min(next_power_of_2(value_dim), _MAX_BLOCK_D)
         grid = (triton.cdiv(rows.numel(), _ROW_BLOCK), triton.cdiv(value_dim, block_d))
         _bag_values_grad_kernel[grid](
             sorted_entries, run_starts, weights, grad_out, grad_rows, rows.numel(), indices.shape[1], value_dim,
@@ -228,7 +216,7 @@ def product_key_bag_triton(values: torch.Tensor, indices: torch.Tensor, weights:
     Returns:
         (T, Dv) in the values' dtype, accumulated in fp32.
     """
-    _check_device(values)
+    check_kernel_device(values, "product-key", __name__, INTERPRETED)
     if values.stride(1) != 1:
         values = values.contiguous()
     return ProductKeyBagFunction.apply(
