@@ -12,17 +12,12 @@
 - GPU tier (`test_gpu_*`, CUDA only): compiled kernels in fp32/fp16/bf16 on larger shapes.
 """
 
-import importlib
-import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from modeling_memory import kernel_backend, ops_chapter_attention, ops_engram
-from modeling_memory.kernel_backend import KERNELS_ENV
+from kernel_tiers import compiled_kernel_modules, interpreted_kernel_modules, run_interpreter_tier, skip_unless_interpreted
 from modeling_memory.ops_chapter_attention import chapter_attention_folded_reference, chapter_attention_reference
 from modeling_memory.ops_engram import engram_history_lengths, engram_lookup_reference, engram_row_ids_reference
 from modeling_memory.ops_table_rows import gather_rows
@@ -305,64 +300,22 @@ def test_chapter_attention_reference_empty_and_half_precision():
 # ----------------------------------------------------------------------------------------------------
 
 
-def _interpreted_kernel_modules():
-    """The kernel modules, decorated for the Triton interpreter, if this process can run them; else None.
-
-    The interpreter needs TRITON_INTERPRET=1 when Triton itself is first imported, not only when the kernel
-    modules are: Triton's standard library (`tl.zeros`, `tl.sum`, ...) is made of jit functions, and
-    `import transformers` already imports Triton (through torch._dynamo). So the variable has to be set for
-    the whole process, which would send every CPU model test in the session through interpreted kernels.
-    Hence the interpreter tier normally runs in a child process (`test_interpreter_tier_in_subprocess`),
-    and runs inline only when this session was started with TRITON_INTERPRET=1.
-    """
-    if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None:
-        return None
-    from modeling_memory.kernel_backend import triton_available
-
-    if not triton_available():
-        return None
-    import triton.language as tl
-
-    if type(tl.zeros).__name__ != "InterpretedFunction":
-        return None
-    return [importlib.import_module(name) for name in KERNEL_MODULES]
-
-
-INTERPRETED_KERNELS = _interpreted_kernel_modules()
+INTERPRETED_KERNELS = interpreted_kernel_modules(KERNEL_MODULES)
 
 
 @pytest.fixture(scope="module")
 def interpreted():
-    if INTERPRETED_KERNELS is None:
-        pytest.skip("run by test_interpreter_tier_in_subprocess (needs TRITON_INTERPRET=1 for the whole process)")
-    return INTERPRETED_KERNELS
+    return skip_unless_interpreted(INTERPRETED_KERNELS)
 
 
 def test_interpreter_tier_in_subprocess():
     """Runs the `test_triton_*` tests of this file in a child process started with TRITON_INTERPRET=1."""
-    if INTERPRETED_KERNELS is not None:
-        pytest.skip("this session runs the interpreter tier itself")
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop(KERNELS_ENV, None)
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "test_triton_"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    report = result.stdout[-8000:] + result.stderr[-2000:]
-    assert result.returncode == 0, report
-    summary = result.stdout.strip().splitlines()[-1]
-    assert "passed" in summary and "skipped" not in summary and "deselected" in summary, report
+    run_interpreter_tier(__file__, INTERPRETED_KERNELS)
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("TRITON_INTERPRET=1 is set for the whole session: no compiled kernels")
-    pytest.importorskip("triton")
-    return [importlib.import_module(name) for name in KERNEL_MODULES]
+    return compiled_kernel_modules(KERNEL_MODULES)
 
 
 # ----------------------------------------------------------------------------------------------------
