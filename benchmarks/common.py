@@ -1,6 +1,7 @@
 """Shared helpers of the benchmarks: the machine, timing side by side, FLOP counting, a small training
 loop with the memory's learning-rate groups, writing results, and what the benchmarks that train small
-models from scratch share (their options, data, models, batches and recall through a reduced vocabulary).
+models from scratch share (their options, which models run, data, models, batches and recall through a reduced
+vocabulary).
 Evaluation itself is the package's (`modeling_memory.evaluation`).
 
 Benchmarks print ratios measured in one run (ours vs a baseline) and append a section to
@@ -240,10 +241,12 @@ class ReducedVocabulary:
         )
         return torch.tensor(rows, dtype=torch.long).view(-1, block_size)
 
-    def document_blocks(self, documents, block_size: int) -> torch.Tensor:
-        """One document per row (EOS-padded), so a biography is always seen whole."""
-        rows, _ = pack_documents(map(self.encode, documents), block_size, self.eos_id, self.eos_id, row_per_document=True)
-        return torch.tensor(rows, dtype=torch.long)
+    def document_blocks(self, documents, block_size: int, with_mask: bool = False):
+        """One document per row (EOS-padded), so a biography is always seen whole; with `with_mask`, also the
+        (rows, block_size) attention mask (0 at the padding)."""
+        rows, masks = pack_documents(map(self.encode, documents), block_size, self.eos_id, self.eos_id, row_per_document=True)
+        rows = torch.tensor(rows, dtype=torch.long)
+        return (rows, torch.tensor(masks, dtype=torch.long)) if with_mask else rows
 
 
 def reduced_probe_recall(model, vocabulary: ReducedVocabulary, probes, max_new_tokens: int = 5) -> float:
@@ -275,6 +278,23 @@ def add_small_model_arguments(parser, entities: int) -> None:
     parser.add_argument("--no-write", action="store_true", help="print the results; do not write RESULTS.md")
 
 
+def add_kinds_argument(parser, labels: dict[str, str]) -> None:
+    """`--kinds`: the models to run (keys of `labels`, default all); the baseline always runs beside them."""
+    parser.add_argument("--kinds", nargs="+", choices=list(labels), default=list(labels), metavar="KIND",
+                        help=f"models to run, of {', '.join(labels)} (default: all); the baseline always runs")
+
+
+def chosen_kinds(args, labels: dict[str, str]) -> list[str]:
+    """The kinds of `--kinds` in `labels`' order, "baseline" always included (the side-by-side reference)."""
+    return [kind for kind in labels if kind == "baseline" or kind in args.kinds]
+
+
+def results_title(title: str, kinds: list[str], labels: dict[str, str]) -> str:
+    """The RESULTS.md section of a run: `title` for all kinds; a run of some kinds only gets a section of its
+    own (named by its kinds), so that it never replaces the rows of kinds it did not run."""
+    return title if kinds == list(labels) else f"{title}: {', '.join(kinds)}"
+
+
 def start_benchmark(parser) -> tuple:
     """Parse the command line, set torch's threads and print the machine: (args, start time, machine)."""
     args = parser.parse_args()
@@ -304,14 +324,40 @@ def small_text_data(args, knowledge_documents):
     return vocabulary, train_rows, validation_rows
 
 
+SMALL_MODEL_KINDS = ("dense", "baseline", "engram", "chapters", "both", "pkm")
+# Product-key memory sized for hidden 64: 32 x 32 = 1,024 value slots, 4 heads x top-8 reads, 32-wide queries.
+SMALL_PKM_FIELDS = dict(pkm_num_keys=32, pkm_top_k=8, pkm_heads=4, pkm_key_dim=32)
+
+
+def small_memory_description(args, kinds) -> str:
+    """One sentence per memory that the models of `kinds` (small_model's) hold: where and how large."""
+    pkm = SMALL_PKM_FIELDS
+    sentences = {
+        "engram": f"Engram: layer 0, 2 orders x 4 heads of ~{args.engram_table_size:,} rows, dim 64.",
+        "chapters": f"Chapter memory: layer {args.layers - 1}, {args.chapters} chapters x 16 tokens, top-2 + 1 shared.",
+        "pkm": (
+            f"Product-key memory: layer {args.layers - 1} (beside its MLP), {pkm['pkm_num_keys']} x {pkm['pkm_num_keys']} "
+            f"= {pkm['pkm_num_keys'] ** 2:,} value slots of width {args.hidden}, {pkm['pkm_heads']} heads reading the "
+            f"top {pkm['pkm_top_k']} each, {pkm['pkm_key_dim']}-wide queries; values zero at birth (they learn from "
+            f"the first step), on LazyAdam at lr x 1."
+        ),
+    }
+    holds = {"engram": {"engram", "both"}, "chapters": {"chapters", "both"}, "pkm": {"pkm"}}
+    return " ".join(text for memory, text in sentences.items() if holds[memory] & set(kinds))
+
+
 def small_model(args, vocab_size: int, kind: str, seed: int = 0, intermediate: int | None = None):
     """A small model trained from scratch: "dense" is a LlamaForCausalLM (of MLP width `intermediate`), the
-    other kinds a MemoryLlama with "baseline" (no memory), "engram" (layer 0), "chapters" (the last layer)
-    or "both"."""
+    other kinds a MemoryLlama with "baseline" (no memory), "engram" (layer 0), "chapters" (the last layer),
+    "both" (Engram and chapters) or "pkm" (product-key memory at the last layer, `SMALL_PKM_FIELDS`: 1,024
+    value slots of width `hidden`, 4 heads reading the top 8 each; the values start at zero, as when grafted,
+    and learn from the first step)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from modeling_memory import MemoryLlamaConfig, MemoryLlamaForCausalLM
 
+    if kind not in SMALL_MODEL_KINDS:
+        raise ValueError(f"kind must be one of {SMALL_MODEL_KINDS}, got {kind!r}.")
     torch.manual_seed(seed)
     fields = small_llama_fields(vocab_size, args.hidden, args.layers, intermediate or args.intermediate, 4, args.block_size)
     if kind == "dense":
@@ -323,6 +369,8 @@ def small_model(args, vocab_size: int, kind: str, seed: int = 0, intermediate: i
             chapter_layers=[args.layers - 1], chapter_num_chapters=args.chapters, chapter_size=16,
             chapter_top_k=2, chapter_num_shared=1, chapter_num_heads=4,
         )
+    if kind == "pkm":
+        fields.update(pkm_layers=[args.layers - 1], **SMALL_PKM_FIELDS)
     return MemoryLlamaForCausalLM(MemoryLlamaConfig(**fields))
 
 

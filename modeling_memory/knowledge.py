@@ -244,4 +244,55 @@ class KnowledgeSet:
         return cls([Entity(**e) for e in data["entities"]], seed=data["seed"], statements_per_fact=data["statements_per_fact"])
 
 
-__all__ = ["ATTRIBUTES", "Entity", "KnowledgeSet", "Probe", "answer_recalled"]
+# Facts a pretrained model knows, asked as completions: the forgetting probe. Only those the base model
+# answers correctly count (`general_knowledge_kept`), so the score reads "share of what it knew, kept".
+GENERAL_KNOWLEDGE = (
+    ("The capital of France is", "Paris"),
+    ("The capital of Italy is", "Rome"),
+    ("The capital of Japan is", "Tokyo"),
+    ("The capital of Germany is", "Berlin"),
+    ("The capital of Spain is", "Madrid"),
+    ("The capital of England is", "London"),
+    ("The capital of Russia is", "Moscow"),
+    ("The capital of Egypt is", "Cairo"),
+    ("The capital of China is", "Beijing"),
+    ("The capital of Greece is", "Athens"),
+    ("The Eiffel Tower is in the city of", "Paris"),
+    ("The Colosseum is in the city of", "Rome"),
+    ("The largest planet in the solar system is", "Jupiter"),
+    ("The planet closest to the Sun is", "Mercury"),
+    ("The Earth orbits the", "Sun"),
+    ("The chemical symbol for gold is", "Au"),
+    ("The chemical symbol for water is", "H2O"),
+    ("Water is made of hydrogen and", "oxygen"),
+    ("Plants make their food by a process called", "photosynthesis"),
+    ("The first man to walk on the Moon was Neil", "Armstrong"),
+    ("Romeo and Juliet was written by William", "Shakespeare"),
+    ("The theory of relativity was developed by Albert", "Einstein"),
+    ("The Mona Lisa was painted by Leonardo da", "Vinci"),
+    ("The first president of the United States was George", "Washington"),
+    ("The Great Wall is in", "China"),
+    ("The pyramids of Giza are in", "Egypt"),
+    ("The longest river in Africa is the", "Nile"),
+    ("The largest ocean on Earth is the", "Pacific"),
+    ("A week has seven", "days"),
+    ("A year has twelve", "months"),
+    ("The opposite of hot is", "cold"),
+    ("The opposite of up is", "down"),
+    ("Monday, Tuesday,", "Wednesday"),
+    ("January, February,", "March"),
+    ("One, two, three, four,", "five"),
+    ("The color of the sky on a clear day is", "blue"),
+    ("Bees make", "honey"),
+    ("Cows give us", "milk"),
+    ("The freezing point of water in Celsius is", "0"),
+    ("Two plus two equals", "4"),
+)
+
+
+def general_knowledge_probes() -> list[Probe]:
+    """`GENERAL_KNOWLEDGE` as probes (attribute "general_knowledge")."""
+    return [Probe(prompt=prompt, answer=answer, entity="", attribute="general_knowledge") for prompt, answer in GENERAL_KNOWLEDGE]
+
+
+__all__ = ["ATTRIBUTES", "GENERAL_KNOWLEDGE", "Entity", "KnowledgeSet", "Probe", "answer_recalled", "general_knowledge_probes"]

@@ -8,7 +8,7 @@ import datasets
 import pytest
 
 from modeling_memory.data import knowledge_dataset, load_text_dataset, pack_documents, tokenize_and_pack
-from modeling_memory.knowledge import ATTRIBUTES, KnowledgeSet, answer_recalled
+from modeling_memory.knowledge import ATTRIBUTES, KnowledgeSet, answer_recalled, general_knowledge_probes
 from modeling_memory.metrics import load_metric, metric_path
 from training_helpers import tiny_tokenizer
 
@@ -151,3 +151,12 @@ def test_perplexity_metric_is_token_weighted():
         metric.compute(nll_sums=[0.0], token_counts=[0])
     with pytest.raises(ValueError, match="Unknown metric"):
         metric_path("bleu")
+
+
+def test_general_knowledge_probes_are_well_formed_and_not_taught():
+    probes = general_knowledge_probes()
+    assert len({p.prompt for p in probes}) == len(probes) >= 30
+    assert all(p.answer and p.answer == p.answer.strip() and not p.prompt.endswith(" ") for p in probes)
+    # The forgetting probe must not be something the new facts teach.
+    taught = " ".join(KnowledgeSet.generate(200, seed=0).training_statements())
+    assert not any(p.prompt in taught for p in probes)
