@@ -80,38 +80,54 @@ def _label_bars(axis, bars, labels: list[str], values: list[float]) -> None:
 
 
 def plot_demo_results(results: dict[str, dict], losses: dict[str, list[float]], path: str, logging_steps: int) -> str:
-    """The demo's figure: knowledge recall (in %, as in the printed table), natural-text perplexity and
-    the training losses.
+    """The demo's figure: knowledge recall, perplexity change, general knowledge kept (all in %, as in the
+    printed table) and the training losses.
 
-    `results`: model name -> {"recall_held_out", "recall_training_phrasing" (fractions 0-1),
-    "natural_text_perplexity"}; `losses`: run name -> training loss logged every `logging_steps` steps."""
+    `results`: model name -> {"recall_held_out", "recall_training_phrasing", "general_knowledge_kept"
+    (fractions 0-1), "perplexity_change" (fraction, relative to the base)}; `losses`: run name -> training
+    loss logged every `logging_steps` steps."""
     plt = _pyplot()
     from matplotlib.ticker import PercentFormatter
 
-    figure, (recall_axis, perplexity_axis, loss_axis) = plt.subplots(1, 3, figsize=(16, 4.5))
+    figure, (recall_axis, perplexity_axis, kept_axis, loss_axis) = plt.subplots(1, 4, figsize=(22, 5))
     names = list(results)
     positions = range(len(names))
 
     highest_recall = 0.0
-    for offset, key, label in ((-0.2, "recall_held_out", "held-out phrasing"), (0.2, "recall_training_phrasing", "training phrasing")):
+    for offset, key, label in ((-0.2, "recall_training_phrasing", "training phrasing"), (0.2, "recall_held_out", "held-out phrasing")):
         percents = [100 * results[name][key] for name in names]
         highest_recall = max(highest_recall, *percents)
         bars = recall_axis.bar([p + offset for p in positions], percents, 0.4, label=label)
         _label_bars(recall_axis, bars, [f"{value:.1f}%" for value in percents], percents)
     recall_axis.set_ylim(0, max(10.0, 1.2 * highest_recall))  # headroom for the labels; 0 % stays visible
-    recall_axis.yaxis.set_major_formatter(PercentFormatter(xmax=100, decimals=0))
-    recall_axis.set_ylabel("recall (% of probes, exact match)")
-    recall_axis.set_title("knowledge recall (higher is better)")
-    recall_axis.set_xticks(list(positions), names, rotation=15)
+    recall_axis.set_ylabel("recall (% of the new facts, exact match)")
+    recall_axis.set_title("new facts learnt (higher is better)")
     recall_axis.legend(loc="upper left")
 
-    perplexities = [results[name]["natural_text_perplexity"] for name in names]
-    bars = perplexity_axis.bar(list(positions), perplexities, 0.6, color="tab:gray")
-    _label_bars(perplexity_axis, bars, [f"{value:.2f}" for value in perplexities], perplexities)
-    perplexity_axis.set_ylim(0, 1.15 * max(perplexities + [1.0]))
-    perplexity_axis.set_ylabel("perplexity")
+    changes = [100 * results[name]["perplexity_change"] for name in names]
+    bars = perplexity_axis.bar(list(positions), changes, 0.6, color="tab:gray")
+    _label_bars(perplexity_axis, bars, [f"{value:+.1f}%" for value in changes], changes)
+    perplexity_axis.axhline(2.0, color="tab:red", linestyle="--", linewidth=1, label="+2 % (target for memory)")
+    low, high = min(changes + [0.0]), max(changes + [2.0])
+    perplexity_axis.set_ylim(min(0.0, 1.2 * low), 1.2 * high + 1.0)
+    perplexity_axis.set_ylabel("perplexity change vs the base (%)")
     perplexity_axis.set_title("held-out natural-text perplexity (lower is better)")
-    perplexity_axis.set_xticks(list(positions), names, rotation=15)
+    perplexity_axis.legend(loc="upper left")
+
+    kept = [100 * results[name]["general_knowledge_kept"] for name in names]
+    bars = kept_axis.bar(list(positions), kept, 0.6, color="tab:green")
+    _label_bars(kept_axis, bars, [f"{value:.0f}%" for value in kept], kept)
+    kept_axis.axhline(95.0, color="tab:red", linestyle="--", linewidth=1, label="95 % (target for memory)")
+    kept_axis.set_ylim(0, 115)
+    kept_axis.set_ylabel("base's correct answers kept (%)")
+    kept_axis.set_title("general knowledge kept (higher is better)")
+    kept_axis.legend(loc="lower left")
+
+    for axis in (recall_axis, perplexity_axis, kept_axis):
+        axis.yaxis.set_major_formatter(PercentFormatter(xmax=100, decimals=0))
+        axis.set_xticks(list(positions), names, rotation=20, ha="right")
+        axis.grid(axis="y", alpha=0.3)
+        axis.set_axisbelow(True)
 
     for name, curve in losses.items():
         loss_axis.plot([logging_steps * (i + 1) for i in range(len(curve))], curve, marker=".", label=name)
@@ -120,9 +136,6 @@ def plot_demo_results(results: dict[str, dict], losses: dict[str, list[float]], 
     loss_axis.set_title("training loss (facts + natural-text replay)")
     loss_axis.grid(alpha=0.3)
     loss_axis.legend()
-    for axis in (recall_axis, perplexity_axis):
-        axis.grid(axis="y", alpha=0.3)
-        axis.set_axisbelow(True)
     figure.tight_layout()
     try:
         return _save_atomically(figure, path)

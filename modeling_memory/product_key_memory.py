@@ -141,12 +141,17 @@ class MemoryLlamaProductKeyMemory(nn.Module):
         w * (SiLU(W_g x) * W_o^T d loss / d out) is not zero. The keys, query, gate and output learn from the
         second step on: their gradients all pass through the values read, zero until the first update.
 
+        The gate and output projections are drawn at fan-in scale (std fan_in**-0.5), not at `std`: the read
+        path multiplies the two, and at 0.02 each a value row reaches the residual about 16x attenuated
+        (hidden 576), so values born at zero would need steps that large to matter (measured on SmolLM2:
+        sparse memory fine-tuning at the same learning rate learnt little until this scale was used).
+
         Args:
-            std: standard deviation of the projections (the model's `initializer_range`).
+            std: standard deviation of the query projection (the model's `initializer_range`).
         """
         init.normal_(self.pkm_query.weight, mean=0.0, std=std)
-        init.normal_(self.pkm_gate.weight, mean=0.0, std=std)
-        init.normal_(self.pkm_output.weight, mean=0.0, std=std)
+        init.normal_(self.pkm_gate.weight, mean=0.0, std=self.hidden_size**-0.5)
+        init.normal_(self.pkm_output.weight, mean=0.0, std=self.value_dim**-0.5)
         # Uniform in +-1/sqrt(K / 2), as the product-key code draws its sub-keys (nn.Linear's bound).
         bound = (self.key_dim // 2) ** -0.5
         init.uniform_(self.pkm_keys, -bound, bound)

@@ -214,6 +214,11 @@ def test_init_weights_covers_every_parameter():
     bound = 3**-0.5
     assert memory.pkm_keys.abs().max() <= bound and memory.pkm_keys.std() > 0.2 * bound
     assert list(memory.buffers()) == []
+    wide = MemoryLlamaProductKeyMemory(256, 4, 2, 2, 6, value_dim=64)
+    wide.init_weights(0.02)
+    assert wide.pkm_query.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert wide.pkm_gate.weight.std().item() == pytest.approx(256**-0.5, rel=0.1)  # fan-in scale
+    assert wide.pkm_output.weight.std().item() == pytest.approx(64**-0.5, rel=0.1)
 
 
 def test_values_gradient_is_sparse_coalesced_and_matches_dense():
