@@ -102,7 +102,7 @@ def plot_demo_results(results: dict[str, dict], losses: dict[str, list[float]], 
     recall_axis.set_ylim(0, max(10.0, 1.2 * highest_recall))  # headroom for the labels; 0 % stays visible
     recall_axis.set_ylabel("recall (% of the new facts, exact match)")
     recall_axis.set_title("new facts learnt (higher is better)")
-    recall_axis.legend(loc="upper left")
+    recall_axis.legend(loc="upper right")
 
     changes = [100 * results[name]["perplexity_change"] for name in names]
     bars = perplexity_axis.bar(list(positions), changes, 0.6, color="tab:gray")
