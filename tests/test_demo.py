@@ -25,3 +25,18 @@ def test_results_table_json_and_figure(tmp_path, monkeypatch, capsys):
     saved = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert saved["results"]["tuned"]["perplexity_change"] == 41.0 / 40.0 - 1 and saved["losses"] == losses
     assert (tmp_path / "demo" / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_trainable_weights_of_sparse_memory_fine_tuning_count_only_the_chosen_rows():
+    import torch
+
+    from conftest import tiny_config
+    from modeling_memory import MemoryLlamaForCausalLM
+    from modeling_memory.sparse_memory_finetuning import prepare_sparse_memory_finetuning
+
+    model = MemoryLlamaForCausalLM(tiny_config(chapter_layers=[], engram_layers=[], pkm_layers=[1], pkm_num_keys=6,
+                                               pkm_top_k=3, pkm_heads=2, pkm_key_dim=8))
+    everything = sum(p.numel() for p in model.parameters())
+    assert demo._trainable(model) == everything
+    prepare_sparse_memory_finetuning(model, {"model.pkm_values.weight": torch.tensor([0, 5, 7])})
+    assert demo._trainable(model) == 3 * model.model.pkm_values.weight.shape[1]
