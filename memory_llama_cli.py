@@ -210,7 +210,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--block-size", type=int, default=256, help="tokens per packed training row")
     add_option(parser, "--mode", choices=TRAINING_MODES, default="full", help="training mode (see README, 'Training modes')")
     add_option(parser, "--sparse-memory-top-t", type=int, metavar="T",
-               help="sparse_memory mode: rows trained per memory table, the top T by TF-IDF (default 500)")
+               help="sparse_memory mode: rows trained per memory table, the top T by TF-IDF (default 16000)")
     add_option(parser, "--background-data", metavar="PATH",
                help="sparse_memory mode: background text the slots are ranked against (default: the offline natural text)")
     add_option(parser, "--background-rows", type=int, metavar="N",

@@ -133,7 +133,8 @@ def training_step_flops(model, input_ids: torch.Tensor) -> int:
 
 def optimizer_for(model, lr: float, weight_decay: float = 0.0, trainable=None, table_optimizer: str = "adam") -> torch.optim.Optimizer:
     """The optimizer MemoryTrainer builds (DESIGN.md), with AdamW betas (0.9, 0.95): the tables (Engram tables at
-    lr x engram_lr_multiplier, the chapter bank at lr x chapter_bank_lr_multiplier, no weight decay) on a table
+    lr x engram_lr_multiplier, the chapter bank at lr x chapter_bank_lr_multiplier, product-key values at
+    lr x pkm_values_lr_multiplier, no weight decay) on a table
     optimizer that updates only the rows a step read (`table_optimizer`: "adam" = LazyAdam, or
     "rowwise_adagrad"), everything else on AdamW at lr with `weight_decay`. `trainable(name)` picks the parameters
     to train (default: all)."""
@@ -339,7 +340,7 @@ def small_memory_description(args, kinds) -> str:
             f"Product-key memory: layer {args.layers - 1} (beside its MLP), {pkm['pkm_num_keys']} x {pkm['pkm_num_keys']} "
             f"= {pkm['pkm_num_keys'] ** 2:,} value slots of width {args.hidden}, {pkm['pkm_heads']} heads reading the "
             f"top {pkm['pkm_top_k']} each, {pkm['pkm_key_dim']}-wide queries; values zero at birth (they learn from "
-            f"the first step), on LazyAdam at lr x 1."
+            f"the first step), on LazyAdam at lr x 10."
         ),
     }
     holds = {"engram": {"engram", "both"}, "chapters": {"chapters", "both"}, "pkm": {"pkm"}}

@@ -37,8 +37,7 @@ TRAIN_STEPS = 50
 BATCH_SIZE = 4
 LOGGING_STEPS = 10
 MEMORY_LR = 1e-3  # tables get x engram_lr_multiplier, the bank x chapter_bank_lr_multiplier
-SPARSE_MEMORY_LR = 4.0  # LazyAdam on the chosen value rows alone: they start at zero and nothing else moves
-SPARSE_MEMORY_TOP_T = 16000  # value rows trained, of 65,536 (the facts read more than that)
+SPARSE_MEMORY_LR = 0.4  # x pkm_values_lr_multiplier (10): LazyAdam at 4 on the chosen value rows alone
 BACKGROUND_ROWS = 64  # natural-text rows of 64 tokens the slot ranking counts as background
 LORA_LR = 1e-3
 LORA_RANK = 16
@@ -176,7 +175,7 @@ def run_demo() -> int:
     from .natural_text import load_natural_text
     from .offline_checkpoints import load_smollm2
     from .peft_modes import BACKBONE_LORA_TARGETS, prepare_model_for_mode
-    from .sparse_memory_finetuning import count_slot_reads, describe_selection, rank_slots
+    from .sparse_memory_finetuning import DEFAULT_TOP_T, count_slot_reads, describe_selection, rank_slots
     from .trainer import MemoryTrainer
 
     progress = _Progress(9)
@@ -221,10 +220,10 @@ def run_demo() -> int:
 
     with tempfile.TemporaryDirectory() as scratch:
         progress(f"(a) sparse memory fine-tuning: ranking product-key slots by how much more often the facts read "
-                 f"them than {BACKGROUND_ROWS} rows of background text do; training the top {SPARSE_MEMORY_TOP_T:,}")
+                 f"them than {BACKGROUND_ROWS} rows of background text do; training the top {DEFAULT_TOP_T:,}")
         batches = lambda rows: DataLoader(rows.with_format("torch"), batch_size=BATCH_SIZE, collate_fn=default_data_collator)
         selected = rank_slots(count_slot_reads(product_keys, batches(knowledge_rows)),
-                              count_slot_reads(product_keys, batches(background_rows)), SPARSE_MEMORY_TOP_T)
+                              count_slot_reads(product_keys, batches(background_rows)), DEFAULT_TOP_T)
         product_keys = prepare_model_for_mode(product_keys, "sparse_memory", sparse_memory_slots=selected)
         print("      " + describe_selection(selected, product_keys))
         run("(a) sparse memory FT, product keys", "sparse memory", product_keys, MemoryTrainer, SPARSE_MEMORY_LR, scratch)
@@ -247,7 +246,7 @@ def run_demo() -> int:
     progress(f"results (also in {OUTPUT_DIR}/results.md, results.json, demo.png)")
     facts = {"knowledge_entities": KNOWLEDGE_ENTITIES, "train_steps": TRAIN_STEPS, "batch_size": BATCH_SIZE,
              "block_size": BLOCK_SIZE, "memory_lr": MEMORY_LR, "sparse_memory_lr": SPARSE_MEMORY_LR,
-             "sparse_memory_top_t": SPARSE_MEMORY_TOP_T, "lora_lr": LORA_LR, "full_lr": FULL_LR,
+             "sparse_memory_top_t": DEFAULT_TOP_T, "lora_lr": LORA_LR, "full_lr": FULL_LR,
              "general_knowledge_known_by_base": len(known_general), "seconds": time.perf_counter() - progress.start}
     write_outputs(results, losses, facts)
     print(f"done in {facts['seconds']:.0f}s")

@@ -15,7 +15,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from .grafting import MEMORY_FIELDS
 from .summary import memory_layout, parameter_counts
-from .trainer import CHAPTER_BANK_LR_MULTIPLIER, ENGRAM_LR_MULTIPLIER
+from .trainer import CHAPTER_BANK_LR_MULTIPLIER, ENGRAM_LR_MULTIPLIER, PKM_VALUES_LR_MULTIPLIER
 
 TEMPLATE_NAME = "memory_llama.md"
 BASE_NAME_KEY = "base_model_name"  # custom card metadata: the base's name when it is not a Hub id
@@ -109,6 +109,7 @@ def render_model_card(
         remote_code=remote_code,
         engram_lr_multiplier=ENGRAM_LR_MULTIPLIER,
         chapter_bank_lr_multiplier=CHAPTER_BANK_LR_MULTIPLIER,
+        pkm_values_lr_multiplier=PKM_VALUES_LR_MULTIPLIER,
         package_version=__version__,
         dtype=str(model.dtype).removeprefix("torch."),
     )

@@ -25,6 +25,10 @@ from .product_key_memory import MemoryLlamaProductKeyMemory
 
 # Tables whose slots are ranked: those a token reads a handful of rows of.
 RANKED_KINDS = (PKM_VALUES, ENGRAM_TABLE)
+# Rows trained per table by default: a quarter of the grafted product-key table (65,536 rows), where the
+# demo learnt the most facts while keeping general knowledge (500 and 1,000 rows, the paper's order for a
+# pretrained memory of 1M slots, learnt almost nothing on a fresh graft).
+DEFAULT_TOP_T = 16000
 
 
 @dataclass
@@ -194,6 +198,7 @@ def describe_selection(selected: dict[str, torch.Tensor], model: nn.Module) -> s
 
 
 __all__ = [
+    "DEFAULT_TOP_T",
     "RANKED_KINDS",
     "SlotReads",
     "count_slot_reads",

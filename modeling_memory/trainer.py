@@ -42,18 +42,24 @@ from transformers import Trainer, TrainingArguments
 
 from .chapter_memory import MemoryLlamaChapterMemory
 from .engram import MemoryLlamaEngram
-from .memory_parameters import CHAPTER_BANK, ENGRAM_TABLE, TABLE_KINDS, memory_kinds, memory_parameters
+from .memory_parameters import CHAPTER_BANK, ENGRAM_TABLE, PKM_VALUES, TABLE_KINDS, memory_kinds, memory_parameters
 from .modeling_memory_llama import MemoryLlamaModel
 from .table_optimizer import CombinedOptimizer, LazyAdam, RowWiseAdagrad, clip_grad_norm_
 
 # Optimizers of the tables: both update only the rows a step read.
 TABLE_OPTIMIZERS = {"adam": LazyAdam, "rowwise_adagrad": RowWiseAdagrad}
-# The seed papers' recipes: Engram tables at 5x the backbone's learning rate, the chapter bank at 2x.
+# The seed papers' recipes: Engram tables at 5x the backbone's learning rate, the chapter bank at 2x,
+# product-key values at 10x (Memory Layers at Scale).
 ENGRAM_LR_MULTIPLIER = 5.0
 CHAPTER_BANK_LR_MULTIPLIER = 2.0
-# The argument holding each table kind's learning-rate multiplier; a kind without one trains at lr x 1.
-TABLE_LR_MULTIPLIER_ARGUMENTS = {ENGRAM_TABLE: "engram_lr_multiplier", CHAPTER_BANK: "chapter_bank_lr_multiplier"}
-DEFAULT_TABLE_LR_MULTIPLIERS = {ENGRAM_TABLE: ENGRAM_LR_MULTIPLIER, CHAPTER_BANK: CHAPTER_BANK_LR_MULTIPLIER}
+PKM_VALUES_LR_MULTIPLIER = 10.0
+# The argument holding each table kind's learning-rate multiplier.
+TABLE_LR_MULTIPLIER_ARGUMENTS = {
+    ENGRAM_TABLE: "engram_lr_multiplier", CHAPTER_BANK: "chapter_bank_lr_multiplier", PKM_VALUES: "pkm_values_lr_multiplier",
+}
+DEFAULT_TABLE_LR_MULTIPLIERS = {
+    ENGRAM_TABLE: ENGRAM_LR_MULTIPLIER, CHAPTER_BANK: CHAPTER_BANK_LR_MULTIPLIER, PKM_VALUES: PKM_VALUES_LR_MULTIPLIER,
+}
 
 
 @dataclass
@@ -63,8 +69,8 @@ class MemoryTrainingArguments(TrainingArguments):
     table_optimizer: optimizer of the tables (Engram tables, chapter banks), which touches only the rows a
         step read: "adam" (`LazyAdam`, with `adam_beta1/2` and `adam_epsilon`; state: two floats per table
         weight) or "rowwise_adagrad" (`RowWiseAdagrad`; state: one float per table row).
-    engram_lr_multiplier / chapter_bank_lr_multiplier: learning rate of the Engram tables / chapter banks
-        over `learning_rate` (5 and 2, the papers' recipes).
+    engram_lr_multiplier / chapter_bank_lr_multiplier / pkm_values_lr_multiplier: learning rate of the Engram
+        tables / chapter banks / product-key values over `learning_rate` (5, 2 and 10, the papers' recipes).
     log_memory_health: add chapter usage, Engram gate and aux loss to the training logs.
     """
 
@@ -78,6 +84,9 @@ class MemoryTrainingArguments(TrainingArguments):
     chapter_bank_lr_multiplier: float = field(
         default=CHAPTER_BANK_LR_MULTIPLIER, metadata={"help": "Chapter banks' learning rate / learning_rate."}
     )
+    pkm_values_lr_multiplier: float = field(
+        default=PKM_VALUES_LR_MULTIPLIER, metadata={"help": "Product-key values' learning rate / learning_rate."}
+    )
     log_memory_health: bool = field(
         default=True, metadata={"help": "Log chapter usage entropy, chapters used, Engram gate mean and aux loss."}
     )
@@ -85,7 +94,7 @@ class MemoryTrainingArguments(TrainingArguments):
     def __post_init__(self):
         if self.table_optimizer not in TABLE_OPTIMIZERS:
             raise ValueError(f"table_optimizer must be one of {tuple(TABLE_OPTIMIZERS)}, got {self.table_optimizer!r}.")
-        for name in ("engram_lr_multiplier", "chapter_bank_lr_multiplier"):
+        for name in TABLE_LR_MULTIPLIER_ARGUMENTS.values():
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
@@ -93,8 +102,8 @@ class MemoryTrainingArguments(TrainingArguments):
 
 
 def table_group_name(kind: str) -> str:
-    """Name of the optimizer group of one table kind: "engram_tables", "chapter_banks", ..."""
-    return f"{kind}s"
+    """Name of the optimizer group of one table kind: "engram_tables", "chapter_banks", "pkm_values"."""
+    return kind if kind.endswith("s") else f"{kind}s"
 
 
 def memory_parameter_groups(

@@ -223,7 +223,7 @@ def _sparse_memory_slots(args, model, tokenizer, rows, training_args) -> dict:
     from safetensors.torch import load_file
 
     from .data import load_text_dataset, tokenize_and_pack
-    from .sparse_memory_finetuning import count_slot_reads, describe_selection, rank_slots
+    from .sparse_memory_finetuning import DEFAULT_TOP_T, count_slot_reads, describe_selection, rank_slots
 
     saved = os.path.join(training_args.output_dir, SPARSE_MEMORY_SLOTS_NAME)
     if args.resume_from_checkpoint is not None and os.path.isfile(saved):
@@ -258,7 +258,7 @@ def _sparse_memory_slots(args, model, tokenizer, rows, training_args) -> dict:
         new_reads = count_slot_reads(model, batches(rows))
     except ValueError as error:
         raise ToolError(f"--mode sparse_memory: {error}")
-    slots = rank_slots(new_reads, count_slot_reads(model, batches(background_rows)), args.sparse_memory_top_t or 500)
+    slots = rank_slots(new_reads, count_slot_reads(model, batches(background_rows)), args.sparse_memory_top_t or DEFAULT_TOP_T)
     print(f"sparse_memory: ranked against {len(background_rows)} background rows; {describe_selection(slots, model)}")
     return slots
 

@@ -84,7 +84,7 @@ def _assert_gradients_close(first, second):
 
 
 def test_parameter_groups_learning_rates_and_weight_decay(tmp_path):
-    config = tiny_config()
+    config = tiny_config(pkm_layers=[1], pkm_num_keys=6, pkm_top_k=3, pkm_heads=2, pkm_key_dim=8)
     model = MemoryLlamaForCausalLM(config)
     args = _args(tmp_path, learning_rate=1e-3, weight_decay=0.1, warmup_steps=3, lr_scheduler_type="cosine", max_steps=10)
     trainer = MemoryTrainer(model=model, args=args, train_dataset=_dataset())
@@ -95,6 +95,8 @@ def test_parameter_groups_learning_rates_and_weight_decay(tmp_path):
     members = {name: {by_id[id(p)] for p in group["params"]} for name, group in groups.items()}
     assert members["engram_tables"] == {"model.layers.0.engram.table.weight"}
     assert members["chapter_banks"] == {"model.chapter_bank.weight"}
+    assert members["pkm_values"] == {"model.pkm_values.weight"}
+    assert "model.layers.1.product_key_memory.pkm_query.weight" in members["decay"]
     assert all("norm" in n or "layernorm" in n for n in members["no_decay"])
     assert {"model.layers.0.engram.hidden_norm.weight", "model.layers.2.memory_layernorm.weight"} <= members["no_decay"]
     assert "model.layers.2.chapter_memory.memory_query.weight" in members["decay"]
@@ -108,10 +110,12 @@ def test_parameter_groups_learning_rates_and_weight_decay(tmp_path):
         trainer.lr_scheduler.step()
         lrs = {name: group["lr"] for name, group in groups.items()}
         assert lrs["decay"] > 0
-        ratios.append((lrs["engram_tables"] / lrs["decay"], lrs["chapter_banks"] / lrs["decay"], lrs["no_decay"] / lrs["decay"]))
-    for table_ratio, bank_ratio, plain_ratio in ratios:
+        ratios.append((lrs["engram_tables"] / lrs["decay"], lrs["chapter_banks"] / lrs["decay"],
+                       lrs["pkm_values"] / lrs["decay"], lrs["no_decay"] / lrs["decay"]))
+    for table_ratio, bank_ratio, values_ratio, plain_ratio in ratios:
         assert table_ratio == pytest.approx(5.0, rel=1e-12)
         assert bank_ratio == pytest.approx(2.0, rel=1e-12)
+        assert values_ratio == pytest.approx(10.0, rel=1e-12)
         assert plain_ratio == pytest.approx(1.0, rel=1e-12)
 
 
@@ -125,6 +129,8 @@ def test_arguments_override_config_multipliers_and_validate(tmp_path):
         _args(tmp_path, table_optimizer="adam8bit")
     with pytest.raises(ValueError, match="engram_lr_multiplier must be a finite number >= 0"):
         _args(tmp_path, engram_lr_multiplier=-1.0)
+    with pytest.raises(ValueError, match="pkm_values_lr_multiplier must be a finite number >= 0"):
+        _args(tmp_path, pkm_values_lr_multiplier=float("inf"))
 
 
 def test_aux_loss_under_gradient_accumulation_matches_one_big_batch(tmp_path):
