@@ -79,6 +79,16 @@ def _label_bars(axis, bars, labels: list[str], values: list[float]) -> None:
                         clip_on=False, zorder=3)
 
 
+def _target_bars(axis, values: list[float], labels: list[str], color: str, target: float, target_label: str,
+                 limits: tuple[float, float], legend_location: str) -> None:
+    """One bar per model, labelled, with a dashed line at the target."""
+    bars = axis.bar(range(len(values)), values, 0.6, color=color)
+    _label_bars(axis, bars, labels, values)
+    axis.axhline(target, color="tab:red", linestyle="--", linewidth=1, label=target_label)
+    axis.set_ylim(*limits)
+    axis.legend(loc=legend_location)
+
+
 def plot_demo_results(results: dict[str, dict], losses: dict[str, list[float]], path: str, logging_steps: int) -> str:
     """The demo's figure: knowledge recall, perplexity change, general knowledge kept (all in %, as in the
     printed table) and the training losses.
@@ -105,23 +115,16 @@ def plot_demo_results(results: dict[str, dict], losses: dict[str, list[float]], 
     recall_axis.legend(loc="upper right")
 
     changes = [100 * results[name]["perplexity_change"] for name in names]
-    bars = perplexity_axis.bar(list(positions), changes, 0.6, color="tab:gray")
-    _label_bars(perplexity_axis, bars, [f"{value:+.1f}%" for value in changes], changes)
-    perplexity_axis.axhline(2.0, color="tab:red", linestyle="--", linewidth=1, label="+2 % (target for memory)")
-    low, high = min(changes + [0.0]), max(changes + [2.0])
-    perplexity_axis.set_ylim(min(0.0, 1.2 * low), 1.2 * high + 1.0)
+    _target_bars(perplexity_axis, changes, [f"{value:+.1f}%" for value in changes], "tab:gray", 2.0, "+2 % (target for memory)",
+                 (min(0.0, 1.2 * min(changes + [0.0])), 1.2 * max(changes + [2.0]) + 1.0), "upper left")
     perplexity_axis.set_ylabel("perplexity change vs the base (%)")
     perplexity_axis.set_title("held-out natural-text perplexity (lower is better)")
-    perplexity_axis.legend(loc="upper left")
 
     kept = [100 * results[name]["general_knowledge_kept"] for name in names]
-    bars = kept_axis.bar(list(positions), kept, 0.6, color="tab:green")
-    _label_bars(kept_axis, bars, [f"{value:.0f}%" for value in kept], kept)
-    kept_axis.axhline(95.0, color="tab:red", linestyle="--", linewidth=1, label="95 % (target for memory)")
-    kept_axis.set_ylim(0, 115)
+    _target_bars(kept_axis, kept, [f"{value:.0f}%" for value in kept], "tab:green", 95.0, "95 % (target for memory)",
+                 (0, 115), "lower left")
     kept_axis.set_ylabel("base's correct answers kept (%)")
     kept_axis.set_title("general knowledge kept (higher is better)")
-    kept_axis.legend(loc="lower left")
 
     for axis in (recall_axis, perplexity_axis, kept_axis):
         axis.yaxis.set_major_formatter(PercentFormatter(xmax=100, decimals=0))
