@@ -18,6 +18,12 @@ from .kernel_backend import kernel_choice
 TOKEN_BLOCK = 1024
 
 
+def _read_chapters(chapters: torch.Tensor, chapter_ids: torch.Tensor) -> torch.Tensor:
+    """`chapters[chapter_ids]`, (n, R, ...), through `index_select`: its backward (`index_add_`) sums repeated
+    reads in a fixed order, where advanced indexing's (`index_put_` with accumulate) does not on CPU threads."""
+    return chapters.index_select(0, chapter_ids.reshape(-1)).view(*chapter_ids.shape, *chapters.shape[1:])
+
+
 def chapter_attention_reference(
     query: torch.Tensor,
     bank_keys: torch.Tensor,
@@ -39,8 +45,8 @@ def chapter_attention_reference(
     outputs = []
     for start in range(0, query.shape[0], TOKEN_BLOCK):
         block = slice(start, start + TOKEN_BLOCK)
-        keys = bank_keys[chapter_ids[block]]  # (n, R, T, H, D)
-        values = bank_values[chapter_ids[block]]
+        keys = _read_chapters(bank_keys, chapter_ids[block])  # (n, R, T, H, D)
+        values = _read_chapters(bank_values, chapter_ids[block])
         scores = torch.einsum("nhd,nrthd->nrht", query[block].float(), keys.float()) * scale
         probs = scores.softmax(dim=-1)
         per_chapter = torch.einsum("nrht,nrthd->nrhd", probs, values.float())
@@ -75,7 +81,7 @@ def chapter_attention_folded_reference(
     for start in range(0, num_tokens, TOKEN_BLOCK):
         block = slice(start, start + TOKEN_BLOCK)
         # Each token's R chapters side by side, (n, R * T, E): one product per token for all its heads and chapters.
-        rows = bank_rows[chapter_ids[block]].flatten(1, 2).float()
+        rows = _read_chapters(bank_rows, chapter_ids[block]).flatten(1, 2).float()
         scores = torch.bmm(query[block].float(), rows.transpose(1, 2)) * scale  # (n, H, R * T)
         probs = scores.view(-1, num_heads, reads, chapter_size).softmax(dim=-1)  # softmax within each chapter
         weighted = probs * chapter_weights[block].float()[:, None, :, None]

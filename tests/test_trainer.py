@@ -308,3 +308,32 @@ def test_memory_trainer_refuses_optimizers_that_build_their_own_groups(tmp_path)
     trainer = MemoryTrainer(model=model, args=_args(tmp_path), train_dataset=_dataset(), optimizer_cls_and_kwargs=own_groups)
     with pytest.raises(ValueError, match="builds its own parameter groups"):
         trainer.create_optimizer()
+
+
+def test_training_is_repeatable_bit_for_bit_on_several_threads():
+    """Two identical runs on 2 intra-op threads give identical weights: repeated reads of a chapter (or a table
+    row) are summed in a fixed order in the backward pass, so the demo's figures repeat run to run."""
+    from modeling_memory.trainer import build_memory_optimizer
+
+    def run():
+        torch.manual_seed(0)
+        model = MemoryLlamaForCausalLM(tiny_config(pkm_layers=[1], pkm_num_keys=16, pkm_top_k=4, pkm_heads=2, pkm_key_dim=8))
+        names = [name for name, _ in model.named_parameters()]
+        optimizer = build_memory_optimizer(memory_parameter_groups(model, 1e-2, 0.0, decay_parameter_names=names),
+                                           "adam", torch.optim.AdamW, {})
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(3):  # from the second step on, the bank is no longer zero
+            ids = random_ids(8, 64, generator)
+            model(ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return model.state_dict()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first, second = run(), run()
+    finally:
+        torch.set_num_threads(threads)
+    for name, weight in first.items():
+        assert torch.equal(weight, second[name]), name
