@@ -54,11 +54,7 @@ import torch  # noqa: E402
 
 from modeling_memory.evaluation import mean_token_nll  # noqa: E402
 from modeling_memory.knowledge import KnowledgeSet  # noqa: E402
-from modeling_memory.sparse_memory_finetuning import (  # noqa: E402
-    count_slot_reads,
-    prepare_sparse_memory_finetuning,
-    rank_slots,
-)
+from modeling_memory.sparse_memory_finetuning import select_and_prepare  # noqa: E402
 
 LABELS = {
     "baseline": "Llama baseline", "chapters": "+ chapter memory", "both": "+ Engram + chapter memory",
@@ -88,9 +84,7 @@ def select_memory_slots(model, rows_b, mask_b, text_rows, top_t: int) -> dict[st
     new_data = [{"input_ids": rows_b[i : i + 1], "attention_mask": mask_b[i : i + 1]} for i in range(rows_b.shape[0])]
     spacing = max(1, text_rows.shape[0] // BACKGROUND_ROWS)
     background = [{"input_ids": row[None]} for row in text_rows[::spacing][:BACKGROUND_ROWS]]
-    selected = rank_slots(count_slot_reads(model, new_data), count_slot_reads(model, background), top_t)
-    prepare_sparse_memory_finetuning(model, selected)
-    return selected
+    return select_and_prepare(model, new_data, background, top_t)
 
 
 def check_only_selected_rows_changed(before: dict[str, torch.Tensor], model, selected: dict[str, torch.Tensor]) -> None:

@@ -175,7 +175,7 @@ def run_demo() -> int:
     from .natural_text import load_natural_text
     from .offline_checkpoints import load_smollm2
     from .peft_modes import BACKBONE_LORA_TARGETS, prepare_model_for_mode
-    from .sparse_memory_finetuning import DEFAULT_TOP_T, count_slot_reads, describe_selection, rank_slots
+    from .sparse_memory_finetuning import DEFAULT_TOP_T, describe_selection, select_and_prepare
     from .trainer import MemoryTrainer
 
     progress = _Progress(9)
@@ -212,9 +212,9 @@ def run_demo() -> int:
     print(f"      base: {_summary(results['base SmolLM2-135M'])}")
     losses = {}
 
-    def run(name, label, model, trainer_class, learning_rate, scratch, **extra_args):
+    def run(name, label, model, trainer_class, learning_rate, scratch):
         trainable = _trainable(model)
-        losses[label] = fine_tune(model, tokenizer, training_rows, trainer_class, learning_rate, os.path.join(scratch, label), **extra_args)
+        losses[label] = fine_tune(model, tokenizer, training_rows, trainer_class, learning_rate, os.path.join(scratch, label))
         results[name] = {**evaluate(model, tokenizer, knowledge, natural_rows, known_general), "trainable_parameters": trainable}
         print(f"      {name}: {_summary(results[name])}")
 
@@ -222,9 +222,7 @@ def run_demo() -> int:
         progress(f"(a) sparse memory fine-tuning: ranking product-key slots by how much more often the facts read "
                  f"them than {BACKGROUND_ROWS} rows of background text do; training the top {DEFAULT_TOP_T:,}")
         batches = lambda rows: DataLoader(rows.with_format("torch"), batch_size=BATCH_SIZE, collate_fn=default_data_collator)
-        selected = rank_slots(count_slot_reads(product_keys, batches(knowledge_rows)),
-                              count_slot_reads(product_keys, batches(background_rows)), DEFAULT_TOP_T)
-        product_keys = prepare_model_for_mode(product_keys, "sparse_memory", sparse_memory_slots=selected)
+        selected = select_and_prepare(product_keys, batches(knowledge_rows), batches(background_rows), DEFAULT_TOP_T)
         print("      " + describe_selection(selected, product_keys))
         run("(a) sparse memory FT, product keys", "sparse memory", product_keys, MemoryTrainer, SPARSE_MEMORY_LR, scratch)
         del product_keys

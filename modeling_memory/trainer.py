@@ -101,9 +101,12 @@ class MemoryTrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
+TABLE_GROUP_NAMES = {ENGRAM_TABLE: "engram_tables", CHAPTER_BANK: "chapter_banks", PKM_VALUES: "pkm_values"}
+
+
 def table_group_name(kind: str) -> str:
-    """Name of the optimizer group of one table kind: "engram_tables", "chapter_banks", "pkm_values"."""
-    return kind if kind.endswith("s") else f"{kind}s"
+    """Name of the optimizer group of one table kind (`TABLE_GROUP_NAMES`)."""
+    return TABLE_GROUP_NAMES[kind]
 
 
 def memory_parameter_groups(
