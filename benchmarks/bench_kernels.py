@@ -29,8 +29,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from common import command_line, interleaved_timings, markdown_table, median, write_section  # noqa: E402
-from modeling_memory.ops_chapter_attention import chapter_attention_reference  # noqa: E402
-from modeling_memory.ops_engram import (  # noqa: E402
+from modeling_memory.memory_llama.ops_chapter_attention import chapter_attention_reference  # noqa: E402
+from modeling_memory.memory_llama.ops_engram import (  # noqa: E402
     engram_history_lengths,
     engram_lookup_reference,
     engram_row_ids_reference,
@@ -362,8 +362,8 @@ def copy_bandwidth() -> float:
 
 
 def bench_gpu() -> str:
-    from modeling_memory.kernels_chapter_attention import chapter_attention_triton
-    from modeling_memory.kernels_engram import engram_lookup_triton
+    from modeling_memory.memory_llama.kernels_chapter_attention import chapter_attention_triton
+    from modeling_memory.memory_llama.kernels_engram import engram_lookup_triton
 
     dtype = torch.bfloat16
     sections = []

@@ -2,7 +2,7 @@
 loop with the memory's learning-rate groups, writing results, and what the benchmarks that train small
 models from scratch share (their options, which models run, data, models, batches and recall through a reduced
 vocabulary).
-Evaluation itself is the package's (`modeling_memory.evaluation`).
+Evaluation itself is the package's (`modeling_memory.tools.evaluation`).
 
 Benchmarks print ratios measured in one run (ours vs a baseline) and append a section to
 benchmarks/RESULTS.md; they never assert on time.
@@ -25,12 +25,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from modeling_memory.data import pack_documents
-from modeling_memory.evaluation import greedy_continuation_ids, recall_share
-from modeling_memory.natural_text import PYTHON_DOCS, load_natural_text
-from modeling_memory.offline_checkpoints import load_smollm2
-from modeling_memory.table_optimizer import clip_grad_norm_
-from modeling_memory.trainer import build_memory_optimizer, memory_parameter_groups
+from modeling_memory.data.packing import pack_documents
+from modeling_memory.tools.evaluation import greedy_continuation_ids, recall_share
+from modeling_memory.data.natural_text import PYTHON_DOCS, load_natural_text
+from modeling_memory.tools.offline_checkpoints import load_smollm2
+from modeling_memory.training.table_optimizers import clip_grad_norm_
+from modeling_memory.training.trainer import build_memory_optimizer, memory_parameter_groups
 
 RESULTS_FILE = Path(__file__).resolve().parent / "RESULTS.md"
 

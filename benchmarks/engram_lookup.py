@@ -26,7 +26,7 @@ from transformers.models.qwen4_exp.configuration_qwen4_exp import Qwen4ExpTextCo
 from transformers.models.qwen4_exp.modeling_qwen4_exp import Qwen4ExpTextNGramEmbedding  # noqa: E402
 
 from modeling_memory import MemoryLlamaConfig  # noqa: E402
-from modeling_memory.engram import MemoryLlamaEngram  # noqa: E402
+from modeling_memory.memory_llama.engram import MemoryLlamaEngram  # noqa: E402
 
 VOCAB, EOS = 49152, 2
 TARGET = 0.1

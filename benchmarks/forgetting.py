@@ -15,7 +15,7 @@ backbone, all parameters trained in both phases, same steps; not iso-FLOP: see i
 the product-key model with sparse memory fine-tuning in phase 2 (after "Continual Learning via Sparse
 Memory Finetuning", 2025): the same phase-1 model (shared, not retrained), then, on the same phase-2
 data, only the top-t value rows that set B reads much more often than natural text does (TF-IDF of the
-slot reads, `modeling_memory.sparse_memory_finetuning`) are trained, everything else frozen. `--kinds`
+slot reads, `modeling_memory.training.sparse_memory_finetuning`) are trained, everything else frozen. `--kinds`
 runs some of them only (the baseline always runs); such a run writes a RESULTS.md section of its own.
 Reported over seeds (mean ± std): recall of A (training phrasings and held-out probes) after phase 1 and
 after phase 2, retention = after / before, recall of B after phase 2, and validation loss on natural text.
@@ -52,9 +52,9 @@ from common import (  # noqa: E402
 
 import torch  # noqa: E402
 
-from modeling_memory.evaluation import mean_token_nll  # noqa: E402
-from modeling_memory.knowledge import KnowledgeSet  # noqa: E402
-from modeling_memory.sparse_memory_finetuning import select_and_prepare  # noqa: E402
+from modeling_memory.tools.evaluation import mean_token_nll  # noqa: E402
+from modeling_memory.data.knowledge import KnowledgeSet  # noqa: E402
+from modeling_memory.training.sparse_memory_finetuning import select_and_prepare  # noqa: E402
 
 LABELS = {
     "baseline": "Llama baseline", "chapters": "+ chapter memory", "both": "+ Engram + chapter memory",

@@ -52,8 +52,8 @@ from common import (  # noqa: E402
 
 import torch  # noqa: E402
 
-from modeling_memory.evaluation import mean_token_nll  # noqa: E402
-from modeling_memory.knowledge import KnowledgeSet  # noqa: E402
+from modeling_memory.tools.evaluation import mean_token_nll  # noqa: E402
+from modeling_memory.data.knowledge import KnowledgeSet  # noqa: E402
 
 LABELS = {
     "baseline": "Llama baseline", "engram": "+ Engram", "chapters": "+ chapter memory", "both": "+ both",

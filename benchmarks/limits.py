@@ -41,8 +41,8 @@ def run_one(kind: str, size: int, mode: str) -> None:
     """Child process: build, run, print the peak RSS in bytes as JSON."""
     import torch
 
-    from modeling_memory.grafting import from_llama, memory_preset
-    from modeling_memory.offline_checkpoints import load_smollm2
+    from modeling_memory.tools.graft import from_llama, memory_preset
+    from modeling_memory.tools.offline_checkpoints import load_smollm2
 
     base, _ = load_smollm2()
     fields = memory_preset(base.config, "chapters" if kind == "bank" else "engram")

@@ -18,12 +18,12 @@ import time
 import torch
 
 from modeling_memory import MemoryLlamaConfig, MemoryLlamaForCausalLM
-from modeling_memory.data import knowledge_dataset, tokenize_and_pack
-from modeling_memory.knowledge import KnowledgeSet
-from modeling_memory.table_optimizer import optimizer_state_bytes
-from modeling_memory.memory_parameters import TABLE_KINDS, memory_parameters
-from modeling_memory.trainer import MemoryTrainer, MemoryTrainingArguments
-from modeling_memory.evaluation import evaluate_knowledge_recall
+from modeling_memory.data.packing import knowledge_dataset, tokenize_and_pack
+from modeling_memory.data.knowledge import KnowledgeSet
+from modeling_memory.training.table_optimizers import optimizer_state_bytes
+from modeling_memory.training.memory_parameters import TABLE_KINDS, memory_parameters
+from modeling_memory.training.trainer import MemoryTrainer, MemoryTrainingArguments
+from modeling_memory.tools.evaluation import evaluate_knowledge_recall
 
 
 def build_tokenizer(knowledge: KnowledgeSet, vocab_size: int):

@@ -44,9 +44,9 @@ from common import (  # noqa: E402
 import torch  # noqa: E402
 
 from modeling_memory import MemoryLlamaForCausalLM  # noqa: E402
-from modeling_memory.grafting import from_llama, memory_config_from_llama, memory_preset  # noqa: E402
-from modeling_memory.offline_checkpoints import load_smollm2  # noqa: E402
-from modeling_memory.trainer import memory_parameter_groups, set_sparse_table_gradients  # noqa: E402
+from modeling_memory.tools.graft import from_llama, memory_config_from_llama, memory_preset  # noqa: E402
+from modeling_memory.tools.offline_checkpoints import load_smollm2  # noqa: E402
+from modeling_memory.training.trainer import memory_parameter_groups, set_sparse_table_gradients  # noqa: E402
 
 STEP_TARGET, GROWTH_TARGET, DECODE_TARGET = 1.15, 1.1, 0.8
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}

@@ -1,12 +1,11 @@
-"""MemoryLlama: Llama with learnt memory (chapter memory and Engram) for Hugging Face Transformers.
+"""MemoryLlama: Llama with learnt memory (chapter memory, Engram, product-key memory) for Hugging Face Transformers.
 
 Importing the package registers `memory_llama` with AutoConfig, AutoModel and AutoModelForCausalLM.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .configuration_memory_llama import MemoryLlamaConfig
-from .modeling_memory_llama import MemoryLlamaForCausalLM, MemoryLlamaModel, MemoryLlamaPreTrainedModel
+from .memory_llama import MemoryLlamaConfig, MemoryLlamaForCausalLM, MemoryLlamaModel, MemoryLlamaPreTrainedModel
 
 AutoConfig.register("memory_llama", MemoryLlamaConfig)
 AutoModel.register(MemoryLlamaConfig, MemoryLlamaModel)
@@ -16,18 +15,18 @@ __version__ = "0.1.0"
 
 # Tooling loads on first use, so that importing the model does not import Trainer, PEFT or the Hub tools.
 _LAZY_EXPORTS = {
-    "from_llama": "grafting",
-    "push_to_hub": "hub_export",
-    "MemoryTrainer": "trainer",
-    "MemoryTrainingArguments": "trainer",
-    "RowWiseAdagrad": "table_optimizer",
-    "LazyAdam": "table_optimizer",
-    "set_sparse_table_gradients": "trainer",
-    "KnowledgeSet": "knowledge",
-    "prepare_model_for_mode": "peft_modes",
-    "recommended_lora_config": "peft_modes",
-    "save_adapter_with_memory": "peft_modes",
-    "load_adapter_with_memory": "peft_modes",
+    "from_llama": "tools.graft",
+    "push_to_hub": "tools.export",
+    "MemoryTrainer": "training.trainer",
+    "MemoryTrainingArguments": "training.trainer",
+    "RowWiseAdagrad": "training.table_optimizers",
+    "LazyAdam": "training.table_optimizers",
+    "set_sparse_table_gradients": "training.trainer",
+    "KnowledgeSet": "data.knowledge",
+    "prepare_model_for_mode": "training.peft_modes",
+    "recommended_lora_config": "training.peft_modes",
+    "save_adapter_with_memory": "training.peft_modes",
+    "load_adapter_with_memory": "training.peft_modes",
 }
 
 

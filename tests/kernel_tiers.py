@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from modeling_memory.kernel_backend import KERNELS_ENV
+from modeling_memory.memory_llama.kernel_backend import KERNELS_ENV
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +26,7 @@ def interpreted_kernel_modules(names):
     """The kernel modules `names`, decorated for the Triton interpreter, if this process can run them; else None."""
     if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None:
         return None
-    from modeling_memory.kernel_backend import triton_available
+    from modeling_memory.memory_llama.kernel_backend import triton_available
 
     if not triton_available():
         return None

@@ -4,13 +4,15 @@ packed datasets, so that Trainer, PEFT, the CLI and accelerate run end to end in
 import functools
 import os
 
+import datasets
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from conftest import tiny_config
+from conftest import random_ids, tiny_config
 from modeling_memory import MemoryLlamaForCausalLM
-from modeling_memory.knowledge import KnowledgeSet
+from modeling_memory.data.knowledge import KnowledgeSet
+from modeling_memory.training.trainer import MemoryTrainingArguments
 
 # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two threads per
 # matmul can be 100x slower than one (spinning while other processes hold the cores).
@@ -59,3 +61,25 @@ def save_tiny_model(directory, seed: int = 0, **overrides) -> str:
     model.save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
     return os.fspath(directory)
+
+
+def tiny_dataset(rows: int = 8, length: int = 12, seed: int = 0, masked_labels: bool = True) -> datasets.Dataset:
+    """Random rows with labels; some label positions masked so that rows hold uneven numbers of loss tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = random_ids(rows, length, generator)
+    labels = ids.clone()
+    if masked_labels:  # an uneven number of loss tokens per row, so per-micro-batch means would differ
+        for row in range(rows):
+            labels[row, : row % 4] = -100
+    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+
+
+def tiny_training_args(tmp_path, **overrides) -> MemoryTrainingArguments:
+    """Quiet, deterministic arguments for one step, with `overrides` on top."""
+    fields = dict(
+        output_dir=str(tmp_path), report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1,
+        learning_rate=1e-2, max_steps=1, train_sampling_strategy="sequential", max_grad_norm=0.0, seed=0,
+        dataloader_pin_memory=False,
+    )
+    fields.update(overrides)
+    return MemoryTrainingArguments(**fields)

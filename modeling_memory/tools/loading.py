@@ -1,0 +1,80 @@
+"""Loading checkpoints in the tools: weights come from safetensors only, unless the user opts in to pickle.
+
+Pickle files (`pytorch_model.bin`, `.pt`, ...) can run code when loaded. Every loading path of this package
+(the `memory-llama` commands, `from_llama` with a path, the demo, the graft and export tools) goes through
+`from_pretrained` here, which refuses a folder holding only pickle weights with one clear message; the
+commands' `--allow-pickle` (`allow_pickle=True` from Python) lets them load. A plain
+`MemoryLlamaForCausalLM.from_pretrained` is transformers' own and follows its defaults.
+"""
+
+import os
+
+from modeling_memory.tools.errors import ToolError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+SAFETENSORS_SUFFIXES = (".safetensors", ".safetensors.index.json")
+
+
+def pickle_only_weights(folder, subfolder: str = "") -> list[str]:
+    """The pickle weight files of a local checkpoint folder that holds no safetensors weights (else [])."""
+    directory = os.path.join(str(folder), subfolder)
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    if any(name.endswith(SAFETENSORS_SUFFIXES) for name in names):
+        return []
+    return sorted(name for name in names if name.endswith(PICKLE_SUFFIXES))
+
+
+def pickle_only_error(where: str, pickles) -> ToolError:
+    """The one message for a checkpoint whose only weights are pickle files."""
+    return ToolError(
+        f"{where} holds only pickle weights ({', '.join(pickles)}), which can run code when loaded. Convert them "
+        "to safetensors, or opt in with --allow-pickle (allow_pickle=True from Python) if you trust their source."
+    )
+
+
+def refuse_pickle_only(folder, *, allow_pickle: bool = False, subfolder: str = "", where: str | None = None) -> None:
+    """Raise ToolError when `folder` holds only pickle weights and the user has not opted in to them."""
+    pickles = pickle_only_weights(folder, subfolder)
+    if pickles and not allow_pickle:
+        raise pickle_only_error(where or str(folder), pickles)
+
+
+def check_gguf_file(path, where: str) -> None:
+    """Refuse a file that does not start with the GGUF magic bytes (a failed download, an HTML error page)."""
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as error:
+        raise ToolError(f"Cannot read {where}: {error}") from error
+    if magic != b"GGUF":
+        raise ToolError(f"{where} is not a GGUF file (it does not start with the GGUF magic bytes): is the download complete?")
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """Whether a checkpoint named on the command line can be a Hub id (`org/name`), not a local path or file."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or text.lower().endswith(".gguf"):
+        return False
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
+def from_pretrained(model_class, location, *, allow_pickle: bool = False, **kwargs):
+    """`model_class.from_pretrained(location, **kwargs)` reading safetensors only unless `allow_pickle`."""
+    if os.path.isdir(str(location)):
+        refuse_pickle_only(location, allow_pickle=allow_pickle, subfolder=kwargs.get("subfolder", ""))
+    return model_class.from_pretrained(location, use_safetensors=None if allow_pickle else True, **kwargs)
+
+
+__all__ = [
+    "check_gguf_file",
+    "from_pretrained",
+    "looks_like_hub_id",
+    "pickle_only_error",
+    "pickle_only_weights",
+    "refuse_pickle_only",
+]

@@ -1,0 +1,525 @@
+"""`MemoryTrainer`: the Hugging Face `Trainer` with what memory models need on top.
+
+- Parameter groups: Engram tables at lr x `engram_lr_multiplier`, chapter banks at
+  lr x `chapter_bank_lr_multiplier`, both without weight decay; norms and biases without weight
+  decay. The scheduler scales every group by the same factor, so the ratios hold all run long.
+- Tables (every kind in `memory_parameters.TABLE_KINDS`) have sparse row gradients and train with an
+  optimizer that touches only the rows a step read: `LazyAdam` (default) or `RowWiseAdagrad`
+  (`table_optimizer`), beside the `optim` optimizer for everything else, as one `CombinedOptimizer`.
+  Gradient clipping and the logged grad norm count the sparse gradients (torch's `clip_grad_norm_`
+  raises on them).
+- The router aux loss under gradient accumulation and data parallelism. While training,
+  `compute_loss` asks the model for its router losses (`output_router_logits=True`, as for Mixtral),
+  and the model adds its per-micro-batch `aux_loss` to `loss`; Trainer does not divide a `num_items_in_batch`-normalised
+  loss by the accumulation steps (and multiplies it by the number of processes when averaging
+  tokens across devices), which would weight the aux loss by GA x processes. `compute_loss` takes
+  the aux term out and puts it back as a mean over micro-batches and processes.
+- Memory health in the logs, from forward hooks on the memory modules (the chapters a layer chose
+  are read from its output, not recomputed): `chapter_usage_entropy`
+  (entropy of the routed-chapter counts divided by its maximum, 1 = uniform),
+  `chapters_used_fraction` (chapters picked at least once since the last log), `engram_gate_mean`
+  (mean gate over real tokens) and `aux_loss` (mean weighted router loss per micro-batch), each
+  averaged over memory layers and processes.
+- With a PEFT model whose memory is trained directly (see `peft_modes.py`), checkpoints also hold
+  `memory.safetensors`, and resuming loads it back.
+
+A plain `Trainer` trains these models too, without the extras, once the tables are switched to dense
+gradients (`set_sparse_table_gradients(model, False)`): its AdamW and gradient clipping take dense
+gradients only, and then every step updates every table row.
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from modeling_memory.memory_llama.chapter_memory import MemoryLlamaChapterMemory
+from modeling_memory.memory_llama.engram import MemoryLlamaEngram
+from modeling_memory.training.memory_parameters import CHAPTER_BANK, ENGRAM_TABLE, PKM_VALUES, TABLE_KINDS, memory_kinds, memory_parameters
+from modeling_memory.memory_llama.modeling_memory_llama import MemoryLlamaModel
+from modeling_memory.training.table_optimizers import CombinedOptimizer, LazyAdam, RowWiseAdagrad, clip_grad_norm_
+
+# Optimizers of the tables: both update only the rows a step read.
+TABLE_OPTIMIZERS = {"adam": LazyAdam, "rowwise_adagrad": RowWiseAdagrad}
+# The seed papers' recipes: Engram tables at 5x the backbone's learning rate, the chapter bank at 2x,
+# product-key values at 10x (Memory Layers at Scale).
+ENGRAM_LR_MULTIPLIER = 5.0
+CHAPTER_BANK_LR_MULTIPLIER = 2.0
+PKM_VALUES_LR_MULTIPLIER = 10.0
+# The argument holding each table kind's learning-rate multiplier.
+TABLE_LR_MULTIPLIER_ARGUMENTS = {
+    ENGRAM_TABLE: "engram_lr_multiplier", CHAPTER_BANK: "chapter_bank_lr_multiplier", PKM_VALUES: "pkm_values_lr_multiplier",
+}
+DEFAULT_TABLE_LR_MULTIPLIERS = {
+    ENGRAM_TABLE: ENGRAM_LR_MULTIPLIER, CHAPTER_BANK: CHAPTER_BANK_LR_MULTIPLIER, PKM_VALUES: PKM_VALUES_LR_MULTIPLIER,
+}
+
+
+@dataclass
+class MemoryTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the memory settings `MemoryTrainer` reads.
+
+    table_optimizer: optimizer of the tables (Engram tables, chapter banks), which touches only the rows a
+        step read: "adam" (`LazyAdam`, with `adam_beta1/2` and `adam_epsilon`; state: two floats per table
+        weight) or "rowwise_adagrad" (`RowWiseAdagrad`; state: one float per table row).
+    engram_lr_multiplier / chapter_bank_lr_multiplier / pkm_values_lr_multiplier: learning rate of the Engram
+        tables / chapter banks / product-key values over `learning_rate` (5, 2 and 10, the papers' recipes).
+    log_memory_health: add chapter usage, Engram gate and aux loss to the training logs.
+    """
+
+    table_optimizer: str = field(
+        default="adam",
+        metadata={"help": "Optimizer of the tables (touched rows only).", "choices": list(TABLE_OPTIMIZERS)},
+    )
+    engram_lr_multiplier: float = field(
+        default=ENGRAM_LR_MULTIPLIER, metadata={"help": "Engram tables' learning rate / learning_rate."}
+    )
+    chapter_bank_lr_multiplier: float = field(
+        default=CHAPTER_BANK_LR_MULTIPLIER, metadata={"help": "Chapter banks' learning rate / learning_rate."}
+    )
+    pkm_values_lr_multiplier: float = field(
+        default=PKM_VALUES_LR_MULTIPLIER, metadata={"help": "Product-key values' learning rate / learning_rate."}
+    )
+    log_memory_health: bool = field(
+        default=True, metadata={"help": "Log chapter usage entropy, chapters used, Engram gate mean and aux loss."}
+    )
+
+    def __post_init__(self):
+        if self.table_optimizer not in TABLE_OPTIMIZERS:
+            raise ValueError(f"table_optimizer must be one of {tuple(TABLE_OPTIMIZERS)}, got {self.table_optimizer!r}.")
+        for name in TABLE_LR_MULTIPLIER_ARGUMENTS.values():
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+        super().__post_init__()
+
+
+TABLE_GROUP_NAMES = {ENGRAM_TABLE: "engram_tables", CHAPTER_BANK: "chapter_banks", PKM_VALUES: "pkm_values"}
+
+
+def table_group_name(kind: str) -> str:
+    """Name of the optimizer group of one table kind (`TABLE_GROUP_NAMES`)."""
+    return TABLE_GROUP_NAMES[kind]
+
+
+def memory_parameter_groups(
+    model: nn.Module,
+    learning_rate: float,
+    weight_decay: float,
+    decay_parameter_names: list[str],
+    table_lr_multipliers: dict[str, float] | None = None,
+) -> list[dict]:
+    """Optimizer parameter groups for a memory model (trainable parameters only, empty groups left out).
+
+    Groups, each with a "name": "decay" (lr, weight_decay), "no_decay" (lr, 0: names outside
+    `decay_parameter_names`, i.e. norms and biases), and one per table kind (`TABLE_KINDS`) holding a
+    "table_kind" key: "engram_tables" (lr x engram multiplier, 0), "chapter_banks" (lr x bank multiplier, 0).
+    `table_lr_multipliers` maps a kind to its multiplier (default: the papers', 1 for other kinds).
+    """
+    multipliers = {**DEFAULT_TABLE_LR_MULTIPLIERS, **(table_lr_multipliers or {})}
+    names = memory_kinds(model)
+    table_kind_of = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if names.get(name) in TABLE_KINDS:
+            table_kind_of.setdefault(id(param), names[name])
+    decay_names = set(decay_parameter_names)
+    buckets = {"decay": [], "no_decay": [], **{table_group_name(kind): [] for kind in TABLE_KINDS}}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if id(param) in table_kind_of:
+            buckets[table_group_name(table_kind_of[id(param)])].append(param)
+        elif name in decay_names:
+            buckets["decay"].append(param)
+        else:
+            buckets["no_decay"].append(param)
+    groups = [
+        {"name": "decay", "params": buckets["decay"], "lr": learning_rate, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": buckets["no_decay"], "lr": learning_rate, "weight_decay": 0.0},
+    ]
+    for kind in TABLE_KINDS:
+        groups.append({
+            "name": table_group_name(kind), "table_kind": kind, "params": buckets[table_group_name(kind)],
+            "lr": learning_rate * multipliers.get(kind, 1.0), "weight_decay": 0.0,
+        })
+    return [group for group in groups if group["params"]]
+
+
+def build_memory_optimizer(
+    groups: list[dict], table_optimizer: str, dense_optimizer_cls: type, dense_optimizer_kwargs: dict
+) -> torch.optim.Optimizer:
+    """One optimizer for `memory_parameter_groups`: the table groups on `TABLE_OPTIMIZERS[table_optimizer]`, the
+    rest on `dense_optimizer_cls(**dense_optimizer_kwargs)`, combined (`CombinedOptimizer`) when both exist.
+    `LazyAdam` takes the dense optimizer's betas and eps when it has them."""
+    if table_optimizer not in TABLE_OPTIMIZERS:
+        raise ValueError(f"table_optimizer must be one of {tuple(TABLE_OPTIMIZERS)}, got {table_optimizer!r}.")
+    table_groups = [group for group in groups if "table_kind" in group]
+    dense_groups = [group for group in groups if "table_kind" not in group]
+    optimizers = [dense_optimizer_cls(dense_groups, **dense_optimizer_kwargs)] if dense_groups else []
+    if table_groups:
+        table_cls = TABLE_OPTIMIZERS[table_optimizer]
+        table_kwargs = {}
+        if table_cls is LazyAdam:
+            table_kwargs = {k: dense_optimizer_kwargs[k] for k in ("betas", "eps") if k in dense_optimizer_kwargs}
+        optimizers.append(table_cls(table_groups, lr=table_groups[0]["lr"], **table_kwargs))
+    return CombinedOptimizer(optimizers) if table_groups else optimizers[0]
+
+
+def set_sparse_table_gradients(model: nn.Module, enabled: bool) -> None:
+    """Give every memory table of `model` sparse row gradients (the default) or dense ones (`enabled=False`,
+    for optimizers and tools that take only dense gradients, such as a plain `Trainer`'s AdamW). Sets `sparse`
+    on each table's embedding module (which DDP reads when it wraps the model: call this before) and on the
+    chapter memories that read a shared bank."""
+    tables = {id(param) for param in memory_parameters(model, TABLE_KINDS)}
+    for module in model.modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            if any(id(param) in tables for param in module.parameters(recurse=False)):
+                module.sparse = enabled
+        elif isinstance(module, MemoryLlamaChapterMemory):
+            module.sparse_bank_gradient = enabled
+
+
+def has_sparse_gradients(parameters) -> bool:
+    return any(param.grad is not None and param.grad.is_sparse for param in parameters)
+
+
+class MemoryHealth:
+    """Collects memory statistics from forward hooks while the model trains.
+
+    Counts stay on the model's device and are summed across processes only when read (`flush`), so
+    logging costs one small all-reduce per logging step.
+    """
+
+    def __init__(self):
+        self._handles = []
+        self._token_mask = None  # (B, S) bool of the current forward, from the model's attention_mask
+        self._engram_inputs = {}
+        self.reset()
+        self.total_chapter_counts: dict[int, torch.Tensor] = {}
+
+    def reset(self) -> None:
+        self.chapter_counts: dict[int, torch.Tensor] = {}
+        self.gate_sum = 0.0
+        self.gate_tokens = 0.0
+        self.aux_sum = 0.0
+        self.aux_count = 0
+
+    def attach(self, model: nn.Module) -> None:
+        """Register the hooks on every memory module of `model` (wrapped or not)."""
+        self.detach()
+        for module in model.modules():
+            if isinstance(module, MemoryLlamaModel):
+                self._handles.append(module.register_forward_pre_hook(self._on_model_input, with_kwargs=True))
+            elif isinstance(module, MemoryLlamaChapterMemory):
+                self._handles.append(module.register_forward_hook(self._on_chapter_output))
+            elif isinstance(module, MemoryLlamaEngram):
+                self._handles.append(module.register_forward_pre_hook(self._on_engram_input))
+                # The gate reads the retrieved keys: hook the key projection (whatever wraps it).
+                self._handles.append(module.engram_key.register_forward_hook(self._gate_hook(module)))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _on_model_input(self, module, args, kwargs):
+        if not module.training:
+            return
+        mask = kwargs.get("attention_mask")
+        self._token_mask = mask.bool() if torch.is_tensor(mask) and mask.dim() == 2 else None
+
+    def _on_chapter_output(self, module, args, output):
+        if not module.training:
+            return
+        chosen = output[2]  # (B * S, k) the routed chapters the layer read
+        weights = torch.ones_like(chosen, dtype=torch.float64)
+        if self._token_mask is not None and self._token_mask.numel() == chosen.shape[0]:
+            weights = weights * self._token_mask.reshape(-1, 1)
+        # scatter_add rather than bincount: no device-to-host sync per step
+        counts = weights.new_zeros(module.num_chapters - module.num_shared).scatter_add_(0, chosen.reshape(-1), weights.reshape(-1))
+        layer = module.layer_idx
+        self.chapter_counts[layer] = self.chapter_counts.get(layer, 0) + counts
+        self.total_chapter_counts[layer] = self.total_chapter_counts.get(layer, 0) + counts
+
+    def _on_engram_input(self, module, args):
+        if module.training:
+            self._engram_inputs[module] = (args[0], args[3])  # hidden_states (B, S, d), token_mask (B, S)
+
+    def _gate_hook(self, engram: MemoryLlamaEngram):
+        def hook(module, args, keys):
+            stashed = self._engram_inputs.pop(engram, None)
+            if stashed is None:
+                return
+            hidden_states, token_mask = stashed
+            with torch.no_grad():
+                alpha = engram.gate(hidden_states.detach(), keys.detach()).squeeze(-1)  # (B, S)
+                mask = token_mask.to(alpha.dtype)
+                self.gate_sum = self.gate_sum + (alpha * mask).sum().double()
+                self.gate_tokens = self.gate_tokens + mask.sum().double()
+
+        return hook
+
+    def record_aux_loss(self, aux_loss: torch.Tensor) -> None:
+        self.aux_sum = self.aux_sum + aux_loss.detach().double()
+        self.aux_count += 1
+
+    def flush(self, accelerator) -> dict[str, float]:
+        """The statistics since the last flush, summed over processes; then start over."""
+        device = accelerator.device
+        logs = {}
+        if self.chapter_counts:
+            layers = sorted(self.chapter_counts)
+            counts = torch.stack([self.chapter_counts[layer].to(device) for layer in layers])
+            counts = accelerator.reduce(counts, reduction="sum")
+            entropy, used = _usage_statistics(counts)
+            logs["chapter_usage_entropy"] = entropy
+            logs["chapters_used_fraction"] = used
+        if torch.is_tensor(self.gate_tokens):
+            gate = torch.stack([self.gate_sum, self.gate_tokens]).to(device)
+            gate = accelerator.reduce(gate, reduction="sum")
+            logs["engram_gate_mean"] = float(gate[0] / gate[1].clamp_min(1))
+        if self.aux_count:
+            aux = torch.stack([self.aux_sum.to(device), torch.tensor(float(self.aux_count), dtype=torch.float64, device=device)])
+            aux = accelerator.reduce(aux, reduction="sum")
+            logs["aux_loss"] = float(aux[0] / aux[1])
+        self.reset()
+        return logs
+
+    def chapter_usage(self, accelerator=None) -> dict[int, list[float]]:
+        """Routed-chapter counts of the whole run per chapter layer (summed over processes when an
+        accelerator is given; call it on every process then)."""
+        usage = {}
+        for layer in sorted(self.total_chapter_counts):
+            counts = self.total_chapter_counts[layer]
+            if accelerator is not None:
+                counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum")
+            usage[layer] = counts.cpu().tolist()
+        return usage
+
+
+def _usage_statistics(counts: torch.Tensor) -> tuple[float, float]:
+    """(normalised entropy, fraction of chapters used) of (layers, routed) counts, averaged over layers."""
+    probs = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(dim=1)
+    num_routed = counts.shape[1]
+    normalised = entropy / math.log(num_routed) if num_routed > 1 else torch.zeros_like(entropy)
+    used = (counts > 0).double().mean(dim=1)
+    return float(normalised.mean()), float(used.mean())
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest `checkpoint-N` folder of `output_dir` whose trainer_state.json (Trainer writes it after
+    the weights, optimizer and RNG states) parses; None when there is none."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        match = re.fullmatch(r"checkpoint-(\d+)", name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            steps.append(int(match.group(1)))
+    for step in sorted(steps, reverse=True):
+        folder = os.path.join(output_dir, f"checkpoint-{step}")
+        try:
+            with open(os.path.join(folder, "trainer_state.json")) as handle:
+                json.load(handle)
+        except (OSError, ValueError):
+            continue
+        return folder
+    return None
+
+
+class MemoryTrainer(Trainer):
+    """`Trainer` for MemoryLlama models (plain or wrapped by PEFT); see the module docstring.
+
+    Takes the same arguments as `Trainer`. With `MemoryTrainingArguments` the table optimizer, the
+    learning-rate multipliers and health logging can be chosen; with plain `TrainingArguments`
+    the defaults apply (the papers' multipliers, tables on the main optimizer, health logged).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.is_fsdp_enabled:
+            # FSDP shards parameters and reduce-scatters dense gradients only (untested here: no multi-GPU machine).
+            set_sparse_table_gradients(self.model, False)
+        self.memory_health = MemoryHealth()
+        if self._setting("log_memory_health", True):
+            self.memory_health.attach(self.model)
+
+    def _setting(self, name: str, default):
+        value = getattr(self.args, name, None)
+        return default if value is None else value
+
+    def _check_memory_model(self) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if getattr(getattr(model, "config", None), "model_type", None) != "memory_llama":
+            raise ValueError(
+                "MemoryTrainer needs a MemoryLlama model (or a PEFT model around one); "
+                f"got {type(model).__name__}. Use transformers.Trainer for other models."
+            )
+
+    # ---- optimizer ---------------------------------------------------------------------------
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """Parameter groups for tables, banks, decay and no-decay parameters (see `memory_parameter_groups`); the
+        tables on the table optimizer, the rest on `optim` (see `build_memory_optimizer`)."""
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        self._check_memory_model()
+        multipliers = {
+            kind: self._setting(argument, DEFAULT_TABLE_LR_MULTIPLIERS[kind])
+            for kind, argument in TABLE_LR_MULTIPLIER_ARGUMENTS.items()
+        }
+        groups = memory_parameter_groups(
+            opt_model,
+            learning_rate=self.args.learning_rate,
+            weight_decay=self.args.weight_decay,
+            decay_parameter_names=self.get_decay_parameter_names(opt_model),
+            table_lr_multipliers=multipliers,
+        )
+        if not groups:
+            raise ValueError("The model has no trainable parameters: check the training mode (requires_grad flags).")
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        optimizer_kwargs = dict(optimizer_kwargs)
+        special = sorted({"params", "model", "optimizer_dict"} & set(optimizer_kwargs))
+        if special or not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
+            raise ValueError(
+                f"optim={self.args.optim!r} builds its own parameter groups ({special or optimizer_cls}), which would "
+                "drop the memory groups (table and bank learning rates, no weight decay). Use an optimizer such as "
+                "adamw_torch, adafactor or sgd with MemoryTrainer, or transformers.Trainer without the memory groups."
+            )
+        table_optimizer = self._setting("table_optimizer", "adam")
+        self.optimizer = build_memory_optimizer(groups, table_optimizer, optimizer_cls, optimizer_kwargs)
+        return self.optimizer
+
+    # ---- gradient norm and clipping with sparse table gradients -------------------------------
+
+    def _clip_grad_norm(self, model):
+        """Trainer's clipping, counting sparse table gradients (torch's `clip_grad_norm_` raises on them)."""
+        if not has_sparse_gradients(model.parameters()):
+            return super()._clip_grad_norm(model)
+        self.accelerator.unscale_gradients()  # as accelerate's clip_grad_norm_ does first (fp16 loss scaling)
+        return clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The norm Trainer logs as `grad_norm` (computed here, without clipping, when clipping is off)."""
+        if grad_norm is None and has_sparse_gradients(model.parameters()):
+            self.accelerator.unscale_gradients()
+            grad_norm = clip_grad_norm_(model.parameters(), float("inf"))
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+    # ---- loss --------------------------------------------------------------------------------
+
+    def _trainer_scales_for_ga(self, num_items_in_batch) -> bool:
+        """Mirror of Trainer.training_step: whether it will *not* divide our loss by the GA steps."""
+        if self.loss_is_scaled_for_ga is not None:
+            return self.loss_is_scaled_for_ga
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+
+    def _process_scale(self, num_items_in_batch) -> float:
+        """Mirror of Trainer.compute_loss: the factor it multiplies the model's loss by when averaging
+        tokens across devices (so that DDP's gradient mean becomes a token mean)."""
+        if (
+            self.args.average_tokens_across_devices
+            and (self.model_accepts_loss_kwargs or self.compute_loss_func)
+            and num_items_in_batch is not None
+        ):
+            return self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
+        return 1
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Trainer's loss with the router aux loss weighted as a mean over micro-batches and processes
+        (training) or left out (evaluation: `eval_loss` is the language-model loss alone)."""
+        labels_reach_model = "labels" in inputs and self.label_smoother is None and self.compute_loss_func is None
+        if model.training:
+            inputs = {**inputs, "output_router_logits": True}  # the router losses are computed only when asked
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        aux_loss = outputs.get("aux_loss") if isinstance(outputs, dict) else None
+        if aux_loss is not None:
+            aux_loss = aux_loss.to(loss.device)
+            if labels_reach_model:  # the model added it to `loss`, which Trainer then scaled
+                loss = loss - self._process_scale(num_items_in_batch) * aux_loss
+            if model.training:
+                steps = self.current_gradient_accumulation_steps if self._trainer_scales_for_ga(num_items_in_batch) else 1
+                loss = loss + aux_loss / steps
+                self.memory_health.record_aux_loss(aux_loss)
+        return (loss, outputs) if return_outputs else loss
+
+    # ---- logging -----------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Training logs carry "loss"; all processes reach this point together, as the reduce needs.
+        if "loss" in logs and self._setting("log_memory_health", True):
+            logs.update(self.memory_health.flush(self.accelerator))
+        super().log(logs, start_time)
+
+    # ---- PEFT models with directly trained memory --------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write into a staging folder, then move each file into place: a process killed mid-save never
+        leaves a half-written weight file where a loader would read it."""
+        from modeling_memory.training.peft_modes import has_trainable_memory_outside_adapter, save_memory_weights
+
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".saving-", dir=output_dir)
+        try:
+            super()._save(staging, state_dict=state_dict)
+            model = self.accelerator.unwrap_model(self.model)
+            if self.args.should_save and has_trainable_memory_outside_adapter(model):
+                save_memory_weights(model, staging)
+            for name in sorted(os.listdir(staging)):
+                os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """`resume_from_checkpoint=True` resumes from the newest *complete* checkpoint in `output_dir`
+        (one whose trainer_state.json, written last, reads back), skipping any a killed run left half-written."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete checkpoint to resume from in {self.args.output_dir}.")
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _load_memory_if_saved(self, checkpoint_dir: str) -> None:
+        from modeling_memory.training.peft_modes import MEMORY_WEIGHTS_NAME, has_trainable_memory_outside_adapter, load_memory_weights
+
+        model = self.accelerator.unwrap_model(self.model)
+        if has_trainable_memory_outside_adapter(model):
+            if not os.path.isfile(os.path.join(checkpoint_dir, MEMORY_WEIGHTS_NAME)):
+                raise FileNotFoundError(
+                    f"{checkpoint_dir} has no {MEMORY_WEIGHTS_NAME}, but this PEFT model trains memory outside the "
+                    "adapter: the checkpoint was written by a plain Trainer or another training mode."
+                )
+            load_memory_weights(model, checkpoint_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_memory_if_saved(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        self._load_memory_if_saved(self.state.best_model_checkpoint)
+
+
+__all__ = [
+    "last_complete_checkpoint",
+    "MemoryHealth",
+    "MemoryTrainer",
+    "MemoryTrainingArguments",
+    "TABLE_OPTIMIZERS",
+    "build_memory_optimizer",
+    "memory_parameter_groups",
+    "set_sparse_table_gradients",
+]

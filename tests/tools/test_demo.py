@@ -1,0 +1,42 @@
+"""The demo's report: the table's perplexity change is relative to the base (the first row), recall and
+general knowledge kept are printed as percentages, and the figure is written. The demo itself runs
+SmolLM2 for minutes and is run by hand (`memory-llama demo`)."""
+
+import json
+
+from modeling_memory.tools import demo
+
+
+def _result(held_out, training, kept, perplexity, trainable):
+    return {"recall_held_out": held_out, "recall_training_phrasing": training, "general_knowledge_kept": kept,
+            "natural_text_perplexity": perplexity, "trainable_parameters": trainable}
+
+
+def test_results_table_json_and_figure(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "OUTPUT_DIR", tmp_path / "demo")
+    results = {"base": _result(0.03, 0.01, 1.0, 40.0, 0), "tuned": _result(0.0, 0.25, 0.9, 41.0, 1234)}
+    losses = {"tuned": [3.0, 2.5, 2.0]}
+    demo.write_outputs(results, losses, {"seconds": 1.0})
+
+    table = (tmp_path / "demo" / "results.md").read_text().splitlines()
+    assert table[2] == "| base | 0 | 1.0% | 3.0% | 40.00 (+0.0%) | 100% |"
+    assert table[3] == "| tuned | 1,234 | 25.0% | 0.0% | 41.00 (+2.5%) | 90% |"  # 41 / 40 - 1
+    assert "| tuned | 1,234 |" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert saved["results"]["tuned"]["perplexity_change"] == 41.0 / 40.0 - 1 and saved["losses"] == losses
+    assert (tmp_path / "demo" / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_trainable_weights_of_sparse_memory_fine_tuning_count_only_the_chosen_rows():
+    import torch
+
+    from conftest import tiny_config
+    from modeling_memory import MemoryLlamaForCausalLM
+    from modeling_memory.training.sparse_memory_finetuning import prepare_sparse_memory_finetuning
+
+    model = MemoryLlamaForCausalLM(tiny_config(chapter_layers=[], engram_layers=[], pkm_layers=[1], pkm_num_keys=6,
+                                               pkm_top_k=3, pkm_heads=2, pkm_key_dim=8))
+    everything = sum(p.numel() for p in model.parameters())
+    assert demo._trainable(model) == everything
+    prepare_sparse_memory_finetuning(model, {"model.pkm_values.weight": torch.tensor([0, 5, 7])})
+    assert demo._trainable(model) == 3 * model.model.pkm_values.weight.shape[1]
