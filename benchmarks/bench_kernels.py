@@ -4,7 +4,7 @@ section of benchmarks/RESULTS.md.
 CPU (always):
   (a) chapter attention, gathered reference (only the routed chapters) vs a dense formulation (scores over
       the whole bank, a mask keeping only the routed chapters), forward and forward+backward;
-  (b) Engram lookup, one fused gather over all heads (`engram_lookup_reference`) vs one `F.embedding` per
+  (b) Engram lookup, one fused gather over all heads (`engram_lookup_torch`) vs one `F.embedding` per
       head, gather alone and with the hashing, forward and forward+backward;
   (c) chapter attention time and peak extra memory as the bank grows from 4K to 262K memory tokens at a
       fixed top-k and chapter size.
@@ -29,11 +29,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from common import command_line, interleaved_timings, markdown_table, median, write_section  # noqa: E402
-from modeling_memory.memory_llama.ops_chapter_attention import chapter_attention_reference  # noqa: E402
+from modeling_memory.memory_llama.naive_engram import naive_primes_from  # noqa: E402
+from modeling_memory.memory_llama.ops_chapter_attention import chapter_attention_torch  # noqa: E402
 from modeling_memory.memory_llama.ops_engram import (  # noqa: E402
+    EngramHashing,
     engram_history_lengths,
-    engram_lookup_reference,
-    engram_row_ids_reference,
+    engram_lookup_torch,
+    engram_row_ids,
 )
 
 
@@ -69,15 +71,6 @@ def dense_chapter_attention(query, bank_keys, bank_values, chapter_ids, chapter_
     return torch.einsum("nhct,cthd->nhd", weighted, bank_values.float()).to(query.dtype)
 
 
-def next_primes(start, count):
-    found, candidate = [], start
-    while len(found) < count:
-        if all(candidate % d for d in range(2, int(candidate**0.5) + 1)):
-            found.append(candidate)
-        candidate += 1
-    return found
-
-
 def engram_inputs(batch, new_len, orders, heads_per_order, head_dim, table_size, vocab, *, device="cpu",
                   dtype=torch.float32, seed=0):
     """Lookup inputs as the model builds them (EOS breaks, full-range int64 multipliers) and the table."""
@@ -87,17 +80,18 @@ def engram_inputs(batch, new_len, orders, heads_per_order, head_dim, table_size,
     boundary = torch.rand(batch, history + new_len, generator=generator) < 0.02
     boundary[:, :history] = True
     bound = (2**63 - 1) // (vocab + 1)
-    primes = torch.tensor(next_primes(table_size, heads_per_order * len(orders)))
-    inputs = dict(
-        token_ids=token_ids,
-        history_lengths=engram_history_lengths(boundary, history),
-        canonical_map=torch.randint(0, vocab, (vocab,), generator=generator),
-        multipliers=torch.randint(0, bound // 2, (history + 1,), generator=generator, dtype=torch.int64) * 2 + 1,
-        table_primes=primes,
-        table_offsets=torch.cumsum(primes, 0) - primes,
+    primes = torch.tensor(naive_primes_from(table_size, heads_per_order * len(orders)))
+    hashing = EngramHashing(
+        canonical_map=torch.randint(0, vocab, (vocab,), generator=generator).to(device),
+        multipliers=(torch.randint(0, bound // 2, (history + 1,), generator=generator, dtype=torch.int64) * 2 + 1).to(device),
+        table_primes=primes.to(device),
+        table_offsets=(torch.cumsum(primes, 0) - primes).to(device),
+        ngram_orders=tuple(orders),
+        pad_id=vocab,
     )
-    inputs = {name: value.to(device) for name, value in inputs.items()}
-    inputs.update(ngram_orders=list(orders), pad_id=vocab)
+    inputs = dict(
+        token_ids=token_ids.to(device), history_lengths=engram_history_lengths(boundary, history).to(device), hashing=hashing
+    )
     table = torch.nn.Embedding(int(primes.sum()), head_dim).to(device=device, dtype=dtype)
     return inputs, table
 
@@ -185,16 +179,16 @@ def bench_dense_vs_gathered(repeats: int) -> str:
     rows = []
     for c in (64, 256):
         query, keys, values, ids, weights = chapter_inputs(n, h, d, c, t, shared, k, seed=c)
-        gathered = chapter_attention_reference(query, keys, values, ids, weights, scale)
+        gathered = chapter_attention_torch(query, keys, values, ids, weights, scale)
         dense = dense_chapter_attention(query, keys, values, ids, weights, scale)
         torch.testing.assert_close(gathered, dense, atol=1e-4, rtol=1e-4)  # same op, two formulations
         tensors = [query, keys, values, weights]
         timings = interleaved_timings(
             {
-                "gathered fwd": no_grad(lambda: chapter_attention_reference(query, keys, values, ids, weights, scale)),
+                "gathered fwd": no_grad(lambda: chapter_attention_torch(query, keys, values, ids, weights, scale)),
                 "dense fwd": no_grad(lambda: dense_chapter_attention(query, keys, values, ids, weights, scale)),
                 "gathered fwd+bwd": forward_backward(
-                    lambda: chapter_attention_reference(query, keys, values, ids, weights, scale), tensors),
+                    lambda: chapter_attention_torch(query, keys, values, ids, weights, scale), tensors),
                 "dense fwd+bwd": forward_backward(
                     lambda: dense_chapter_attention(query, keys, values, ids, weights, scale), tensors),
             },
@@ -219,14 +213,14 @@ def bench_dense_vs_gathered(repeats: int) -> str:
 def bench_fused_vs_per_head_gather(repeats: int) -> str:
     batch, new_len, orders, heads_per_order, d, table_size, vocab = 4, 1024, [2, 3], 8, 32, 65536, 49152
     inputs, table = engram_inputs(batch, new_len, orders, heads_per_order, d, table_size, vocab)
-    primes, offsets = inputs["table_primes"].tolist(), inputs["table_offsets"].tolist()
+    primes, offsets = inputs["hashing"].table_primes.tolist(), inputs["hashing"].table_offsets.tolist()
     # The baseline keeps one embedding per head (the same rows as the fused table's slices).
     per_head = torch.nn.ModuleList(
         torch.nn.Embedding.from_pretrained(table.weight.detach()[o : o + p].clone(), freeze=False)
         for o, p in zip(offsets, primes)
     )
-    rows = engram_row_ids_reference(**inputs)
-    local_rows = rows - inputs["table_offsets"]
+    rows = engram_row_ids(**inputs)
+    local_rows = rows - inputs["hashing"].table_offsets
 
     def fused_gather():
         return table(rows).flatten(-2)
@@ -235,10 +229,10 @@ def bench_fused_vs_per_head_gather(repeats: int) -> str:
         return torch.cat([per_head[h](local_rows[..., h]) for h in range(len(per_head))], dim=-1)
 
     def fused_lookup():  # dense gradients on both sides: this compares fusing the heads, not gradient layouts
-        return engram_lookup_reference(**inputs, table_weight=table.weight, sparse_grad=False)
+        return engram_lookup_torch(**inputs, table_weight=table.weight, sparse_grad=False)
 
     def per_head_lookup():
-        local = engram_row_ids_reference(**inputs) - inputs["table_offsets"]
+        local = engram_row_ids(**inputs) - inputs["hashing"].table_offsets
         return torch.cat([per_head[h](local[..., h]) for h in range(len(per_head))], dim=-1)
 
     assert torch.equal(fused_gather(), per_head_gather())
@@ -279,10 +273,10 @@ def bench_bank_growth(repeats: int) -> str:
     for c in chapter_counts:
         query, keys, values, ids, weights = chapter_inputs(n, h, d, c, t, shared, k, seed=c)
         forward = no_grad(
-            lambda q=query, kk=keys, v=values, i=ids, w=weights: chapter_attention_reference(q, kk, v, i, w, scale)
+            lambda q=query, kk=keys, v=values, i=ids, w=weights: chapter_attention_torch(q, kk, v, i, w, scale)
         )
         train = forward_backward(
-            lambda q=query, kk=keys, v=values, i=ids, w=weights: chapter_attention_reference(q, kk, v, i, w, scale),
+            lambda q=query, kk=keys, v=values, i=ids, w=weights: chapter_attention_torch(q, kk, v, i, w, scale),
             [query, weights],
         )
         functions[(c, "fwd")], functions[(c, "fwd+bwd")] = forward, train
@@ -375,10 +369,10 @@ def bench_gpu() -> str:
     heads = heads_per_order * len(orders)
     triton_fwd = cuda_time(no_grad(lambda: engram_lookup_triton(**inputs, table_weight=weight)))
     triton_fwd_gpu = graph_time(no_grad(lambda: engram_lookup_triton(**inputs, table_weight=weight)))
-    reference_fwd = cuda_time(no_grad(lambda: engram_lookup_reference(**inputs, table_weight=weight)))
+    reference_fwd = cuda_time(no_grad(lambda: engram_lookup_torch(**inputs, table_weight=weight)))
     rows = [["fwd", ms_fine(triton_fwd), ms_fine(reference_fwd), f"{reference_fwd / triton_fwd:.2f}x"]]
     # Both give the table a coalesced sparse gradient (the rows read).
-    reference_train = cuda_time(forward_backward(lambda: engram_lookup_reference(**inputs, table_weight=weight), [weight]))
+    reference_train = cuda_time(forward_backward(lambda: engram_lookup_torch(**inputs, table_weight=weight), [weight]))
     triton_train = cuda_time(forward_backward(lambda: engram_lookup_triton(**inputs, table_weight=weight), [weight]))
     rows.append(["fwd+bwd, sparse gradient", ms_fine(triton_train), ms_fine(reference_train), f"{reference_train / triton_train:.2f}x"])
     tokens = batch * new_len
@@ -405,11 +399,11 @@ def bench_gpu() -> str:
     train_flops = forward_flops * 3.5  # backward: recomputed QK^T, dP, dV, dK, dQ (flash-attention convention)
     timings = {
         "Triton fwd": cuda_time(no_grad(lambda: chapter_attention_triton(query, keys, values, ids, weights, scale))),
-        "reference fwd": cuda_time(no_grad(lambda: chapter_attention_reference(query, keys, values, ids, weights, scale))),
+        "reference fwd": cuda_time(no_grad(lambda: chapter_attention_torch(query, keys, values, ids, weights, scale))),
         "Triton fwd+bwd": cuda_time(forward_backward(
             lambda: chapter_attention_triton(query, keys, values, ids, weights, scale), tensors)),
         "reference fwd+bwd": cuda_time(forward_backward(
-            lambda: chapter_attention_reference(query, keys, values, ids, weights, scale), tensors)),
+            lambda: chapter_attention_torch(query, keys, values, ids, weights, scale), tensors)),
     }
     # Dense SDPA with the same FLOPs: every token attends to reads * T keys.
     sdpa_q = torch.randn(1, h, n, d, device="cuda", dtype=dtype)

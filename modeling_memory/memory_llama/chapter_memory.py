@@ -22,7 +22,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from .configuration_memory_llama import MemoryLlamaConfig
 from .kernel_backend import kernel_choice
-from .ops_chapter_attention import chapter_attention, chapter_attention_folded_reference
+from .ops_chapter_attention import chapter_attention, chapter_attention_folded
 from .ops_table_rows import gather_rows
 
 
@@ -135,7 +135,7 @@ class MemoryLlamaChapterMemory(nn.Module):
         normed = self.bank_norm(rows.to(query.dtype)).view(-1, self.chapter_size, rows.shape[-1])  # (U, T, d)
         per_head = (self.num_heads, self.head_dim, -1)
         folded_query = torch.einsum("nhe,hed->nhd", query, self.memory_key.weight.view(per_head))
-        mixed = chapter_attention_folded_reference(folded_query, normed, chapter_ids, chapter_weights, self.head_dim**-0.5)
+        mixed = chapter_attention_folded(folded_query, normed, chapter_ids, chapter_weights, self.head_dim**-0.5)
         return torch.einsum("nhd,hed->nhe", mixed, self.memory_value.weight.view(per_head))
 
     def route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -180,7 +180,7 @@ class MemoryLlamaChapterMemory(nn.Module):
         if torch.is_grad_enabled():
             rows, chapter_ids = self.read_chapter_rows(bank, chapter_ids)
             num_read = rows.shape[0] // self.chapter_size
-            # The Triton kernels attend to projected rows; folding replaces the PyTorch reference when cheaper.
+            # The Triton kernels attend to projected rows; folding replaces the PyTorch path when cheaper.
             if kernel_choice(query) == "torch" and self.folding_is_cheaper(flat.shape[0], chapter_ids.shape[1], num_read):
                 attended = self.attend_folded(query, rows, chapter_ids, chapter_weights)
             else:

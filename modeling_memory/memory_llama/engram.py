@@ -22,7 +22,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from .configuration_memory_llama import MemoryLlamaConfig
-from .ops_engram import engram_history_lengths, engram_lookup, engram_row_ids_reference
+from .ops_engram import EngramHashing, engram_history_lengths, engram_lookup, engram_row_ids
 
 
 def _is_prime(n: int) -> bool:
@@ -145,18 +145,26 @@ class MemoryLlamaEngram(nn.Module):
         history_lengths = engram_history_lengths(torch.cat([past == BOUNDARY_ID, boundaries], dim=1), self.history)
         return token_ids, history_lengths
 
-    def lookup(self, token_ids: torch.Tensor, history_lengths: torch.Tensor, canonical_map: torch.Tensor) -> torch.Tensor:
-        """(B, S, engram_dim) concatenated head embeddings.
+    def hashing(self, canonical_map: torch.Tensor) -> EngramHashing:
+        """This layer's hash buffers with the model's (V,) canonical-id map, as the lookup op takes them."""
+        return EngramHashing(
+            canonical_map, self.hash_multipliers, self.table_primes, self.table_offsets, tuple(self.ngram_orders),
+            self.pad_id,
+        )
+
+    def lookup(
+        self, token_ids: torch.Tensor, history_lengths: torch.Tensor, canonical_map: torch.Tensor, return_row_ids: bool = False
+    ):
+        """(B, S, engram_dim) concatenated head embeddings (and, with `return_row_ids`, the (B, S, H) rows read).
 
         A plain table goes to the op (the fused kernel where it can run), which reads its weight; a table
         wrapped by an adapter is called as a module on the row ids, so that its delta is applied."""
-        hashing = (
-            token_ids, history_lengths, canonical_map, self.hash_multipliers, self.table_primes, self.table_offsets,
-            self.ngram_orders, self.pad_id,
-        )
+        hashing = self.hashing(canonical_map)
         if type(self.table) is nn.Embedding:
-            return engram_lookup(*hashing, self.table.weight, sparse_grad=self.table.sparse)
-        return self.table(engram_row_ids_reference(*hashing)).flatten(-2)
+            return engram_lookup(token_ids, history_lengths, hashing, self.table.weight, self.table.sparse, return_row_ids)
+        rows = engram_row_ids(token_ids, history_lengths, hashing)
+        embeddings = self.table(rows).flatten(-2)
+        return (embeddings, rows) if return_row_ids else embeddings
 
     def gate(self, hidden_states: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """(B, S, 1) fp32 gate alpha from the hidden state and the retrieved key."""

@@ -1,16 +1,16 @@
 """Kernel utilities in one place: whether Triton is usable, the interpreter flag, which implementation
-runs a memory op (the Triton kernels or the PyTorch reference), and the block-size helper the kernel
+runs a memory op (the Triton kernels or the PyTorch path), and the block-size helper the kernel
 files share.
 
 Environment knobs, read once per process (the first time an op runs):
 
 - `MODELING_MEMORY_KERNELS`: "triton" forces the kernels (an error if they cannot run here), "torch"
-  forces the reference; unset picks the kernels on CUDA tensors when Triton imports.
+  forces the PyTorch path; unset picks the kernels on CUDA tensors when Triton imports.
 - `TRITON_INTERPRET=1`: Triton's interpreter, which runs the kernels on CPU tensors too. It must be set
   before Triton is first imported (transformers imports it through torch._dynamo).
 
-Inside `torch.compile` the reference always runs: the kernels' launchers do work on the host, and the
-compiler fuses the reference instead.
+Inside `torch.compile` the PyTorch path always runs: the kernels' launchers do work on the host, and the
+compiler fuses the PyTorch path instead.
 
 Kernel modules import triton only after `triton_available()` says yes.
 """
@@ -56,9 +56,9 @@ def _settings() -> tuple[str, bool]:
 
 def kernel_choice(tensor: torch.Tensor) -> str:
     """'triton' or 'torch' for an op on `tensor`: forced by MODELING_MEMORY_KERNELS, else Triton on CUDA
-    tensors (or anywhere under TRITON_INTERPRET=1) when Triton imports, else the reference."""
+    tensors (or anywhere under TRITON_INTERPRET=1) when Triton imports, else the PyTorch path."""
     if torch.compiler.is_compiling():
-        return "torch"  # the kernels' launchers work on the host; the compiler fuses the reference instead
+        return "torch"  # the kernels' launchers work on the host; the compiler fuses the PyTorch path instead
     forced, interpreter = _settings()
     if forced == "torch":
         return "torch"

@@ -1,4 +1,5 @@
-"""Triton kernels of chapter attention (see `ops_chapter_attention.py` for the readable reference).
+"""Triton kernels of chapter attention (`ops_chapter_attention.py` holds the PyTorch path and the
+dispatcher, `naive_chapter_attention.py` the naive reference).
 
 Every token reads R chapters, so there are P = N * R (token, chapter) pairs. The pairs are sorted by
 chapter and cut into blocks that each hold pairs of one chapter only (the MoE grouped-GEMM pattern):
@@ -423,7 +424,7 @@ def chapter_attention_triton(
     chapter_weights: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Routed chapter attention; same contract as `ops_chapter_attention.chapter_attention_reference`.
+    """Routed chapter attention; same contract as `ops_chapter_attention.chapter_attention_torch`.
 
     Args:
         query: (N, H, D), D up to 128 (padded to a power of two inside the kernels).

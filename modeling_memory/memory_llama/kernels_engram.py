@@ -1,8 +1,10 @@
-"""Triton kernels of the Engram lookup (see `ops_engram.py` for the readable reference).
+"""Triton kernels of the Engram lookup (`ops_engram.py` holds the PyTorch path and the dispatcher,
+`naive_engram.py` the naive reference).
 
 Forward: one kernel maps raw ids to canonical ids, hashes the suffix n-grams and gathers the rows of
-every head straight into the concatenated output `e`. Only when the table needs a gradient does it
-also write the row ids, a small (N, H) tensor (int32 where they fit), so the backward does not hash again.
+every head straight into the concatenated output `e`. Only when the table needs a gradient (or the caller
+asks for them) does it also write the row ids, a small (N, H) tensor (int32 where they fit), so the backward
+does not hash again.
 
 Backward: the table's gradient is sparse (the convention of `ops_table_rows.py`): a coalesced COO tensor
 holding only the U distinct rows read. The (token, head) entries are stably sorted by row; the first
@@ -18,6 +20,7 @@ a GPU the kernels run only if TRITON_INTERPRET=1 was set before this module was 
 import torch
 
 from .kernel_backend import check_kernel_device, interpreter_requested, next_power_of_2
+from .ops_engram import EngramHashing
 
 try:
     import triton
@@ -144,12 +147,13 @@ def _tile_sizes(num_tokens: int, num_heads: int, head_dim: int) -> tuple[int, in
 
 
 class EngramLookupFunction(torch.autograd.Function):
-    """Fused Engram lookup; the gradient goes to the table weight only (sparse, or dense on request)."""
+    """Fused Engram lookup; the gradient goes to the table weight only (sparse, or dense on request). The second
+    output is the (N, H) row ids, written when the backward needs them or the caller asks for them (else empty)."""
 
     @staticmethod
     def forward(
         ctx, table_weight, token_ids, history_lengths, canonical_map, multipliers, head_orders, table_primes,
-        table_offsets, pad_id, max_order, sparse_grad,
+        table_offsets, pad_id, max_order, sparse_grad, return_row_ids,
     ):
         batch, new_len = history_lengths.shape
         num_heads = table_primes.numel()
@@ -158,14 +162,15 @@ class EngramLookupFunction(torch.autograd.Function):
         out = torch.empty(batch, new_len, num_heads * head_dim, dtype=table_weight.dtype, device=table_weight.device)
         # The backward needs the row ids: the forward writes them (2-4 MB) rather than the backward hashing again.
         # int32 where they fit: the backward's radix sort then takes half the passes.
-        store_rows = ctx.needs_input_grad[0]
+        store_rows = ctx.needs_input_grad[0] or return_row_ids
         rows_dtype = torch.int32 if table_weight.shape[0] < 2**31 else torch.int64
         rows = torch.empty(num_tokens if store_rows else 0, num_heads, dtype=rows_dtype, device=table_weight.device)
         ctx.save_for_backward(rows)
+        ctx.mark_non_differentiable(rows)
         ctx.sparse_grad = sparse_grad
         ctx.table_shape, ctx.table_dtype = table_weight.shape, table_weight.dtype
         if num_tokens == 0:
-            return out
+            return out, rows
         block_t, block_h, block_d = _tile_sizes(num_tokens, num_heads, head_dim)
         grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(num_heads, block_h))
         _engram_forward_kernel[grid](
@@ -174,17 +179,17 @@ class EngramLookupFunction(torch.autograd.Function):
             HISTORY=multipliers.numel() - 1, MAX_ORDER=max_order, STORE_ROWS=store_rows,
             BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
         )
-        return out
+        return out, rows
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_rows):
         (rows,) = ctx.saved_tensors
         grad_table = None
         if ctx.needs_input_grad[0]:
             grad_table = _engram_table_grad(grad_out.contiguous(), rows, ctx.table_shape, ctx.table_dtype)
             if not ctx.sparse_grad:
                 grad_table = grad_table.to_dense()
-        return (grad_table,) + (None,) * 10
+        return (grad_table,) + (None,) * 11
 
 
 def _engram_table_grad(grad_out, rows, table_shape, table_dtype) -> torch.Tensor:
@@ -208,48 +213,45 @@ def _engram_table_grad(grad_out, rows, table_shape, table_dtype) -> torch.Tensor
 def engram_lookup_triton(
     token_ids: torch.Tensor,
     history_lengths: torch.Tensor,
-    canonical_map: torch.Tensor,
-    multipliers: torch.Tensor,
-    table_primes: torch.Tensor,
-    table_offsets: torch.Tensor,
-    ngram_orders: list[int],
-    pad_id: int,
+    hashing: EngramHashing,
     table_weight: torch.Tensor,
     sparse_grad: bool = True,
-) -> torch.Tensor:
-    """Fused Engram lookup; same contract as `ops_engram.engram_lookup_reference`.
+    return_row_ids: bool = False,
+):
+    """Fused Engram lookup; same contract as `ops_engram.engram_lookup_torch`.
 
     Args:
-        token_ids: (B, L + S) raw token ids, L = multipliers.numel() - 1 history tokens first.
+        token_ids: (B, L + S) raw token ids, L = max_order - 1 history tokens first.
         history_lengths: (B, S) int64 usable history per new token.
-        canonical_map: (V,) int64 raw id -> canonical id.
-        multipliers: (L + 1,) odd int64 hash multipliers.
-        table_primes, table_offsets: (H,) int64 table size and first row of each head, heads grouped by order.
-        ngram_orders: orders, each with H / len(ngram_orders) heads.
-        pad_id: canonical id standing for missing history.
+        hashing: the layer's `EngramHashing` (canonical map, multipliers, table primes and offsets, orders, pad id).
         table_weight: (rows, D) the layer's embedding weight; the only input that gets a gradient.
         sparse_grad: give the table a coalesced sparse gradient (the default); False densifies it, for optimizers
             that take only dense gradients.
+        return_row_ids: also return the (B, S, H) int64 rows read.
     Returns:
-        (B, S, H * D) in the table's dtype.
+        (B, S, H * D) in the table's dtype (and the row ids with `return_row_ids`).
     """
     check_kernel_device(table_weight, "Engram", __name__, INTERPRETED)
-    num_heads = table_primes.numel()
-    if num_heads % len(ngram_orders) != 0:
-        raise ValueError(f"{num_heads} heads cannot be split evenly over the orders {ngram_orders}.")
-    max_order = max(ngram_orders)
+    orders, multipliers = list(hashing.ngram_orders), hashing.multipliers
+    num_heads = hashing.table_primes.numel()
+    if num_heads % len(orders) != 0:
+        raise ValueError(f"{num_heads} heads cannot be split evenly over the orders {orders}.")
+    max_order = max(orders)
     if max_order > multipliers.numel():
         raise ValueError(f"Order {max_order} needs {max_order} hash multipliers, got {multipliers.numel()}.")
-    heads_per_order = num_heads // len(ngram_orders)
+    heads_per_order = num_heads // len(orders)
     device = table_weight.device
-    key = (tuple(ngram_orders), heads_per_order, device)
+    key = (tuple(orders), heads_per_order, device)
     head_orders = _HEAD_ORDERS.get(key)
     if head_orders is None:
-        head_orders = torch.tensor([order for order in ngram_orders for _ in range(heads_per_order)], device=device)
+        head_orders = torch.tensor([order for order in orders for _ in range(heads_per_order)], device=device)
         _HEAD_ORDERS[key] = head_orders
     as_long = lambda tensor: tensor.to(device=device, dtype=torch.int64).contiguous()  # noqa: E731
-    return EngramLookupFunction.apply(
-        table_weight.contiguous(), as_long(token_ids), as_long(history_lengths), as_long(canonical_map),
-        as_long(multipliers), head_orders, as_long(table_primes), as_long(table_offsets), int(pad_id), max_order,
-        bool(sparse_grad),
+    embeddings, rows = EngramLookupFunction.apply(
+        table_weight.contiguous(), as_long(token_ids), as_long(history_lengths), as_long(hashing.canonical_map),
+        as_long(multipliers), head_orders, as_long(hashing.table_primes), as_long(hashing.table_offsets),
+        int(hashing.pad_id), max_order, bool(sparse_grad), bool(return_row_ids),
     )
+    if return_row_ids:
+        return embeddings, rows.long().view(*history_lengths.shape, num_heads)
+    return embeddings

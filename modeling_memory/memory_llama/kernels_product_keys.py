@@ -1,5 +1,5 @@
-"""Triton kernels of the product-key weighted embedding bag (see `ops_product_keys.py` for the readable
-reference). Each token reads J = heads * top_k value rows; its output is their weighted sum.
+"""Triton kernels of the product-key weighted embedding bag (`ops_product_keys.py` holds the PyTorch path and
+the dispatcher, `naive_product_keys.py` the naive reference). Each token reads J = heads * top_k value rows; its output is their weighted sum.
 
 Forward: a program takes a block of tokens and a block of value columns, gathers the J rows of every
 token in chunks and accumulates weight * row in fp32; the output is written in the values' dtype.
@@ -207,7 +207,7 @@ def _bag_values_grad(grad_out, indices, weights, values_shape, values_dtype) -> 
 
 
 def product_key_bag_triton(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted embedding bag; same contract as `ops_product_keys.product_key_bag_reference`.
+    """Weighted embedding bag; same contract as `ops_product_keys.product_key_bag_torch`.
 
     Args:
         values: (N, Dv) the values table (rows contiguous); gets a coalesced sparse gradient.

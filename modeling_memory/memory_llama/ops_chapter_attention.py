@@ -2,9 +2,10 @@
 and its top-k routed ones), softmax within each chapter, and the per-chapter outputs are combined
 with the token's chapter weights (MoE-style). This is the op under chapter memory.
 
-Readable PyTorch reference and the dispatcher that picks it or the Triton kernels of
-`kernels_chapter_attention.py`; and the folded form training uses when it is cheaper (keys and values the
-same unprojected rows for every head, the projections folded into the query and the output).
+The PyTorch path and the dispatcher that picks it or the Triton kernels of `kernels_chapter_attention.py`;
+and the folded form training uses when it is cheaper (keys and values the same unprojected rows for every
+head, the projections folded into the query and the output). The naive reference all of them are tested
+against is `naive_chapter_attention.py`.
 
 Shapes: N tokens, H heads, D head width, C chapters of T memory tokens, R chapters read per token.
 """
@@ -14,7 +15,7 @@ import torch
 from .kernel_backend import kernel_choice
 
 
-# Tokens processed together by the reference: bounds the gathered K/V to TOKEN_BLOCK * R * T * H * D.
+# Tokens processed together by the PyTorch paths: bounds the gathered K/V to TOKEN_BLOCK * R * T * H * D.
 TOKEN_BLOCK = 1024
 
 
@@ -24,7 +25,7 @@ def _read_chapters(chapters: torch.Tensor, chapter_ids: torch.Tensor) -> torch.T
     return chapters.index_select(0, chapter_ids.reshape(-1)).view(*chapter_ids.shape, *chapters.shape[1:])
 
 
-def chapter_attention_reference(
+def chapter_attention_torch(
     query: torch.Tensor,
     bank_keys: torch.Tensor,
     bank_values: torch.Tensor,
@@ -56,7 +57,7 @@ def chapter_attention_reference(
     return torch.cat(outputs).to(query.dtype)
 
 
-def chapter_attention_folded_reference(
+def chapter_attention_folded(
     query: torch.Tensor,
     bank_rows: torch.Tensor,
     chapter_ids: torch.Tensor,
@@ -92,9 +93,10 @@ def chapter_attention_folded_reference(
 
 
 def chapter_attention(query, bank_keys, bank_values, chapter_ids, chapter_weights, scale) -> torch.Tensor:
-    """Dispatcher: Triton kernels when usable (see `kernel_backend.py`), the reference otherwise."""
+    """Dispatcher: Triton kernels when usable (see `kernel_backend.py`), the PyTorch path otherwise; same contract as
+    `chapter_attention_torch`."""
     if kernel_choice(query) == "triton":
         from .kernels_chapter_attention import chapter_attention_triton
 
         return chapter_attention_triton(query, bank_keys, bank_values, chapter_ids, chapter_weights, scale)
-    return chapter_attention_reference(query, bank_keys, bank_values, chapter_ids, chapter_weights, scale)
+    return chapter_attention_torch(query, bank_keys, bank_values, chapter_ids, chapter_weights, scale)

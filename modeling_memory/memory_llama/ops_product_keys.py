@@ -1,8 +1,9 @@
 """Product-key memory ops: the product-key top-k search and the weighted embedding bag (the ops under
 `MemoryLlamaProductKeyMemory`, which runs in parallel with the MLP at `config.pkm_layers`).
 
-Readable PyTorch references and the dispatcher that picks the bag reference or the Triton kernels of
-`kernels_product_keys.py`. The search has no kernel: it scores 2 * num_keys sub-keys and k * k
+The PyTorch paths and the dispatcher that picks the bag's PyTorch path or the Triton kernels of
+`kernels_product_keys.py`; the naive references all of them are tested against are in
+`naive_product_keys.py`. The search has no kernel: it scores 2 * num_keys sub-keys and k * k
 candidates per head, never the N = num_keys**2 slots.
 
 The values table never gets a dense gradient: the bag's backward returns a coalesced
@@ -21,7 +22,7 @@ import torch
 from .kernel_backend import kernel_choice
 
 
-# Gathered (tokens, J, Dv) blocks of the reference hold at most this many elements.
+# Gathered (tokens, J, Dv) blocks of the PyTorch path hold at most this many elements.
 GATHER_ELEMENTS = 1 << 22
 
 
@@ -59,7 +60,7 @@ def _token_blocks(num_tokens: int, slots: int, value_dim: int):
         yield slice(start, start + step)
 
 
-def product_key_bag_values_grad_reference(
+def product_key_bag_values_grad(
     grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, values_shape, values_dtype
 ) -> torch.Tensor:
     """Sparse gradient of the values table: row r gets sum over reads (t, j) of r of weights[t, j] * grad_out[t].
@@ -81,7 +82,7 @@ def product_key_bag_values_grad_reference(
     )
 
 
-class ProductKeyBagReferenceFunction(torch.autograd.Function):
+class ProductKeyBagFunction(torch.autograd.Function):
     """Weighted embedding bag in PyTorch, with the sparse coalesced values gradient of the project's
     convention (`F.embedding_bag(sparse=True)` returns one row per read, uncoalesced)."""
 
@@ -105,11 +106,11 @@ class ProductKeyBagReferenceFunction(torch.autograd.Function):
                 grad_weights[block] = torch.einsum("tjd,td->tj", rows, grad_out[block].float())
             grad_weights = grad_weights.to(weights.dtype)
         if ctx.needs_input_grad[0]:
-            grad_values = product_key_bag_values_grad_reference(grad_out, indices, weights, values.shape, values.dtype)
+            grad_values = product_key_bag_values_grad(grad_out, indices, weights, values.shape, values.dtype)
         return grad_values, None, grad_weights
 
 
-def product_key_bag_reference(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def product_key_bag_torch(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted sum of the rows each token reads.
 
     Args:
@@ -119,14 +120,14 @@ def product_key_bag_reference(values: torch.Tensor, indices: torch.Tensor, weigh
     Returns:
         (T, Dv) in the values' dtype, accumulated in fp32.
     """
-    return ProductKeyBagReferenceFunction.apply(values, indices, weights)
+    return ProductKeyBagFunction.apply(values, indices, weights)
 
 
 def product_key_bag(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Dispatcher: Triton kernels when usable (see `kernel_backend.py`), the reference otherwise. Same
-    contract as `product_key_bag_reference`."""
+    """Dispatcher: Triton kernels when usable (see `kernel_backend.py`), the PyTorch path otherwise. Same
+    contract as `product_key_bag_torch`."""
     if kernel_choice(values) == "triton":
         from .kernels_product_keys import product_key_bag_triton
 
         return product_key_bag_triton(values, indices, weights)
-    return product_key_bag_reference(values, indices, weights)
+    return product_key_bag_torch(values, indices, weights)

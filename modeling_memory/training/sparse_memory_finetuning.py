@@ -20,7 +20,7 @@ from torch import nn
 
 from modeling_memory.memory_llama.engram import MemoryLlamaEngram
 from modeling_memory.training.memory_parameters import ENGRAM_TABLE, PKM_VALUES, memory_kinds
-from modeling_memory.memory_llama.ops_engram import engram_row_ids_reference
+from modeling_memory.memory_llama.ops_engram import engram_row_ids
 from modeling_memory.memory_llama.product_key_memory import MemoryLlamaProductKeyMemory
 
 # Tables whose slots are ranked: those a token reads a handful of rows of.
@@ -84,10 +84,7 @@ def count_slot_reads(model: nn.Module, batches) -> SlotReads:
     def on_engram(module: MemoryLlamaEngram, args, output):
         _, input_ids, boundaries, _, canonical_map = args[:5]
         token_ids, history_lengths = module.ngram_context(input_ids, boundaries, None)
-        rows = engram_row_ids_reference(
-            token_ids, history_lengths, canonical_map, module.hash_multipliers, module.table_primes,
-            module.table_offsets, module.ngram_orders, module.pad_id,
-        )  # (B, S, heads)
+        rows = engram_row_ids(token_ids, history_lengths, module.hashing(canonical_map))  # (B, S, heads)
         record(module.table.weight, rows.reshape(-1, rows.shape[-1])[token_mask[0]])
 
     handles = []

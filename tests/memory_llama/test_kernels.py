@@ -1,13 +1,13 @@
 """Tests of the two memory ops and their Triton kernels.
 
-- Reference tier (always): `ops_engram` and `ops_chapter_attention` references against naive
-  per-token, per-head Python loops; the sparse row gradients of the table reads (`ops_table_rows`)
-  against the dense gradients of `F.embedding`.
+- PyTorch tier (always): the PyTorch paths of `ops_engram` and `ops_chapter_attention` against their naive
+  references (`naive_engram`, `naive_chapter_attention`: per-token, per-head Python loops); the sparse row
+  gradients of the table reads (`ops_table_rows`) against the dense gradients of `F.embedding`.
 - Interpreter tier (`test_triton_*`, Triton installed): the kernels run on the CPU under the Triton
-  interpreter in fp32 and fp16 against the references, forward and every gradient. The interpreter must be
+  interpreter in fp32 and fp16 against the PyTorch paths, forward and every gradient. The interpreter must be
   switched on (TRITON_INTERPRET=1) before Triton is first imported, which `import transformers` already
   does, so these tests run in a child process started with the variable set; the parent session keeps
-  dispatching to the PyTorch references. `TRITON_INTERPRET=1 pytest tests/test_kernels.py -k test_triton_`
+  dispatching to the PyTorch paths. `TRITON_INTERPRET=1 pytest tests/test_kernels.py -k test_triton_`
   runs them directly.
 - GPU tier (`test_gpu_*`, CUDA only): compiled kernels in fp32/fp16/bf16 on larger shapes.
 """
@@ -18,39 +18,31 @@ import torch
 
 from modeling_memory.memory_llama import kernel_backend, ops_chapter_attention, ops_engram
 from kernel_tiers import compiled_kernel_modules, interpreted_kernel_modules, run_interpreter_tier, skip_unless_interpreted
-from modeling_memory.memory_llama.ops_chapter_attention import chapter_attention_folded_reference, chapter_attention_reference
-from modeling_memory.memory_llama.ops_engram import engram_history_lengths, engram_lookup_reference, engram_row_ids_reference
+from modeling_memory.memory_llama.naive_chapter_attention import naive_chapter_attention
+from modeling_memory.memory_llama.naive_engram import naive_engram_lookup, naive_engram_row_ids, naive_history_lengths, naive_primes_from
+from modeling_memory.memory_llama.ops_chapter_attention import chapter_attention_folded, chapter_attention_torch
+from modeling_memory.memory_llama.ops_engram import EngramHashing, engram_history_lengths, engram_lookup_torch, engram_row_ids
 from modeling_memory.memory_llama.ops_table_rows import gather_rows
 
 
-# Kernel vs reference, per dtype: (atol, rtol). fp16 kernels round probabilities and score gradients to
-# fp16 before their dot products (as flash attention does), the reference keeps them in fp32.
+# Kernel vs PyTorch path, per dtype: (atol, rtol). fp16 kernels round probabilities and score gradients to
+# fp16 before their dot products (as flash attention does), the PyTorch path keeps them in fp32.
 FORWARD_TOLERANCE = {torch.float32: (2e-5, 1e-5), torch.float16: (2e-3, 5e-3)}
 GRAD_TOLERANCE = {torch.float32: (5e-5, 1e-4), torch.float16: (5e-3, 1e-2)}
-# GPU tier, relative error of the whole tensor (norm of the difference / norm of the reference).
+# GPU tier, relative error of the whole tensor (norm of the difference / norm of the PyTorch path's).
 GPU_RELATIVE_TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 KERNEL_MODULES = ("modeling_memory.memory_llama.kernels_engram", "modeling_memory.memory_llama.kernels_chapter_attention")
 PRIMES = [11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53]
 
 
-def primes_from(start, count):
-    found = []
-    candidate = start
-    while len(found) < count:
-        if candidate > 1 and all(candidate % d for d in range(2, int(candidate**0.5) + 1)):
-            found.append(candidate)
-        candidate += 1
-    return found
-
-
 # ----------------------------------------------------------------------------------------------------
-# Inputs and naive loops
+# Inputs
 # ----------------------------------------------------------------------------------------------------
 
 
 def make_engram_inputs(batch, new_len, orders, heads_per_order, head_dim, *, seed=0, vocab=50, primes=None,
-                       repeated_token=None, dtype=torch.float32):
+                       repeated_token=None, dtype=torch.float32, device="cpu"):
     """Random Engram lookup inputs with document breaks, cached history and full-range int64 multipliers."""
     generator = torch.Generator().manual_seed(seed)
     history = max(orders) - 1
@@ -71,48 +63,12 @@ def make_engram_inputs(batch, new_len, orders, heads_per_order, head_dim, *, see
     table = torch.nn.Embedding(int(primes.sum()), head_dim)
     with torch.no_grad():
         table.weight.normal_(generator=generator)
-    table = table.to(dtype)
-    return dict(
-        token_ids=token_ids, history_lengths=history_lengths, canonical_map=canonical_map, multipliers=multipliers,
-        table_primes=primes, table_offsets=offsets, ngram_orders=list(orders), pad_id=pad_id,
-    ), table, boundary
-
-
-def naive_history_lengths(boundary, history):
-    """Walk back from each new token until a break or `history` tokens."""
-    batch, total = boundary.shape
-    lengths = torch.zeros(batch, total - history, dtype=torch.long)
-    for b in range(batch):
-        for s in range(total - history):
-            count, position = 0, history + s - 1
-            while position >= 0 and not boundary[b, position] and count < history:
-                count, position = count + 1, position - 1
-            lengths[b, s] = count
-    return lengths
-
-
-def naive_engram_rows(token_ids, history_lengths, canonical_map, multipliers, table_primes, table_offsets,
-                      ngram_orders, pad_id):
-    """Row ids with Python integers, token by token and head by head."""
-    history = multipliers.numel() - 1
-    multipliers = [int(m) for m in multipliers]
-    heads_per_order = table_primes.numel() // len(ngram_orders)
-    batch, new_len = history_lengths.shape
-    rows = torch.zeros(batch, new_len, table_primes.numel(), dtype=torch.long)
-    for b in range(batch):
-        for s in range(new_len):
-            grams = [
-                int(canonical_map[token_ids[b, history + s - k]]) if k <= history_lengths[b, s] else pad_id
-                for k in range(max(ngram_orders))
-            ]
-            for i, order in enumerate(ngram_orders):
-                mix = 0
-                for k in range(order):
-                    mix ^= grams[k] * multipliers[k]
-                for j in range(heads_per_order):
-                    head = i * heads_per_order + j
-                    rows[b, s, head] = mix % int(table_primes[head]) + int(table_offsets[head])
-    return rows
+    table = table.to(device=device, dtype=dtype)
+    hashing = EngramHashing(
+        canonical_map.to(device), multipliers.to(device), primes.to(device), offsets.to(device), tuple(orders), pad_id
+    )
+    inputs = dict(token_ids=token_ids.to(device), history_lengths=history_lengths.to(device), hashing=hashing)
+    return inputs, table, boundary
 
 
 def make_chapter_inputs(num_tokens, num_heads, head_dim, num_chapters, chapter_size, num_shared, top_k, *,
@@ -135,23 +91,6 @@ def make_chapter_inputs(num_tokens, num_heads, head_dim, num_chapters, chapter_s
     return tensors + [chapter_ids.to(device), chapter_weights.to(device)]
 
 
-def naive_chapter_attention(query, bank_keys, bank_values, chapter_ids, chapter_weights, scale):
-    """One softmax per token, head and chapter read; differentiable, fp32."""
-    num_tokens, num_heads, _ = query.shape
-    tokens = []
-    for n in range(num_tokens):
-        heads = []
-        for h in range(num_heads):
-            total = 0
-            for r in range(chapter_ids.shape[1]):
-                chapter = int(chapter_ids[n, r])
-                scores = bank_keys[chapter, :, h].float() @ query[n, h].float() * scale
-                total = total + chapter_weights[n, r] * (scores.softmax(0) @ bank_values[chapter, :, h].float())
-            heads.append(total)
-        tokens.append(torch.stack(heads))
-    return torch.stack(tokens)
-
-
 def grads_of(output, inputs, grad_output):
     return torch.autograd.grad(output, inputs, grad_output)
 
@@ -162,32 +101,30 @@ def assert_close(actual, expected, tolerance, what):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Reference tier
+# PyTorch tier
 # ----------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("orders", [[2, 3], [2, 4], [3]])
-def test_engram_row_ids_reference_matches_naive_loop(orders):
+def test_engram_row_ids_match_naive_loop(orders):
     inputs, _, boundary = make_engram_inputs(3, 11, orders, heads_per_order=2, head_dim=4, seed=len(orders))
     history = max(orders) - 1
     assert torch.equal(inputs["history_lengths"], naive_history_lengths(boundary, history))
-    rows = engram_row_ids_reference(**inputs)
-    assert torch.equal(rows, naive_engram_rows(**inputs))
-    heads = inputs["table_primes"].numel()
-    assert (rows >= inputs["table_offsets"]).all() and (rows < inputs["table_offsets"] + inputs["table_primes"]).all()
+    rows = engram_row_ids(**inputs)
+    assert torch.equal(rows, naive_engram_row_ids(**inputs))
+    primes, offsets = inputs["hashing"].table_primes, inputs["hashing"].table_offsets
+    heads = primes.numel()
+    assert (rows >= offsets).all() and (rows < offsets + primes).all()
     assert rows.shape == (3, 11, heads)
 
 
-def test_engram_lookup_reference_concatenates_heads():
+def test_engram_lookup_torch_matches_naive_lookup():
     inputs, table, _ = make_engram_inputs(2, 9, [2, 3], heads_per_order=3, head_dim=5)
-    e = engram_lookup_reference(**inputs, table_weight=table.weight)
-    rows = naive_engram_rows(**inputs)
-    heads = rows.shape[-1]
-    assert e.shape == (2, 9, heads * 5)
-    for b in range(2):
-        for s in range(9):
-            for h in range(heads):
-                assert torch.equal(e[b, s, h * 5 : (h + 1) * 5], table.weight[rows[b, s, h]])
+    e, rows = engram_lookup_torch(**inputs, table_weight=table.weight, return_row_ids=True)
+    assert e.shape == (2, 9, 6 * 5)
+    assert torch.equal(e, naive_engram_lookup(**inputs, table_weight=table.weight))
+    assert torch.equal(rows, naive_engram_row_ids(**inputs))
+    assert torch.equal(engram_lookup_torch(**inputs, table_weight=table.weight), e)
 
 
 def dense_table_grad(table_weight, rows, grad_rows):
@@ -222,13 +159,13 @@ def test_gather_rows_sparse_gradient_sums_repeated_rows(dtype):
     assert dense.layout == torch.strided
 
 
-def test_engram_lookup_reference_gives_sparse_row_gradient():
+def test_engram_lookup_torch_gives_sparse_row_gradient():
     inputs, table, _ = make_engram_inputs(3, 20, [2, 3], heads_per_order=2, head_dim=8, repeated_token=4)
     weight = table.weight.detach().clone().requires_grad_()
-    out = engram_lookup_reference(**inputs, table_weight=weight)
+    out = engram_lookup_torch(**inputs, table_weight=weight)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
     (grad,) = torch.autograd.grad(out, [weight], grad_out)
-    rows = engram_row_ids_reference(**inputs)
+    rows = engram_row_ids(**inputs)
     assert_coalesced_rows(grad, rows)
     assert grad._nnz() < rows.numel() / 4  # one repeated token: far fewer rows than (token, head) reads
     expected = dense_table_grad(weight, rows, grad_out.view(*rows.shape, -1))
@@ -255,13 +192,13 @@ def test_engram_layer_calls_a_wrapped_table_as_a_module():
 
 
 @pytest.mark.parametrize("num_shared, top_k", [(1, 2), (0, 1), (1, 0), (2, 2)])
-def test_chapter_attention_reference_matches_naive_loop(monkeypatch, num_shared, top_k):
-    # Small token blocks so the reference's blocking is exercised too.
+def test_chapter_attention_torch_matches_naive_loop(monkeypatch, num_shared, top_k):
+    # Small token blocks so the PyTorch path's blocking is exercised too.
     monkeypatch.setattr(ops_chapter_attention, "TOKEN_BLOCK", 4)
     query, keys, values, ids, weights = make_chapter_inputs(10, 2, 8, 5, 7, num_shared, top_k, seed=top_k)
     inputs = [query.requires_grad_(), keys.requires_grad_(), values.requires_grad_(), weights.requires_grad_()]
     scale = 8**-0.5
-    out = chapter_attention_reference(query, keys, values, ids, weights, scale)
+    out = chapter_attention_torch(query, keys, values, ids, weights, scale)
     expected = naive_chapter_attention(query, keys, values, ids, weights, scale)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
     grad = torch.randn_like(out)
@@ -276,7 +213,7 @@ def test_folded_chapter_attention_reads_shared_rows_for_every_head(monkeypatch):
     query, _, _, ids, weights = make_chapter_inputs(10, 3, 12, 5, 7, 1, 2, seed=4)
     rows = torch.randn(5, 7, 12, generator=torch.Generator().manual_seed(5))
     inputs = [query.requires_grad_(), rows.requires_grad_(), weights.requires_grad_()]
-    out = chapter_attention_folded_reference(query, rows, ids, weights, 0.3)
+    out = chapter_attention_folded(query, rows, ids, weights, 0.3)
     per_head = rows.unsqueeze(2).expand(5, 7, 3, 12)
     expected = naive_chapter_attention(query, per_head, per_head, ids, weights, 0.3)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
@@ -285,11 +222,11 @@ def test_folded_chapter_attention_reads_shared_rows_for_every_head(monkeypatch):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_chapter_attention_reference_empty_and_half_precision():
+def test_chapter_attention_torch_empty_and_half_precision():
     query, keys, values, ids, weights = make_chapter_inputs(0, 2, 8, 4, 3, 1, 1)
-    assert chapter_attention_reference(query, keys, values, ids, weights, 1.0).shape == (0, 2, 8)
+    assert chapter_attention_torch(query, keys, values, ids, weights, 1.0).shape == (0, 2, 8)
     query, keys, values, ids, weights = make_chapter_inputs(5, 2, 8, 4, 3, 1, 2, dtype=torch.float16)
-    out = chapter_attention_reference(query, keys, values, ids, weights, 0.5)
+    out = chapter_attention_torch(query, keys, values, ids, weights, 0.5)
     assert out.dtype == torch.float16
     torch.testing.assert_close(out.float(), naive_chapter_attention(query, keys, values, ids, weights, 0.5),
                                atol=2e-3, rtol=2e-3)
@@ -332,27 +269,27 @@ ENGRAM_CASES = {
 
 
 def run_engram(engram_kernels, case, dtype, seed=0, sparse_grad=True):
-    """Kernel and reference outputs and table gradients; the reference gradient is dense, taken in fp32."""
+    """Kernel and PyTorch-path outputs and table gradients; the PyTorch path's gradient is dense, taken in fp32."""
     inputs, table, _ = make_engram_inputs(**ENGRAM_CASES[case], seed=seed, dtype=dtype)
     weight = table.weight.detach().clone().requires_grad_()
     out = engram_kernels.engram_lookup_triton(**inputs, table_weight=weight, sparse_grad=sparse_grad)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     (grad,) = grads_of(out, [weight], grad_out)
-    reference_weight = weight.detach().float().requires_grad_()
-    expected = engram_lookup_reference(**inputs, table_weight=reference_weight, sparse_grad=False)
-    (expected_grad,) = grads_of(expected, [reference_weight], grad_out.float())
-    return out, expected, grad, expected_grad, engram_row_ids_reference(**inputs)
+    expected_weight = weight.detach().float().requires_grad_()
+    expected = engram_lookup_torch(**inputs, table_weight=expected_weight, sparse_grad=False)
+    (expected_grad,) = grads_of(expected, [expected_weight], grad_out.float())
+    return out, expected, grad, expected_grad, engram_row_ids(**inputs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", list(ENGRAM_CASES))
-def test_triton_engram_kernel_matches_reference(interpreted, case, dtype):
+def test_triton_engram_kernel_matches_pytorch_path(interpreted, case, dtype):
     out, expected, grad, expected_grad, rows = run_engram(interpreted[0], case, dtype)
     assert out.dtype == dtype and grad.dtype == dtype
     # A gather: the forward is exact in every dtype.
     assert torch.equal(out.float(), expected)
     # Only the rows read, each once; the kernels accumulate in fp32 and round once: within one fp16
-    # rounding of the fp32 reference.
+    # rounding of the fp32 PyTorch path.
     assert_coalesced_rows(grad, rows)
     assert_close(grad.to_dense(), expected_grad, (1e-6, 1e-6) if dtype == torch.float32 else (1e-3, 1e-3), "table grad")
 
@@ -364,6 +301,17 @@ def test_triton_engram_repeated_rows_accumulate_and_dense_on_request(interpreted
     torch.testing.assert_close(grad.to_dense(), expected_grad, atol=1e-5, rtol=1e-5)
     _, _, dense, _, _ = run_engram(interpreted[0], "repeated_rows", torch.float32, sparse_grad=False)
     assert dense.layout == torch.strided and torch.equal(dense, grad.to_dense())
+
+
+def test_triton_engram_returns_row_ids_on_request(interpreted):
+    """The rows the kernel read, with or without a gradient to compute (they are written then anyway)."""
+    inputs, table, _ = make_engram_inputs(**ENGRAM_CASES["two_orders"])
+    expected = engram_row_ids(**inputs)
+    for needs_grad in (False, True):
+        weight = table.weight.detach().clone().requires_grad_(needs_grad)
+        out, rows = interpreted[0].engram_lookup_triton(**inputs, table_weight=weight, return_row_ids=True)
+        assert rows.dtype == torch.int64 and torch.equal(rows, expected)
+        assert torch.equal(out, engram_lookup_torch(**inputs, table_weight=weight.detach()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -382,7 +330,7 @@ def test_triton_engram_dispatcher_uses_kernel(interpreted, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     kernel_backend.reload_settings()
     out = ops_engram.engram_lookup(**inputs, table_weight=table.weight)
-    assert calls and torch.equal(out, engram_lookup_reference(**inputs, table_weight=table.weight))
+    assert calls and torch.equal(out, engram_lookup_torch(**inputs, table_weight=table.weight))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -407,12 +355,12 @@ CHAPTER_CASES = {
 
 
 def run_chapter(chapter_kernels, case, dtype, seed=0):
-    """Kernel and reference outputs and gradients (query, keys, values, weights), both in `dtype`."""
+    """Kernel and PyTorch-path outputs and gradients (query, keys, values, weights), both in `dtype`."""
     query, keys, values, ids, weights = make_chapter_inputs(**CHAPTER_CASES[case], seed=seed, dtype=dtype)
     scale = query.shape[-1] ** -0.5
     grad_out = torch.randn(query.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     results = []
-    for op in (chapter_kernels.chapter_attention_triton, chapter_attention_reference):
+    for op in (chapter_kernels.chapter_attention_triton, chapter_attention_torch):
         inputs = [t.detach().clone().requires_grad_() for t in (query, keys, values, weights)]
         out = op(inputs[0], inputs[1], inputs[2], ids, inputs[3], scale)
         results.append((out, grads_of(out, inputs, grad_out)))
@@ -430,7 +378,7 @@ def check_chapter(results, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", list(CHAPTER_CASES))
-def test_triton_chapter_kernel_matches_reference(interpreted, case, dtype):
+def test_triton_chapter_kernel_matches_pytorch_path(interpreted, case, dtype):
     check_chapter(run_chapter(interpreted[1], case, dtype), dtype)
 
 
@@ -471,7 +419,7 @@ def test_triton_chapter_dispatcher_and_frozen_bank(interpreted, monkeypatch):
     query, keys, values, ids, weights = make_chapter_inputs(**CHAPTER_CASES["general"])
     query.requires_grad_()
     out = ops_chapter_attention.chapter_attention(query, keys, values, ids, weights, 0.25)
-    expected = chapter_attention_reference(query, keys, values, ids, weights, 0.25)
+    expected = chapter_attention_torch(query, keys, values, ids, weights, 0.25)
     assert_close(out, expected, FORWARD_TOLERANCE[torch.float32], "output")
     grad = torch.randn_like(out)
     assert_close(grads_of(out, [query], grad)[0], grads_of(expected, [query], grad)[0],
@@ -492,18 +440,17 @@ def assert_relative(actual, expected, tolerance, what):
 def test_gpu_engram_kernel(compiled, dtype):
     engram_kernels = compiled[0]
     inputs, table, _ = make_engram_inputs(4, 512, [2, 3], heads_per_order=8, head_dim=32, vocab=1000,
-                                          primes=primes_from(1000, 16), dtype=dtype)
-    inputs = {k: v.cuda() if torch.is_tensor(v) else v for k, v in inputs.items()}
-    weight = table.weight.detach().cuda().requires_grad_()
+                                          primes=naive_primes_from(1000, 16), dtype=dtype, device="cuda")
+    weight = table.weight.detach().requires_grad_()
     out = engram_kernels.engram_lookup_triton(**inputs, table_weight=weight)
-    expected = engram_lookup_reference(**inputs, table_weight=weight.detach())
+    expected = engram_lookup_torch(**inputs, table_weight=weight.detach())
     assert torch.equal(out, expected)
     grad_out = torch.randn_like(out)
     (grad,) = grads_of(out, [weight], grad_out)
-    assert_coalesced_rows(grad, engram_row_ids_reference(**inputs))
-    reference_weight = weight.detach().float().requires_grad_()
-    (expected_grad,) = grads_of(engram_lookup_reference(**inputs, table_weight=reference_weight, sparse_grad=False),
-                                [reference_weight], grad_out.float())
+    assert_coalesced_rows(grad, engram_row_ids(**inputs))
+    expected_weight = weight.detach().float().requires_grad_()
+    (expected_grad,) = grads_of(engram_lookup_torch(**inputs, table_weight=expected_weight, sparse_grad=False),
+                                [expected_weight], grad_out.float())
     assert_relative(grad.to_dense(), expected_grad, GPU_RELATIVE_TOLERANCE[dtype], "table grad")
     (again,) = grads_of(engram_kernels.engram_lookup_triton(**inputs, table_weight=weight), [weight], grad_out)
     assert torch.equal(grad.values(), again.values())
@@ -518,7 +465,7 @@ def test_gpu_chapter_kernel(compiled, dtype, head_dim, chapter_size):
     scale = head_dim**-0.5
     grad_out = torch.randn_like(query)
     results = []
-    for op in (chapter_kernels.chapter_attention_triton, chapter_attention_reference):
+    for op in (chapter_kernels.chapter_attention_triton, chapter_attention_torch):
         inputs = [t.detach().clone().requires_grad_() for t in (query, keys, values, weights)]
         out = op(inputs[0], inputs[1], inputs[2], ids, inputs[3], scale)
         results.append((out, grads_of(out, inputs, grad_out)))

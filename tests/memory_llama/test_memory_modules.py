@@ -1,41 +1,17 @@
-"""Engram and chapter memory against independent references: plain-Python hashing loops, and dense
-attention over the whole bank with a mask."""
+"""Engram and chapter memory against independent references: the naive plain-Python hashing loops of
+`naive_engram`, and dense attention over the whole bank with a mask."""
 
 import torch
 
 from modeling_memory import MemoryLlamaForCausalLM
 from modeling_memory.memory_llama.chapter_memory import router_losses
 from modeling_memory.memory_llama.engram import _is_prime
-from modeling_memory.memory_llama.ops_engram import engram_row_ids_reference
+from modeling_memory.memory_llama.naive_engram import naive_engram_row_ids_of_documents, naive_is_prime, naive_primes_from
+from modeling_memory.memory_llama.ops_engram import engram_row_ids
 from conftest import EOS, PAD, random_ids, tiny_config, train_steps
 
 
-def slow_engram_rows(ids, mask, engram, canonical_map, eos, pad_id):
-    """Row ids by walking back through each sequence token by token."""
-    orders, multipliers = engram.ngram_orders, [int(m) for m in engram.hash_multipliers]
-    primes, offsets = engram.table_primes.tolist(), engram.table_offsets.tolist()
-    heads_per_order = len(primes) // len(orders)
-    rows = torch.zeros(*ids.shape, len(primes), dtype=torch.long)
-    for b in range(ids.shape[0]):
-        for t in range(ids.shape[1]):
-            grams = [int(canonical_map[ids[b, t]])]
-            broken = False
-            for k in range(1, max(orders)):
-                source = t - k
-                if source < 0 or not mask[b, source] or ids[b, source] == eos:
-                    broken = True
-                grams.append(pad_id if broken else int(canonical_map[ids[b, source]]))
-            for i, order in enumerate(orders):
-                mix = 0
-                for k in range(order):
-                    mix ^= grams[k] * multipliers[k]
-                for h in range(heads_per_order):
-                    head = i * heads_per_order + h
-                    rows[b, t, head] = mix % primes[head] + offsets[head]
-    return rows
-
-
-def test_engram_rows_match_slow_reference_with_eos_and_padding():
+def test_engram_rows_match_naive_walk_with_eos_and_padding():
     config = tiny_config(engram_layers=[0, 1], engram_ngram_orders=[2, 4], chapter_layers=[])
     model = MemoryLlamaForCausalLM(config)
     generator = torch.Generator().manual_seed(0)
@@ -52,11 +28,8 @@ def test_engram_rows_match_slow_reference_with_eos_and_padding():
     for layer in (0, 1):
         engram = model.model.layers[layer].engram
         token_ids, history_lengths = engram.ngram_context(ids, boundaries, None)
-        rows = engram_row_ids_reference(
-            token_ids, history_lengths, canonical, engram.hash_multipliers,
-            engram.table_primes, engram.table_offsets, engram.ngram_orders, engram.pad_id,
-        )
-        expected = slow_engram_rows(ids, mask.bool(), engram, canonical, EOS, engram.pad_id)
+        rows = engram_row_ids(token_ids, history_lengths, engram.hashing(canonical))
+        expected = naive_engram_row_ids_of_documents(ids, mask.bool(), [EOS], engram.hashing(canonical))
         valid = mask.bool()
         assert torch.equal(rows[valid], expected[valid])
         assert rows.min() >= 0 and rows.max() < engram.table.num_embeddings
@@ -67,8 +40,9 @@ def test_primes_distinct_across_the_model():
     model = MemoryLlamaForCausalLM(config)
     primes = torch.cat([model.model.layers[i].engram.table_primes for i in (0, 1, 2)]).tolist()
     assert len(primes) == 24 and len(set(primes)) == 24
-    assert all(_is_prime(p) and p >= 1000 for p in primes)
-    assert [_is_prime(n) for n in range(20)] == [n in (2, 3, 5, 7, 11, 13, 17, 19) for n in range(20)]
+    assert primes == naive_primes_from(1000, 24)  # the next unused prime at or above engram_table_size, in order
+    assert [_is_prime(n) for n in range(3000)] == [naive_is_prime(n) for n in range(3000)]
+    assert [naive_is_prime(n) for n in range(20)] == [n in (2, 3, 5, 7, 11, 13, 17, 19) for n in range(20)]
     multipliers = [model.model.layers[i].engram.hash_multipliers for i in (0, 1, 2)]
     assert all((m % 2 == 1).all() for m in multipliers)
     assert not torch.equal(multipliers[0], multipliers[1])

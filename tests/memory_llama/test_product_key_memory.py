@@ -1,12 +1,13 @@
 """Tests of the product-key memory layer, its ops and its Triton kernels.
 
-- Reference tier (always): the product-key search against a brute-force search over all N = n**2 slots;
+- PyTorch tier (always): the product-key search against the naive brute-force search over all N = n**2 slots
+  (`naive_product_keys`), the bag's PyTorch path against the naive bag;
   the layer against a dense reference (softmax over the top-k of all N scores, a dense (T, N) weight
   matrix times the table); fp32 softmax for half inputs; zero output at birth and which gradients flow
   on the first and second steps; the sparse, coalesced values gradient; a values table shared by two
   layers; constructor errors.
 - Interpreter tier (`test_triton_*`, Triton installed): the bag kernels on the CPU under the Triton
-  interpreter in fp32 and fp16 against the reference, forward, weight gradients and values gradients.
+  interpreter in fp32 and fp16 against the PyTorch path, forward, weight gradients and values gradients.
   As in test_kernels.py, they run in a child process started with TRITON_INTERPRET=1
   (`test_interpreter_tier_in_subprocess`); `TRITON_INTERPRET=1 pytest tests/test_product_key_memory.py
   -k test_triton_` runs them directly.
@@ -21,18 +22,19 @@ import torch.nn.functional as F
 from modeling_memory.memory_llama import kernel_backend, ops_product_keys
 from modeling_memory.memory_llama.kernel_backend import KERNELS_ENV
 from kernel_tiers import compiled_kernel_modules, interpreted_kernel_modules, run_interpreter_tier, skip_unless_interpreted
-from modeling_memory.memory_llama.ops_product_keys import product_key_bag_reference, product_key_topk
+from modeling_memory.memory_llama.naive_product_keys import naive_product_key_bag, naive_product_key_scores, naive_product_key_topk
+from modeling_memory.memory_llama.ops_product_keys import product_key_bag_torch, product_key_topk
 from modeling_memory.memory_llama.product_key_memory import MemoryLlamaProductKeyMemory, MemoryLlamaProductKeyValues
 from test_kernels import assert_close, assert_relative, grads_of
 
 
-# Kernel vs reference, per dtype: (atol, rtol). Both accumulate in fp32 and round the output and the
+# Kernel vs PyTorch path, per dtype: (atol, rtol). Both accumulate in fp32 and round the output and the
 # values gradient once to the values' dtype, so fp16 differs by at most one fp16 rounding; the weight
 # gradients are fp32 dot products of fp16 numbers (exact products), differing only in summation order.
 BAG_FORWARD_TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3)}
 BAG_WEIGHTS_GRAD_TOLERANCE = {torch.float32: (2e-5, 1e-5), torch.float16: (2e-5, 1e-5)}
 BAG_VALUES_GRAD_TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3)}
-# GPU tier, relative error of the whole tensor (norm of the difference / norm of the reference).
+# GPU tier, relative error of the whole tensor (norm of the difference / norm of the PyTorch path's).
 GPU_RELATIVE_TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 # Layer vs the dense reference (fp32; only the summation order differs).
 LAYER_TOLERANCE = (1e-5, 1e-5)
@@ -43,7 +45,7 @@ PEFT_LIKE_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 
 # ----------------------------------------------------------------------------------------------------
-# Inputs and dense references
+# Inputs and the dense layer
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -61,15 +63,6 @@ def make_memory(hidden_size=24, num_keys=6, top_k=3, heads=2, key_dim=8, value_d
     return memory.to(dtype)
 
 
-def brute_force_scores(query, keys):
-    """(T, H, N) fp32 score of every slot i * n + j: <q, [k1_i ; k2_j]>, the full key of each slot spelt out."""
-    num_heads, _, num_keys, half = keys.shape
-    first = keys[:, 0, :, None, :].expand(num_heads, num_keys, num_keys, half)
-    second = keys[:, 1, None, :, :].expand(num_heads, num_keys, num_keys, half)
-    slot_keys = torch.cat([first, second], dim=-1).reshape(num_heads, num_keys * num_keys, 2 * half)
-    return torch.einsum("thk,hnk->thn", query.float(), slot_keys.float())
-
-
 def dense_memory(memory, hidden_states, values):
     """The layer computed densely: top-k of all N scores, softmax, a (T, N) weight matrix times `values`."""
     batch, seq_len, hidden = hidden_states.shape
@@ -77,7 +70,7 @@ def dense_memory(memory, hidden_states, values):
     query = memory.pkm_query(flat).view(-1, memory.heads, memory.key_dim)
     if memory.pkm_query_norm is not None:
         query = memory.pkm_query_norm(query)
-    top_scores, slots = brute_force_scores(query, memory.pkm_keys).topk(memory.top_k, dim=-1)
+    top_scores, slots = naive_product_key_topk(query, memory.pkm_keys, memory.top_k)
     weights = top_scores.softmax(dim=-1)
     dense_weights = torch.zeros(flat.shape[0], memory.num_slots).scatter_add(1, slots.flatten(1), weights.flatten(1))
     bag = dense_weights @ values.float()
@@ -94,7 +87,7 @@ def assert_coalesced_rows(grad, num_rows):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Reference tier: the search
+# PyTorch tier: the search
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -110,8 +103,8 @@ def test_product_key_topk_matches_brute_force(num_keys, top_k, heads, key_dim):
     scores, indices = product_key_topk(query, keys, top_k)
     assert scores.shape == indices.shape == (11, heads, top_k)
     assert scores.dtype == torch.float32 and indices.dtype == torch.int64
-    full = brute_force_scores(query, keys)
-    expected_scores, expected_indices = full.topk(top_k, dim=-1)
+    full = naive_product_key_scores(query, keys)
+    expected_scores, expected_indices = naive_product_key_topk(query, keys, top_k)
     # The best k scores, best first, and the chosen slots really score that much.
     torch.testing.assert_close(scores, expected_scores, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(full.gather(-1, indices), scores, atol=1e-5, rtol=1e-5)
@@ -128,14 +121,14 @@ def test_product_key_topk_gradients_match_brute_force():
     query = torch.randn(7, 2, 6, generator=generator, requires_grad=True)
     keys = torch.randn(2, 2, 5, 3, generator=generator, requires_grad=True)
     scores, _ = product_key_topk(query, keys, 3)
-    expected = brute_force_scores(query, keys).topk(3, dim=-1).values
+    expected = naive_product_key_topk(query, keys, 3)[0]
     grad = torch.randn(scores.shape, generator=generator)
     for got, want in zip(grads_of(scores, [query, keys], grad), grads_of(expected, [query, keys], grad)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Reference tier: the layer
+# PyTorch tier: the layer
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -295,29 +288,46 @@ def test_projection_names_avoid_peft_targets():
         assert not name.endswith(PEFT_LIKE_NAMES), name
 
 
-def test_bag_reference_empty_and_frozen_table():
+def test_bag_torch_matches_naive_bag():
+    # 6 slots for 40 reads: rows read many times over, their gradients summed into one row each.
+    generator = torch.Generator().manual_seed(16)
+    values = torch.randn(6, 5, generator=generator, requires_grad=True)
+    indices = torch.randint(0, 6, (10, 4), generator=generator)
+    weights = torch.rand(10, 4, generator=generator, requires_grad=True)
+    grad = torch.randn(10, 5, generator=generator)
+    out = product_key_bag_torch(values, indices, weights)
+    expected = naive_product_key_bag(values, indices, weights)
+    torch.testing.assert_close(out, expected)
+    (values_grad, weights_grad), (expected_values, expected_weights) = (
+        grads_of(out, [values, weights], grad), grads_of(expected, [values, weights], grad))
+    assert_coalesced_rows(values_grad, 6)
+    torch.testing.assert_close(values_grad.to_dense(), expected_values)
+    torch.testing.assert_close(weights_grad, expected_weights)
+
+
+def test_bag_torch_empty_and_frozen_table():
     values = torch.randn(7, 4)
-    out = product_key_bag_reference(values, torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3))
+    out = product_key_bag_torch(values, torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3))
     assert out.shape == (0, 4)
     weights = torch.rand(5, 3, requires_grad=True)
     indices = torch.randint(0, 7, (5, 3))
-    out = product_key_bag_reference(values, indices, weights)
-    torch.testing.assert_close(out, (weights[:, :, None] * values[indices]).sum(1))
+    out = product_key_bag_torch(values, indices, weights)
+    torch.testing.assert_close(out, naive_product_key_bag(values, indices, weights))
     (grad,) = grads_of(out, [weights], torch.ones_like(out))
     torch.testing.assert_close(grad, values[indices].sum(-1))
 
 
-def test_bag_reference_blocks(monkeypatch):
+def test_bag_torch_blocks(monkeypatch):
     # Tiny gather blocks: several token blocks in the forward and in both gradients.
     generator = torch.Generator().manual_seed(13)
     values = torch.randn(20, 6, generator=generator, requires_grad=True)
     indices = torch.randint(0, 20, (9, 4), generator=generator)
     weights = torch.rand(9, 4, generator=generator, requires_grad=True)
     grad = torch.randn(9, 6, generator=generator)
-    whole = product_key_bag_reference(values, indices, weights)
+    whole = product_key_bag_torch(values, indices, weights)
     whole_grads = grads_of(whole, [values, weights], grad)
     monkeypatch.setattr(ops_product_keys, "GATHER_ELEMENTS", 30)
-    blocked = product_key_bag_reference(values, indices, weights)
+    blocked = product_key_bag_torch(values, indices, weights)
     blocked_grads = grads_of(blocked, [values, weights], grad)
     torch.testing.assert_close(blocked, whole)
     torch.testing.assert_close(blocked_grads[0].to_dense(), whole_grads[0].to_dense())
@@ -419,7 +429,7 @@ def run_bag(op, values, indices, weights, grad_out):
 def check_bag(kernels, case, dtype, seed=0):
     inputs = make_bag_inputs(**BAG_CASES[case], seed=seed, dtype=dtype)
     out, grad_values, grad_weights = run_bag(kernels.product_key_bag_triton, *inputs)
-    expected, expected_values, expected_weights = run_bag(product_key_bag_reference, *inputs)
+    expected, expected_values, expected_weights = run_bag(product_key_bag_torch, *inputs)
     assert out.dtype == dtype and grad_values.dtype == dtype and grad_weights.dtype == torch.float32
     assert_close(out, expected, BAG_FORWARD_TOLERANCE[dtype], "output")
     assert_close(grad_weights, expected_weights, BAG_WEIGHTS_GRAD_TOLERANCE[dtype], "grad of weights")
@@ -432,7 +442,7 @@ def check_bag(kernels, case, dtype, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("case", list(BAG_CASES))
-def test_triton_bag_kernel_matches_reference(interpreted, case, dtype):
+def test_triton_bag_kernel_matches_pytorch_path(interpreted, case, dtype):
     check_bag(interpreted[0], case, dtype)
 
 
@@ -461,7 +471,7 @@ def test_triton_bag_kernel_empty_and_frozen_table(interpreted):
     weights.requires_grad_()
     out = kernels.product_key_bag_triton(values, indices, weights)
     (grad,) = grads_of(out, [weights], grad_out)
-    expected = product_key_bag_reference(values, indices, weights)
+    expected = product_key_bag_torch(values, indices, weights)
     assert_close(grad, grads_of(expected, [weights], grad_out)[0], BAG_WEIGHTS_GRAD_TOLERANCE[torch.float32],
                  "grad of weights")
 
@@ -502,7 +512,7 @@ def test_gpu_bag_kernel(compiled, dtype):
     # 2048 tokens, 4 heads x 32 reads, 65536 slots of width 512 (wider than one column block).
     inputs = make_bag_inputs(2048, 128, 65536, 512, dtype=dtype, device="cuda")
     out, grad_values, grad_weights = run_bag(kernels.product_key_bag_triton, *inputs)
-    expected, expected_values, expected_weights = run_bag(product_key_bag_reference, *inputs)
+    expected, expected_values, expected_weights = run_bag(product_key_bag_torch, *inputs)
     assert out.dtype == dtype and grad_values.dtype == dtype
     assert_relative(out, expected, GPU_RELATIVE_TOLERANCE[dtype], "output")
     assert_relative(grad_weights, expected_weights, GPU_RELATIVE_TOLERANCE[dtype], "grad of weights")
@@ -513,7 +523,7 @@ def test_gpu_bag_kernel(compiled, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_gpu_layer_kernels_match_reference(compiled, dtype, monkeypatch, fresh_backend_settings):
+def test_gpu_layer_kernels_match_pytorch_path(compiled, dtype, monkeypatch, fresh_backend_settings):
     memory = make_memory(hidden_size=256, num_keys=64, top_k=8, heads=4, key_dim=64).to(device="cuda", dtype=dtype)
     hidden_states = torch.randn(4, 128, 256, device="cuda", dtype=dtype)
     grad = torch.randn_like(hidden_states)

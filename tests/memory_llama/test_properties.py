@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from modeling_memory import MemoryLlamaConfig, MemoryLlamaForCausalLM
-from modeling_memory.memory_llama.ops_engram import engram_row_ids_reference
+from modeling_memory.memory_llama.ops_engram import engram_row_ids
 from conftest import EOS, PAD, VOCAB, tiny_config, train_steps
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -29,10 +29,7 @@ def engram_rows(model, ids, mask):
         if layer.engram is not None:
             e = layer.engram
             token_ids, history_lengths = e.ngram_context(ids, boundaries, None)
-            result.append(engram_row_ids_reference(
-                token_ids, history_lengths, model.model.engram_canonical_map, e.hash_multipliers,
-                e.table_primes, e.table_offsets, e.ngram_orders, e.pad_id,
-            ))
+            result.append(engram_row_ids(token_ids, history_lengths, e.hashing(model.model.engram_canonical_map)))
     return result
 
 

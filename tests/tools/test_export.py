@@ -47,8 +47,11 @@ RUNTIME_DIR = Path(modeling_memory.memory_llama.__file__).parent
 
 
 def test_runtime_subpackage_is_the_remote_code_set():
-    """The run-time subpackage holds exactly the files an export ships (plus its __init__)."""
-    assert {p.name for p in RUNTIME_DIR.glob("*.py")} == RUNTIME_FILES | {"__init__.py"}
+    """The run-time subpackage holds exactly the files an export ships, plus its __init__ and the naive references
+    of the ops (`naive_*.py`), which only tests and benchmarks import, so an export never reaches them."""
+    files = {p.name for p in RUNTIME_DIR.glob("*.py")}
+    naive = {name for name in files if name.startswith("naive_")}
+    assert naive and files - naive == RUNTIME_FILES | {"__init__.py"}
 
 
 class FakeHub:
