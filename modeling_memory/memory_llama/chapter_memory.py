@@ -29,9 +29,10 @@ from .ops_table_rows import gather_rows
 class MemoryLlamaChapterBank(nn.Embedding):
     """The learnt memory tokens: (num_chapters * chapter_size, hidden_size), shared chapters first.
 
-    A table read by rows in training (the rows of the chapters a batch reads), hence an `nn.Embedding` with
-    `sparse=True`: DDP all-reduces sparse gradients only for embedding modules that say so. Its weight is
-    initialised by the model's `_init_weights`.
+    Owned by the model and read by every chapter layer (`chapter_share_bank`), or owned by one chapter memory.
+    A table read by rows in training (the rows of the chapters a batch reads), hence an `nn.Embedding` whose
+    `sparse` flag says whether its gradient is sparse (the default) or dense: DDP all-reduces sparse gradients
+    only for embedding modules that say so. Its weight is initialised by the model's `_init_weights`.
     """
 
     def __init__(self, config: MemoryLlamaConfig):
@@ -39,7 +40,16 @@ class MemoryLlamaChapterBank(nn.Embedding):
         super().__init__(rows, config.hidden_size, sparse=True, _weight=torch.empty(rows, config.hidden_size))
 
 
+class MemoryLlamaChapterOutput(nn.Linear):
+    """The chapter memory's last projection, zero at birth (see `_init_weights`) so that a fresh memory adds
+    exactly zero. A class of its own because transformers calls `_init_weights` on a module of custom code only
+    if it holds parameters itself, which the chapter memory does not: its init is decided on this projection."""
+
+
 class MemoryLlamaChapterMemory(nn.Module):
+    """Chapter memory of one decoder layer (see the module docstring). It reads its own bank, or with
+    `chapter_share_bank` the model's, which the decoder layer passes to `forward`."""
+
     def __init__(self, config: MemoryLlamaConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -55,13 +65,9 @@ class MemoryLlamaChapterMemory(nn.Module):
         self.memory_query = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.memory_key = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.memory_value = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
-        self.memory_output = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
-        self.memory_output.zero_init = True  # function-preserving at birth (see _init_weights)
+        self.memory_output = MemoryLlamaChapterOutput(config.hidden_size, config.hidden_size, bias=False)
         self.bank_norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.bank = None if config.chapter_share_bank else MemoryLlamaChapterBank(config)
-        # Whether training gives the bank a sparse gradient; kept equal to the bank module's `sparse` (see
-        # `trainer.set_sparse_table_gradients`), which this layer cannot see when the bank is shared.
-        self.sparse_bank_gradient = True
         self._projected_bank = None  # (version key, keys, values), reused while no weight changes
 
     def _bank_version(self, bank: torch.Tensor) -> tuple:
@@ -93,17 +99,19 @@ class MemoryLlamaChapterMemory(nn.Module):
             self._projected_bank = (version, *self._project(bank, dtype))
         return self._projected_bank[1], self._projected_bank[2]
 
-    def read_chapter_rows(self, bank: torch.Tensor, chapter_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_chapter_rows(
+        self, bank: MemoryLlamaChapterBank, chapter_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The bank rows of only the chapters this batch reads (training: a step's cost is bounded by
         tokens x (shared + k) chapters instead of growing with the bank), gathered so that the bank's gradient
-        is sparse: the U * T rows read.
+        is sparse (the U * T rows read) unless the bank says otherwise (`bank.sparse`).
 
         Returns rows (U * T, d) of the U distinct chapters read, and chapter_ids renumbered into them.
         """
         read, local_ids = torch.unique(chapter_ids, return_inverse=True)
         offsets = torch.arange(self.chapter_size, device=read.device)
         row_ids = (read.unsqueeze(1) * self.chapter_size + offsets).flatten()
-        return gather_rows(bank, row_ids, sparse_grad=self.sparse_bank_gradient), local_ids
+        return gather_rows(bank.weight, row_ids, sparse_grad=bank.sparse), local_ids
 
     def folding_is_cheaper(self, num_tokens: int, reads_per_token: int, num_read: int) -> bool:
         """Whether `attend_folded` costs fewer FLOPs than projecting the `num_read` chapters read. Both are exact;
@@ -157,11 +165,11 @@ class MemoryLlamaChapterMemory(nn.Module):
         chapter_weights = torch.cat([shared_weights, routed_weights], dim=-1)
         return router_logits, routed_chapters, chapter_ids, chapter_weights
 
-    def forward(self, hidden_states: torch.Tensor, shared_bank: torch.Tensor | None = None):
+    def forward(self, hidden_states: torch.Tensor, shared_bank: MemoryLlamaChapterBank | None = None):
         """
         Args:
             hidden_states: (B, S, d), already normed by the layer's `memory_layernorm`.
-            shared_bank: (C * T, d) the model's bank when `chapter_share_bank`, else None.
+            shared_bank: the model's bank when `chapter_share_bank`, else None (the layer reads its own).
         Returns:
             (B, S, d) the residual update, (B * S, routed) fp32 router logits and (B * S, k) the routed
             chapters each token read (recorded by the model as `router_logits` / `router_indices`).
@@ -169,7 +177,8 @@ class MemoryLlamaChapterMemory(nn.Module):
         batch, seq_len, hidden = hidden_states.shape
         flat = hidden_states.reshape(-1, hidden)
         router_logits, routed_chapters, chapter_ids, chapter_weights = self.route(flat)
-        bank = self.bank.weight if self.bank is not None else shared_bank
+        bank_table = self.bank if self.bank is not None else shared_bank
+        bank = bank_table.weight
         if bank.device != hidden_states.device:
             raise ValueError(
                 f"The chapter bank is on {bank.device} but the hidden states are on {hidden_states.device}: "
@@ -178,7 +187,7 @@ class MemoryLlamaChapterMemory(nn.Module):
         query = self.memory_query(flat).view(-1, self.num_heads, self.head_dim)
         scale = self.head_dim**-0.5
         if torch.is_grad_enabled():
-            rows, chapter_ids = self.read_chapter_rows(bank, chapter_ids)
+            rows, chapter_ids = self.read_chapter_rows(bank_table, chapter_ids)
             num_read = rows.shape[0] // self.chapter_size
             # The Triton kernels attend to projected rows; folding replaces the PyTorch path when cheaper.
             if kernel_choice(query) == "torch" and self.folding_is_cheaper(flat.shape[0], chapter_ids.shape[1], num_read):

@@ -79,7 +79,11 @@ class MemoryLlamaConfig(LlamaConfig):
     """
 
     model_type = "memory_llama"
-    keys_to_ignore_at_inference = ["cache", "router_logits", "router_indices", "aux_loss", "hidden_states"]
+    # Outputs that Trainer's evaluation must not gather as logits: the cache and the recorded memory internals.
+    keys_to_ignore_at_inference = [
+        "cache", "router_logits", "router_indices", "aux_loss", "hidden_states", "engram_gates", "engram_row_ids",
+        "pkm_indices",
+    ]
 
     chapter_layers: list[int] | None = None
     chapter_num_chapters: int = 64

@@ -6,9 +6,12 @@ self-attention at `config.engram_layers`).
     s = <RMSNorm(h), RMSNorm(k)> / sqrt(d);  alpha = sigmoid(sign(s) * sqrt(max(|s|, 1e-6)))
     Y = alpha * v + SiLU(DepthwiseCausalConv1d(RMSNorm(alpha * v)))
 
-`engram_value` is zero-initialised, so a fresh Engram adds exactly zero. The table is an
-`nn.Embedding(sparse=True)`: in training its gradient holds only the rows a step read (see
-`ops_table_rows.py`), so a step costs the same whatever the table's size.
+`engram_value` is zero-initialised (in the model's `_init_weights`, as every parameter and buffer here), so a
+fresh Engram adds exactly zero. The table is an `nn.Embedding(sparse=True)`: in training its gradient holds
+only the rows a step read (see `ops_table_rows.py`), so a step costs the same whatever the table's size.
+
+Besides the update, the layer returns its gate and the rows it read, which the model records on request
+(`output_engram_gates`, `output_engram_row_ids`): training tools read them there instead of recomputing them.
 """
 
 import functools
@@ -104,7 +107,6 @@ class MemoryLlamaEngram(nn.Module):
 
         self.engram_key = nn.Linear(config.engram_dim, config.hidden_size, bias=False)
         self.engram_value = nn.Linear(config.engram_dim, config.hidden_size, bias=False)
-        self.engram_value.zero_init = True  # function-preserving at birth (see _init_weights)
         self.hidden_norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.key_norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.conv_norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -193,7 +195,8 @@ class MemoryLlamaEngram(nn.Module):
         token_mask: torch.Tensor,
         canonical_map: torch.Tensor,
         cache: Cache | None = None,
-    ) -> torch.Tensor:
+        return_row_ids: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """
         Args:
             hidden_states: (B, S, d) residual stream entering the layer.
@@ -202,8 +205,11 @@ class MemoryLlamaEngram(nn.Module):
             token_mask: (B, S) bool, False at padding.
             canonical_map: (V,) raw id -> canonical id.
             cache: transformers' cache whose layer `layer_idx` keeps conv states ("hybrid" layer), or None.
+            return_row_ids: also return the rows read (the fused kernel writes them only when asked or training).
         Returns:
-            (B, S, d) the residual update.
+            (B, S, d) the residual update; (B * S,) fp32 the gate alpha of each token; (B * S, H) int64 the table
+            rows each token read, or None unless `return_row_ids` (recorded by the model as `engram_gates` /
+            `engram_row_ids`).
         """
         if self.table.weight.device != hidden_states.device:
             raise ValueError(
@@ -212,9 +218,12 @@ class MemoryLlamaEngram(nn.Module):
             )
         token_ids, history_lengths = self.ngram_context(input_ids, boundaries, cache)
         # A table may be kept in higher precision than the layer; the gate runs in fp32 either way.
-        embeddings = self.lookup(token_ids, history_lengths, canonical_map).to(hidden_states.dtype)
+        looked_up = self.lookup(token_ids, history_lengths, canonical_map, return_row_ids)
+        embeddings, row_ids = looked_up if return_row_ids else (looked_up, None)
+        embeddings = embeddings.to(hidden_states.dtype)
         alpha = self.gate(hidden_states, self.engram_key(embeddings))
         gated_values = (alpha * self.engram_value(embeddings).float()).to(hidden_states.dtype)
         # Padding must not leak into later tokens through the convolution.
         conv_inputs = self.conv_norm(gated_values) * token_mask.unsqueeze(-1).to(gated_values.dtype)
-        return gated_values + self.short_conv(conv_inputs, cache)
+        update = gated_values + self.short_conv(conv_inputs, cache)
+        return update, alpha.flatten(), None if row_ids is None else row_ids.flatten(0, 1)

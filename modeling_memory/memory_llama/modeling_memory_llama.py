@@ -35,39 +35,53 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .chapter_memory import MemoryLlamaChapterBank, MemoryLlamaChapterMemory, router_losses
+from .chapter_memory import MemoryLlamaChapterBank, MemoryLlamaChapterMemory, MemoryLlamaChapterOutput, router_losses
 from .configuration_memory_llama import MemoryLlamaConfig
 from .engram import MemoryLlamaEngram, engram_hash_multipliers, engram_table_primes
 from .product_key_memory import MemoryLlamaProductKeyMemory, MemoryLlamaProductKeyValues
 
 
-@dataclass
-class MemoryLlamaModelOutputWithPast(MoeModelOutputWithPast):
-    r"""
+_RECORDED_MEMORY_DOC = r"""
     router_logits (`tuple(torch.FloatTensor)`, *optional*):
         Per chapter layer, (batch * seq_len, routed chapters) fp32; returned with `output_router_logits=True`.
     router_indices (`tuple(torch.LongTensor)`, *optional*):
         Per chapter layer, (batch * seq_len, chapter_top_k) the routed chapters each token read; returned with
-        `output_router_indices=True`.
-    """
+        `output_router_indices=True` (the causal-LM head asks for them with `output_router_logits=True`).
+    engram_gates (`tuple(torch.FloatTensor)`, *optional*):
+        Per Engram layer, (batch * seq_len,) fp32 the gate of each token; returned with `output_engram_gates=True`.
+    engram_row_ids (`tuple(torch.LongTensor)`, *optional*):
+        Per Engram layer, (batch * seq_len, heads) the table rows each token read; returned with
+        `output_engram_row_ids=True`.
+    pkm_indices (`tuple(torch.LongTensor)`, *optional*):
+        Per product-key layer, (batch * seq_len, pkm_heads, pkm_top_k) the value slots each token read; returned
+        with `output_pkm_indices=True`.
+"""
+
+
+@dataclass
+class MemoryLlamaModelOutputWithPast(MoeModelOutputWithPast):
+    __doc__ = _RECORDED_MEMORY_DOC
 
     router_indices: tuple[torch.LongTensor, ...] | None = None
+    engram_gates: tuple[torch.FloatTensor, ...] | None = None
+    engram_row_ids: tuple[torch.LongTensor, ...] | None = None
+    pkm_indices: tuple[torch.LongTensor, ...] | None = None
 
 
 @dataclass
 class MemoryLlamaCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
-    r"""
+    __doc__ = (
+        r"""
     aux_loss (`torch.FloatTensor`, *optional*):
         Weighted router losses (load balancing + z-loss) of the chapter layers, with `output_router_logits=True`;
-        already included in `loss` when labels are given.
-    router_logits (`tuple(torch.FloatTensor)`, *optional*):
-        Per chapter layer, (batch * seq_len, routed chapters) fp32; returned with `output_router_logits=True`.
-    router_indices (`tuple(torch.LongTensor)`, *optional*):
-        Per chapter layer, (batch * seq_len, chapter_top_k) the routed chapters each token read; returned with
-        `output_router_logits=True`.
-    """
+        already included in `loss` when labels are given."""
+        + _RECORDED_MEMORY_DOC
+    )
 
     router_indices: tuple[torch.LongTensor, ...] | None = None
+    engram_gates: tuple[torch.FloatTensor, ...] | None = None
+    engram_row_ids: tuple[torch.LongTensor, ...] | None = None
+    pkm_indices: tuple[torch.LongTensor, ...] | None = None
 
 
 @dataclass
@@ -78,27 +92,15 @@ class MemoryLlamaLayerInputs:
     token_mask: torch.Tensor  # (B, S) bool, False at padding
     boundaries: torch.Tensor | None  # (B, S) bool, True at EOS and padding (Engram's n-grams stop there)
     canonical_map: torch.Tensor | None  # (V,) raw id -> canonical id, for Engram
-    shared_bank: torch.Tensor | None  # (C * T, d) when the bank is shared
-
-
-def product_key_memory_of(config: MemoryLlamaConfig, shared_values: MemoryLlamaProductKeyValues | None):
-    return MemoryLlamaProductKeyMemory(
-        hidden_size=config.hidden_size,
-        num_keys=config.pkm_num_keys,
-        top_k=config.pkm_top_k,
-        heads=config.pkm_heads,
-        key_dim=config.pkm_key_dim,
-        value_dim=config.pkm_effective_value_dim,
-        query_norm=config.pkm_query_norm,
-        rms_norm_eps=config.rms_norm_eps,
-        shared_values=shared_values,
-    )
+    # Tables shared between layers, owned by the model (None when each layer owns its own).
+    chapter_bank: MemoryLlamaChapterBank | None
+    pkm_values: MemoryLlamaProductKeyValues | None
+    # Whether the Engram layers must hand out the rows they read (the fused kernel writes them only then).
+    output_engram_row_ids: bool = False
 
 
 class MemoryLlamaDecoderLayer(LlamaDecoderLayer):
-    def __init__(
-        self, config: MemoryLlamaConfig, layer_idx: int, shared_pkm_values: MemoryLlamaProductKeyValues | None = None
-    ):
+    def __init__(self, config: MemoryLlamaConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         self.layer_idx = layer_idx
         self.engram = MemoryLlamaEngram(config, layer_idx) if layer_idx in config.engram_layers else None
@@ -108,7 +110,7 @@ class MemoryLlamaDecoderLayer(LlamaDecoderLayer):
         else:
             self.memory_layernorm = self.chapter_memory = None
         in_pkm_layers = layer_idx in config.pkm_layers
-        self.product_key_memory = product_key_memory_of(config, shared_pkm_values) if in_pkm_layers else None
+        self.product_key_memory = MemoryLlamaProductKeyMemory(config, layer_idx) if in_pkm_layers else None
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -122,15 +124,18 @@ class MemoryLlamaDecoderLayer(LlamaDecoderLayer):
         memory_inputs: MemoryLlamaLayerInputs | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
+        # Each memory returns its update and what the model records on request (see `_can_record_outputs`).
         if self.engram is not None:
-            hidden_states = hidden_states + self.engram(
+            update, _, _ = self.engram(
                 hidden_states,
                 memory_inputs.input_ids,
                 memory_inputs.boundaries,
                 memory_inputs.token_mask,
                 memory_inputs.canonical_map,
                 cache,
+                return_row_ids=memory_inputs.output_engram_row_ids,
             )
+            hidden_states = hidden_states + update
 
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
@@ -146,15 +151,15 @@ class MemoryLlamaDecoderLayer(LlamaDecoderLayer):
         hidden_states = residual + hidden_states
 
         if self.chapter_memory is not None:
-            # The router outputs are recorded from the module's outputs (see `_can_record_outputs`).
-            update, _, _ = self.chapter_memory(self.memory_layernorm(hidden_states), memory_inputs.shared_bank)
+            update, _, _ = self.chapter_memory(self.memory_layernorm(hidden_states), memory_inputs.chapter_bank)
             hidden_states = hidden_states + update
 
         residual = hidden_states
         normed = self.post_attention_layernorm(hidden_states)
         hidden_states = self.mlp(normed)
         if self.product_key_memory is not None:
-            hidden_states = hidden_states + self.product_key_memory(normed)
+            update, _ = self.product_key_memory(normed, memory_inputs.pkm_values)
+            hidden_states = hidden_states + update
         hidden_states = residual + hidden_states
         return hidden_states
 
@@ -171,34 +176,60 @@ class MemoryLlamaPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
+    # What the memory modules return besides their update, recorded when the matching `output_<name>` flag is set.
     _can_record_outputs = {
         "hidden_states": MemoryLlamaDecoderLayer,
         "attentions": LlamaAttention,
         "router_logits": OutputRecorder(MemoryLlamaChapterMemory, index=1),
         "router_indices": OutputRecorder(MemoryLlamaChapterMemory, index=2),
+        "engram_gates": OutputRecorder(MemoryLlamaEngram, index=1),
+        "engram_row_ids": OutputRecorder(MemoryLlamaEngram, index=2),
+        "pkm_indices": OutputRecorder(MemoryLlamaProductKeyMemory, index=1),
     }
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """Initialise every parameter and buffer the memory adds (runs after the children's defaults)."""
+        """Initialise every parameter and buffer the memory adds (runs after the children's defaults, and only
+        where `from_pretrained` loaded nothing: the `init` helpers skip loaded tensors).
+
+        Each memory is function-preserving at birth: its last projection is zero (the chapter memory's
+        `memory_output`, Engram's `engram_value`), or for the product-key memory its values (see below)."""
         super()._init_weights(module)
         std = self.config.initializer_range
-        # Decided on the projection itself: modules without direct parameters are skipped by transformers.
-        if isinstance(module, nn.Linear) and getattr(module, "zero_init", False):
+        if isinstance(module, MemoryLlamaChapterOutput):
             init.zeros_(module.weight)
         elif isinstance(module, MemoryLlamaChapterBank):
             init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, MemoryLlamaProductKeyMemory):
-            module.init_weights(std)
-        elif isinstance(module, MemoryLlamaProductKeyValues):  # the shared table (a layer's own is done above)
-            module.init_weights()
         elif isinstance(module, MemoryLlamaEngram):
+            init.zeros_(module.engram_value.weight)
             bound = module.conv_kernel**-0.5
             init.uniform_(module.conv.weight, -bound, bound)
             primes = engram_table_primes(self.config, module.layer_idx)
             init.copy_(module.table_primes, torch.tensor(primes, dtype=torch.int64))
             init.copy_(module.table_offsets, torch.tensor([0, *primes[:-1]], dtype=torch.int64).cumsum(0))
             init.copy_(module.hash_multipliers, engram_hash_multipliers(self.config, module.layer_idx))
+        elif isinstance(module, MemoryLlamaProductKeyValues):
+            # Zero, so that a fresh memory adds exactly zero while the values still get gradients on the first
+            # step: the output is W_o (bag * SiLU(W_g x)) with bag linear in the values, so a zero W_o or W_g (or a
+            # zero scale anywhere after the bag) would make the output zero but also every gradient that reaches
+            # the values through it. With zero values, d loss / d values = w * (SiLU(W_g x) * W_o^T d loss / d out)
+            # is not zero; the keys, query, gate and output learn from the second step on. (A table trained from
+            # scratch without that constraint would be drawn from N(0, value_dim**-0.5), as in the Memory Layers
+            # code.)
+            init.zeros_(module.weight)
+        elif isinstance(module, MemoryLlamaProductKeyMemory):
+            init.normal_(module.pkm_query.weight, mean=0.0, std=std)
+            if module.pkm_query_norm is not None:
+                init.ones_(module.pkm_query_norm.weight)
+            # The gate and output projections at fan-in scale (std fan_in**-0.5), not at `std`: the read path
+            # multiplies the two, and at 0.02 each a value row reaches the residual about 16x attenuated (hidden
+            # 576), so values born at zero would need steps that large to matter (measured on SmolLM2: sparse
+            # memory fine-tuning at the same learning rate learnt little until this scale was used).
+            init.normal_(module.pkm_gate.weight, mean=0.0, std=module.hidden_size**-0.5)
+            init.normal_(module.pkm_output.weight, mean=0.0, std=module.value_dim**-0.5)
+            # Uniform in +-1/sqrt(K / 2), as the product-key code draws its sub-keys (nn.Linear's bound).
+            bound = (module.key_dim // 2) ** -0.5
+            init.uniform_(module.pkm_keys, -bound, bound)
         elif isinstance(module, MemoryLlamaModel) and module.engram_canonical_map is not None:
             init.copy_(module.engram_canonical_map, torch.arange(self.config.vocab_size, dtype=torch.int64))
 
@@ -209,19 +240,18 @@ class MemoryLlamaModel(MemoryLlamaPreTrainedModel):
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        share_values = config.pkm_layers and config.pkm_share_values
-        self.pkm_values = (
-            MemoryLlamaProductKeyValues(config.pkm_num_slots, config.pkm_effective_value_dim) if share_values else None
-        )
         self.layers = nn.ModuleList(
-            [MemoryLlamaDecoderLayer(config, layer_idx, self.pkm_values) for layer_idx in range(config.num_hidden_layers)]
+            [MemoryLlamaDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
 
+        # Tables shared between layers live here, once, and reach the layers through their inputs in forward.
         share_bank = config.chapter_layers and config.chapter_share_bank
         self.chapter_bank = MemoryLlamaChapterBank(config) if share_bank else None
+        share_values = config.pkm_layers and config.pkm_share_values
+        self.pkm_values = MemoryLlamaProductKeyValues(config) if share_values else None
         if config.engram_layers:
             # raw id -> canonical id; identity unless built from a tokenizer (see canonical_ids.py)
             self.register_buffer("engram_canonical_map", torch.arange(config.vocab_size, dtype=torch.int64))
@@ -322,8 +352,10 @@ class MemoryLlamaModel(MemoryLlamaPreTrainedModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> MemoryLlamaModelOutputWithPast:
         r"""
-        Besides Llama's options: `output_router_logits=True` / `output_router_indices=True` return each chapter
-        layer's router logits / chosen chapters.
+        Besides Llama's options, each memory's internals on request (see `MemoryLlamaModelOutputWithPast`):
+        `output_router_logits` / `output_router_indices` (chapter layers' router logits / chosen chapters),
+        `output_engram_gates`, `output_engram_row_ids` and `output_pkm_indices`. Nothing is recorded, and
+        nothing extra computed, unless asked.
         """
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
@@ -360,7 +392,10 @@ class MemoryLlamaModel(MemoryLlamaPreTrainedModel):
             token_mask=token_mask,
             boundaries=boundaries,
             canonical_map=self.engram_canonical_map,
-            shared_bank=self.chapter_bank.weight if self.chapter_bank is not None else None,
+            chapter_bank=self.chapter_bank,
+            pkm_values=self.pkm_values,
+            # Read as the output recorder reads it: the keyword, else the config.
+            output_engram_row_ids=bool(kwargs.get("output_engram_row_ids", getattr(self.config, "output_engram_row_ids", False))),
         )
 
         hidden_states = inputs_embeds
@@ -413,6 +448,9 @@ class MemoryLlamaForCausalLM(MemoryLlamaPreTrainedModel, GenerationMixin):
         output_router_logits (`bool`, *optional*, defaults to `config.output_router_logits`):
             Return each chapter layer's router logits and chosen chapters, and the router `aux_loss` (added to
             the loss when labels are given).
+
+        `output_engram_gates`, `output_engram_row_ids` and `output_pkm_indices` go to the model (see
+        `MemoryLlamaModel.forward`) and come back in the output.
         """
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
@@ -455,6 +493,9 @@ class MemoryLlamaForCausalLM(MemoryLlamaPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
             router_indices=outputs.router_indices,
+            engram_gates=outputs.engram_gates,
+            engram_row_ids=outputs.engram_row_ids,
+            pkm_indices=outputs.pkm_indices,
         )
 
 

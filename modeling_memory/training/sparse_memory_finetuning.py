@@ -3,7 +3,8 @@ than background data does, with everything else frozen (after "Continual Learnin
 Finetuning", 2025, on product-key memory layers).
 
 1. `count_slot_reads(model, batches)`: for each memory table (product-key values, Engram tables), how
-   often each slot (row) is read over the batches, and by how many batches.
+   often each slot (row) is read over the batches, and by how many batches, from the slots the model's
+   forward reports (its recorded `pkm_indices` and `engram_row_ids`).
 2. `rank_slots(new_data, background, top_t)`: TF-IDF per slot, the slot's share of the new data's reads
    times log((background batches + 1) / (background batches that read the slot + 1)); the top-t slots of
    each table that the new data reads.
@@ -19,9 +20,9 @@ import torch
 from torch import nn
 
 from modeling_memory.memory_llama.engram import MemoryLlamaEngram
-from modeling_memory.training.memory_parameters import ENGRAM_TABLE, PKM_VALUES, memory_kinds
-from modeling_memory.memory_llama.ops_engram import engram_row_ids
+from modeling_memory.memory_llama.modeling_memory_llama import MemoryLlamaModel
 from modeling_memory.memory_llama.product_key_memory import MemoryLlamaProductKeyMemory
+from modeling_memory.training.memory_parameters import ENGRAM_TABLE, PKM_VALUES, memory_kinds
 
 # Tables whose slots are ranked: those a token reads a handful of rows of.
 RANKED_KINDS = (PKM_VALUES, ENGRAM_TABLE)
@@ -51,9 +52,26 @@ def _table_names(model: nn.Module) -> dict[int, str]:
     return {id(named[name]): name for name, kind in memory_kinds(model).items() if kind in RANKED_KINDS and name in named}
 
 
+def _tables_read(model: nn.Module, names: dict[int, str]) -> tuple[list[str], list[str]]:
+    """The table each product-key layer and each Engram layer reads, by parameter name, in layer order: the
+    order of the model's recorded `pkm_indices` and `engram_row_ids`."""
+    product_key_tables, engram_tables = [], []
+    shared_values = None
+    for module in model.modules():  # the model before its layers, the layers in order
+        if isinstance(module, MemoryLlamaModel):
+            shared_values = module.pkm_values
+        elif isinstance(module, MemoryLlamaProductKeyMemory):
+            values = module.pkm_values if module.pkm_values is not None else shared_values
+            product_key_tables.append(names[id(values.weight)])
+        elif isinstance(module, MemoryLlamaEngram):
+            engram_tables.append(names[id(module.table.weight)])
+    return product_key_tables, engram_tables
+
+
 @torch.no_grad()
 def count_slot_reads(model: nn.Module, batches) -> SlotReads:
-    """Count the slots each ranked table is read at over `batches`.
+    """Count the slots each ranked table is read at over `batches`, from the slots the forward reports
+    (`output_pkm_indices`, `output_engram_row_ids`): nothing is recomputed.
 
     Args:
         model: a MemoryLlama model (or a wrapper around one) with product-key memory and/or Engram layers.
@@ -67,49 +85,34 @@ def count_slot_reads(model: nn.Module, batches) -> SlotReads:
             "The model has no product-key memory or Engram tables to rank slots of: graft one first "
             "(e.g. `memory-llama graft BASE OUT --preset pkm`)."
         )
+    product_key_tables, engram_tables = _tables_read(model, names)
+    rows_of = {name: param.shape[0] for name, param in model.named_parameters(remove_duplicate=False)}
     reads = SlotReads()
-    per_batch: dict[str, torch.Tensor] = {}
-    token_mask: list[torch.Tensor] = []  # the current batch's (B * S,) mask, read by the hooks
-
-    def record(table: torch.Tensor, rows: torch.Tensor) -> None:
-        name = names[id(table)]
-        counts = torch.bincount(rows.reshape(-1), minlength=table.shape[0]).cpu()
-        per_batch[name] = per_batch.get(name, 0) + counts
-
-    def on_product_keys(module: MemoryLlamaProductKeyMemory, args, output):
-        hidden = args[0].reshape(-1, args[0].shape[-1])
-        indices, _ = module.address(hidden)  # (T, H, k)
-        record(module.values_table.weight, indices[token_mask[0]])
-
-    def on_engram(module: MemoryLlamaEngram, args, output):
-        _, input_ids, boundaries, _, canonical_map = args[:5]
-        token_ids, history_lengths = module.ngram_context(input_ids, boundaries, None)
-        rows = engram_row_ids(token_ids, history_lengths, module.hashing(canonical_map))  # (B, S, heads)
-        record(module.table.weight, rows.reshape(-1, rows.shape[-1])[token_mask[0]])
-
-    handles = []
-    for module in model.modules():
-        if isinstance(module, MemoryLlamaProductKeyMemory):
-            handles.append(module.register_forward_hook(on_product_keys))
-        elif isinstance(module, MemoryLlamaEngram):
-            handles.append(module.register_forward_hook(on_engram))
     was_training = model.training
     model.eval()
     try:
         for batch in batches:
-            input_ids = batch["input_ids"]
-            mask = batch.get("attention_mask")
-            mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
-            token_mask[:] = [mask.reshape(-1)]
-            per_batch.clear()
-            model(input_ids=input_ids, attention_mask=batch.get("attention_mask"))
+            input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
+            outputs = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                use_cache=False,
+                output_pkm_indices=bool(product_key_tables),
+                output_engram_row_ids=bool(engram_tables),
+            )
+            real = torch.ones(input_ids.numel(), dtype=torch.bool, device=input_ids.device)
+            if attention_mask is not None:
+                real = attention_mask.reshape(-1).bool()
+            read = list(zip(product_key_tables, outputs.pkm_indices or ())) + list(zip(engram_tables, outputs.engram_row_ids or ()))
+            per_batch: dict[str, torch.Tensor] = {}
+            for name, slots in read:  # (B * S, ...) the slots each token read
+                counts = torch.bincount(slots[real].reshape(-1), minlength=rows_of[name]).cpu()
+                per_batch[name] = per_batch.get(name, 0) + counts
             for name, counts in per_batch.items():
                 reads.counts[name] = reads.counts.get(name, 0) + counts
                 reads.batches_reading[name] = reads.batches_reading.get(name, 0) + (counts > 0).long()
             reads.num_batches += 1
     finally:
-        for handle in handles:
-            handle.remove()
         model.train(was_training)
     return reads
 

@@ -14,12 +14,8 @@
   loss by the accumulation steps (and multiplies it by the number of processes when averaging
   tokens across devices), which would weight the aux loss by GA x processes. `compute_loss` takes
   the aux term out and puts it back as a mean over micro-batches and processes.
-- Memory health in the logs, from forward hooks on the memory modules (the chapters a layer chose
-  are read from its output, not recomputed): `chapter_usage_entropy`
-  (entropy of the routed-chapter counts divided by its maximum, 1 = uniform),
-  `chapters_used_fraction` (chapters picked at least once since the last log), `engram_gate_mean`
-  (mean gate over real tokens) and `aux_loss` (mean weighted router loss per micro-batch), each
-  averaged over memory layers and processes.
+- Memory health in the logs (`memory_health.py`), read from the memory internals the training forward
+  records: `chapter_usage_entropy`, `chapters_used_fraction`, `engram_gate_mean` and `aux_loss`.
 - With a PEFT model whose memory is trained directly (see `peft_modes.py`), checkpoints also hold
   `memory.safetensors`, and resuming loads it back.
 
@@ -40,10 +36,8 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from modeling_memory.memory_llama.chapter_memory import MemoryLlamaChapterMemory
-from modeling_memory.memory_llama.engram import MemoryLlamaEngram
+from modeling_memory.training.memory_health import MemoryHealth
 from modeling_memory.training.memory_parameters import CHAPTER_BANK, ENGRAM_TABLE, PKM_VALUES, TABLE_KINDS, memory_kinds, memory_parameters
-from modeling_memory.memory_llama.modeling_memory_llama import MemoryLlamaModel
 from modeling_memory.training.table_optimizers import CombinedOptimizer, LazyAdam, RowWiseAdagrad, clip_grad_norm_
 
 # Optimizers of the tables: both update only the rows a step read.
@@ -175,143 +169,17 @@ def build_memory_optimizer(
 def set_sparse_table_gradients(model: nn.Module, enabled: bool) -> None:
     """Give every memory table of `model` sparse row gradients (the default) or dense ones (`enabled=False`,
     for optimizers and tools that take only dense gradients, such as a plain `Trainer`'s AdamW). Sets `sparse`
-    on each table's embedding module (which DDP reads when it wraps the model: call this before) and on the
-    chapter memories that read a shared bank."""
+    on each table's embedding module, which the layers reading the table follow (and which DDP reads when it
+    wraps the model: call this before)."""
     tables = {id(param) for param in memory_parameters(model, TABLE_KINDS)}
     for module in model.modules():
         if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
             if any(id(param) in tables for param in module.parameters(recurse=False)):
                 module.sparse = enabled
-        elif isinstance(module, MemoryLlamaChapterMemory):
-            module.sparse_bank_gradient = enabled
 
 
 def has_sparse_gradients(parameters) -> bool:
     return any(param.grad is not None and param.grad.is_sparse for param in parameters)
-
-
-class MemoryHealth:
-    """Collects memory statistics from forward hooks while the model trains.
-
-    Counts stay on the model's device and are summed across processes only when read (`flush`), so
-    logging costs one small all-reduce per logging step.
-    """
-
-    def __init__(self):
-        self._handles = []
-        self._token_mask = None  # (B, S) bool of the current forward, from the model's attention_mask
-        self._engram_inputs = {}
-        self.reset()
-        self.total_chapter_counts: dict[int, torch.Tensor] = {}
-
-    def reset(self) -> None:
-        self.chapter_counts: dict[int, torch.Tensor] = {}
-        self.gate_sum = 0.0
-        self.gate_tokens = 0.0
-        self.aux_sum = 0.0
-        self.aux_count = 0
-
-    def attach(self, model: nn.Module) -> None:
-        """Register the hooks on every memory module of `model` (wrapped or not)."""
-        self.detach()
-        for module in model.modules():
-            if isinstance(module, MemoryLlamaModel):
-                self._handles.append(module.register_forward_pre_hook(self._on_model_input, with_kwargs=True))
-            elif isinstance(module, MemoryLlamaChapterMemory):
-                self._handles.append(module.register_forward_hook(self._on_chapter_output))
-            elif isinstance(module, MemoryLlamaEngram):
-                self._handles.append(module.register_forward_pre_hook(self._on_engram_input))
-                # The gate reads the retrieved keys: hook the key projection (whatever wraps it).
-                self._handles.append(module.engram_key.register_forward_hook(self._gate_hook(module)))
-
-    def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def _on_model_input(self, module, args, kwargs):
-        if not module.training:
-            return
-        mask = kwargs.get("attention_mask")
-        self._token_mask = mask.bool() if torch.is_tensor(mask) and mask.dim() == 2 else None
-
-    def _on_chapter_output(self, module, args, output):
-        if not module.training:
-            return
-        chosen = output[2]  # (B * S, k) the routed chapters the layer read
-        weights = torch.ones_like(chosen, dtype=torch.float64)
-        if self._token_mask is not None and self._token_mask.numel() == chosen.shape[0]:
-            weights = weights * self._token_mask.reshape(-1, 1)
-        # scatter_add rather than bincount: no device-to-host sync per step
-        counts = weights.new_zeros(module.num_chapters - module.num_shared).scatter_add_(0, chosen.reshape(-1), weights.reshape(-1))
-        layer = module.layer_idx
-        self.chapter_counts[layer] = self.chapter_counts.get(layer, 0) + counts
-        self.total_chapter_counts[layer] = self.total_chapter_counts.get(layer, 0) + counts
-
-    def _on_engram_input(self, module, args):
-        if module.training:
-            self._engram_inputs[module] = (args[0], args[3])  # hidden_states (B, S, d), token_mask (B, S)
-
-    def _gate_hook(self, engram: MemoryLlamaEngram):
-        def hook(module, args, keys):
-            stashed = self._engram_inputs.pop(engram, None)
-            if stashed is None:
-                return
-            hidden_states, token_mask = stashed
-            with torch.no_grad():
-                alpha = engram.gate(hidden_states.detach(), keys.detach()).squeeze(-1)  # (B, S)
-                mask = token_mask.to(alpha.dtype)
-                self.gate_sum = self.gate_sum + (alpha * mask).sum().double()
-                self.gate_tokens = self.gate_tokens + mask.sum().double()
-
-        return hook
-
-    def record_aux_loss(self, aux_loss: torch.Tensor) -> None:
-        self.aux_sum = self.aux_sum + aux_loss.detach().double()
-        self.aux_count += 1
-
-    def flush(self, accelerator) -> dict[str, float]:
-        """The statistics since the last flush, summed over processes; then start over."""
-        device = accelerator.device
-        logs = {}
-        if self.chapter_counts:
-            layers = sorted(self.chapter_counts)
-            counts = torch.stack([self.chapter_counts[layer].to(device) for layer in layers])
-            counts = accelerator.reduce(counts, reduction="sum")
-            entropy, used = _usage_statistics(counts)
-            logs["chapter_usage_entropy"] = entropy
-            logs["chapters_used_fraction"] = used
-        if torch.is_tensor(self.gate_tokens):
-            gate = torch.stack([self.gate_sum, self.gate_tokens]).to(device)
-            gate = accelerator.reduce(gate, reduction="sum")
-            logs["engram_gate_mean"] = float(gate[0] / gate[1].clamp_min(1))
-        if self.aux_count:
-            aux = torch.stack([self.aux_sum.to(device), torch.tensor(float(self.aux_count), dtype=torch.float64, device=device)])
-            aux = accelerator.reduce(aux, reduction="sum")
-            logs["aux_loss"] = float(aux[0] / aux[1])
-        self.reset()
-        return logs
-
-    def chapter_usage(self, accelerator=None) -> dict[int, list[float]]:
-        """Routed-chapter counts of the whole run per chapter layer (summed over processes when an
-        accelerator is given; call it on every process then)."""
-        usage = {}
-        for layer in sorted(self.total_chapter_counts):
-            counts = self.total_chapter_counts[layer]
-            if accelerator is not None:
-                counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum")
-            usage[layer] = counts.cpu().tolist()
-        return usage
-
-
-def _usage_statistics(counts: torch.Tensor) -> tuple[float, float]:
-    """(normalised entropy, fraction of chapters used) of (layers, routed) counts, averaged over layers."""
-    probs = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
-    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(dim=1)
-    num_routed = counts.shape[1]
-    normalised = entropy / math.log(num_routed) if num_routed > 1 else torch.zeros_like(entropy)
-    used = (counts > 0).double().mean(dim=1)
-    return float(normalised.mean()), float(used.mean())
 
 
 def last_complete_checkpoint(output_dir: str) -> str | None:
@@ -348,9 +216,7 @@ class MemoryTrainer(Trainer):
         if self.is_fsdp_enabled:
             # FSDP shards parameters and reduce-scatters dense gradients only (untested here: no multi-GPU machine).
             set_sparse_table_gradients(self.model, False)
-        self.memory_health = MemoryHealth()
-        if self._setting("log_memory_health", True):
-            self.memory_health.attach(self.model)
+        self.memory_health = MemoryHealth(self.accelerator.unwrap_model(self.model).config)
 
     def _setting(self, name: str, default):
         value = getattr(self.args, name, None)
@@ -441,9 +307,14 @@ class MemoryTrainer(Trainer):
         """Trainer's loss with the router aux loss weighted as a mean over micro-batches and processes
         (training) or left out (evaluation: `eval_loss` is the language-model loss alone)."""
         labels_reach_model = "labels" in inputs and self.label_smoother is None and self.compute_loss_func is None
+        log_health = model.training and self._setting("log_memory_health", True)
         if model.training:
             inputs = {**inputs, "output_router_logits": True}  # the router losses are computed only when asked
+        if log_health:
+            inputs = {**inputs, **MemoryHealth.OUTPUT_FLAGS}  # the memory internals the health logs read
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if log_health:
+            self.memory_health.record(outputs, inputs.get("attention_mask"))
         aux_loss = outputs.get("aux_loss") if isinstance(outputs, dict) else None
         if aux_loss is not None:
             aux_loss = aux_loss.to(loss.device)
@@ -452,7 +323,6 @@ class MemoryTrainer(Trainer):
             if model.training:
                 steps = self.current_gradient_accumulation_steps if self._trainer_scales_for_ga(num_items_in_batch) else 1
                 loss = loss + aux_loss / steps
-                self.memory_health.record_aux_loss(aux_loss)
         return (loss, outputs) if return_outputs else loss
 
     # ---- logging -----------------------------------------------------------------------------
@@ -515,7 +385,6 @@ class MemoryTrainer(Trainer):
 
 __all__ = [
     "last_complete_checkpoint",
-    "MemoryHealth",
     "MemoryTrainer",
     "MemoryTrainingArguments",
     "TABLE_OPTIMIZERS",

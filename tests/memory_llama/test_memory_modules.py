@@ -78,10 +78,10 @@ def test_chapter_memory_matches_dense_masked_reference():
     model = train_steps(MemoryLlamaForCausalLM(tiny_config(chapter_num_shared=2, chapter_top_k=3)))
     chapter_memory = model.model.layers[2].chapter_memory
     hidden = torch.randn(2, 7, 32)
-    bank = model.model.chapter_bank.weight
+    bank = model.model.chapter_bank
     with torch.no_grad():
         ours, _, _ = chapter_memory(hidden, bank)
-        expected = dense_chapter_reference(chapter_memory, bank, hidden)
+        expected = dense_chapter_reference(chapter_memory, bank.weight, hidden)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
     assert ours.abs().max() > 1e-4
 
@@ -105,14 +105,15 @@ def test_training_projects_only_the_chapters_read(monkeypatch):
     sparse, the rows of the chapters read only, and equals the dense gradient."""
     torch.manual_seed(0)
     model = train_steps(MemoryLlamaForCausalLM(tiny_config(chapter_num_chapters=40, chapter_top_k=1)))
-    memory, bank = model.model.layers[2].chapter_memory, model.model.chapter_bank.weight
+    memory, bank_table = model.model.layers[2].chapter_memory, model.model.chapter_bank
+    bank = bank_table.weight
     monkeypatch.setattr(memory, "folding_is_cheaper", lambda *args: False)  # the projecting path
     hidden = torch.randn(1, 3, 32)
     projected_rows = []
     hook = memory.memory_key.register_forward_hook(lambda module, args, output: projected_rows.append(args[0].shape[0]))
     with torch.no_grad():
-        expected, _, _ = memory(hidden, bank)
-    trained, _, _ = memory(hidden, bank)
+        expected, _, _ = memory(hidden, bank_table)
+    trained, _, _ = memory(hidden, bank_table)
     hook.remove()
     _, _, chapter_ids, _ = memory.route(hidden.reshape(-1, 32))
     assert projected_rows == [40 * 5, chapter_ids.unique().numel() * 5]
@@ -122,8 +123,8 @@ def test_training_projects_only_the_chapters_read(monkeypatch):
     read = chapter_ids.unique()
     assert torch.equal(grad.indices()[0], (read[:, None] * 5 + torch.arange(5)).flatten())
     bank.grad = None
-    memory.sparse_bank_gradient = False
-    memory(hidden, bank)[0].sum().backward()
+    bank_table.sparse = False  # the one switch (what `set_sparse_table_gradients` sets); the layer follows it
+    memory(hidden, bank_table)[0].sum().backward()
     assert bank.grad.layout == torch.strided and bank.grad.abs().sum() > 0
     torch.testing.assert_close(grad.to_dense(), bank.grad, rtol=1e-6, atol=1e-7)
 
@@ -133,14 +134,15 @@ def test_folded_training_path_equals_projecting_the_rows(monkeypatch):
     folded into the query and output; both give the same outputs and gradients (bank, router, projections)."""
     torch.manual_seed(0)
     model = train_steps(MemoryLlamaForCausalLM(tiny_config(chapter_num_chapters=40, chapter_num_shared=2)))
-    memory, bank = model.model.layers[2].chapter_memory, model.model.chapter_bank.weight
+    memory, bank_table = model.model.layers[2].chapter_memory, model.model.chapter_bank
+    bank = bank_table.weight
     hidden = torch.randn(2, 7, 32)
     grad_out = torch.randn(2, 7, 32)
     results = []
     for fold in (False, True):
         monkeypatch.setattr(memory, "folding_is_cheaper", lambda *args, fold=fold: fold)
         model.zero_grad(set_to_none=True)
-        out, _, _ = memory(hidden, bank)
+        out, _, _ = memory(hidden, bank_table)
         out.backward(grad_out)
         grads = {name: p.grad.to_dense() for name, p in memory.named_parameters() if p.grad is not None}
         results.append((out.detach(), bank.grad.to_dense(), grads))

@@ -24,7 +24,8 @@ from modeling_memory.memory_llama.kernel_backend import KERNELS_ENV
 from kernel_tiers import compiled_kernel_modules, interpreted_kernel_modules, run_interpreter_tier, skip_unless_interpreted
 from modeling_memory.memory_llama.naive_product_keys import naive_product_key_bag, naive_product_key_scores, naive_product_key_topk
 from modeling_memory.memory_llama.ops_product_keys import product_key_bag_torch, product_key_topk
-from modeling_memory.memory_llama.product_key_memory import MemoryLlamaProductKeyMemory, MemoryLlamaProductKeyValues
+from modeling_memory import MemoryLlamaConfig, MemoryLlamaForCausalLM
+from conftest import tiny_config
 from test_kernels import assert_close, assert_relative, grads_of
 
 
@@ -49,18 +50,32 @@ PEFT_LIKE_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 # ----------------------------------------------------------------------------------------------------
 
 
-def make_memory(hidden_size=24, num_keys=6, top_k=3, heads=2, key_dim=8, value_dim=None, query_norm=True,
-                seed=0, random_values=True, shared_values=None, dtype=torch.float32):
-    """A memory initialised by `init_weights`; with `random_values` its own table is redrawn from N(0, 1) so that
-    the output and every gradient are non-zero."""
+def pkm_config(hidden_size=24, num_keys=6, top_k=3, heads=2, key_dim=8, value_dim=None, query_norm=True,
+               layers=(0,), share_values=False, initializer_range=0.2):
+    """A model config with product-key memory only, at `layers` of as many decoder layers."""
+    return tiny_config(
+        hidden_size=hidden_size, num_hidden_layers=max(layers) + 1, chapter_layers=[], engram_layers=[],
+        pkm_layers=list(layers), pkm_num_keys=num_keys, pkm_top_k=top_k, pkm_heads=heads, pkm_key_dim=key_dim,
+        pkm_value_dim=value_dim, pkm_query_norm=query_norm, pkm_share_values=share_values,
+        initializer_range=initializer_range,
+    )
+
+
+def make_memory(seed=0, random_values=True, dtype=torch.float32, **settings):
+    """The memory of a model built from `pkm_config(**settings)`, with its own values table, initialised by the
+    model's `_init_weights`; with `random_values` its table is redrawn from N(0, 1) so that the output and every
+    gradient are non-zero."""
     torch.manual_seed(seed)
-    memory = MemoryLlamaProductKeyMemory(hidden_size, num_keys, top_k, heads, key_dim, value_dim=value_dim,
-                                         query_norm=query_norm, shared_values=shared_values)
-    memory.init_weights(0.2)
-    if random_values and memory.pkm_values is not None:
+    memory = MemoryLlamaForCausalLM(pkm_config(**settings)).model.layers[0].product_key_memory
+    if random_values:
         with torch.no_grad():
             memory.pkm_values.weight.normal_()
     return memory.to(dtype)
+
+
+def update_of(memory, hidden_states, shared_values=None):
+    """The memory's residual update (the first of what it returns)."""
+    return memory(hidden_states, shared_values)[0]
 
 
 def dense_memory(memory, hidden_states, values):
@@ -137,10 +152,12 @@ def test_product_key_topk_gradients_match_brute_force():
 def test_memory_matches_dense_reference(query_norm, value_dim):
     memory = make_memory(value_dim=value_dim, query_norm=query_norm)
     hidden_states = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(2))
-    out = memory(hidden_states)
+    out, indices = memory(hidden_states)
     dense_values = memory.pkm_values.weight.detach().clone().requires_grad_()
-    expected, _ = dense_memory(memory, hidden_states, dense_values)
+    expected, slots = dense_memory(memory, hidden_states, dense_values)
     assert out.shape == hidden_states.shape and out.dtype == hidden_states.dtype
+    # The slots it returns (recorded by the model as `pkm_indices`) are the ones it read: the top-k of all slots.
+    assert indices.shape == (10, 2, 3) and torch.equal(indices.sort(-1).values, slots.sort(-1).values)
     assert_close(out, expected, LAYER_TOLERANCE, "output")
     # Every parameter but the values against the dense reference's gradient; the values' sparse gradient
     # against the dense gradient of the dense table.
@@ -155,7 +172,9 @@ def test_memory_matches_dense_reference(query_norm, value_dim):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_softmax_and_gate_in_fp32_for_half_inputs(dtype):
-    memory = make_memory(dtype=dtype)
+    # A seed whose half-precision scores pick the same slots as fp32 (a near tie picks another row, whose
+    # value differs by far more than rounding): the comparison below then measures rounding only.
+    memory = make_memory(seed=1, dtype=dtype)
     hidden_states = torch.randn(2, 4, 24, generator=torch.Generator().manual_seed(4)).to(dtype)
     indices, weights = memory.address(hidden_states.reshape(-1, 24))
     assert weights.dtype == torch.float32
@@ -165,21 +184,22 @@ def test_softmax_and_gate_in_fp32_for_half_inputs(dtype):
     assert torch.equal(weights, scores.float().softmax(dim=-1))
     torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]), atol=1e-6, rtol=0)
     # The whole layer in half precision stays close to the same weights in fp32.
-    out = memory(hidden_states)
+    out = update_of(memory, hidden_states)
     assert out.dtype == dtype
-    reference = memory.float()(hidden_states.float())
+    reference, reference_indices = memory.float()(hidden_states.float())
+    assert torch.equal(indices.sort(-1).values, reference_indices.sort(-1).values)
     assert_relative(out, reference, 3e-2, f"{dtype} layer vs fp32")
 
 
 def test_zero_at_birth_values_learn_from_the_first_step():
     memory = make_memory(random_values=False)
     hidden_states = torch.randn(3, 6, 24, generator=torch.Generator().manual_seed(5))
-    out = memory(hidden_states)
+    out = update_of(memory, hidden_states)
     assert torch.equal(out, torch.zeros_like(out))
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(6))
     out.backward(grad)
     # First backward: the values get a gradient; everything else reaches the output only through the
-    # values read (zero until they are updated), so its gradient is exactly zero (see init_weights).
+    # values read (zero until they are updated), so its gradient is exactly zero (see `_init_weights`).
     values_grad = memory.pkm_values.weight.grad
     assert values_grad.is_sparse and values_grad.coalesce().values().abs().sum() > 0
     others = {name: p for name, p in memory.named_parameters() if name != "pkm_values.weight"}
@@ -188,18 +208,19 @@ def test_zero_at_birth_values_learn_from_the_first_step():
     # After one optimizer step (SGD takes sparse gradients) every parameter gets a non-zero gradient.
     torch.optim.SGD(memory.parameters(), lr=1.0).step()
     memory.zero_grad()
-    memory(hidden_states).backward(grad)
+    update_of(memory, hidden_states).backward(grad)
     for name, param in memory.named_parameters():
         grad_of_param = param.grad.coalesce().values() if param.grad.is_sparse else param.grad
         assert grad_of_param.abs().sum() > 0, name
 
 
 def test_init_weights_covers_every_parameter():
-    memory = MemoryLlamaProductKeyMemory(16, 4, 2, 2, 6)
+    model = MemoryLlamaForCausalLM(pkm_config(hidden_size=16, num_keys=4, top_k=2, heads=2, key_dim=6))
+    memory = model.model.layers[0].product_key_memory
     with torch.no_grad():
         for param in memory.parameters():
             param.fill_(float("nan"))  # transformers materialises from empty storage
-    memory.init_weights(0.02)
+    memory.apply(model._init_weights)  # children first, as transformers applies it
     for name, param in memory.named_parameters():
         assert torch.isfinite(param).all(), name
     assert not memory.pkm_values.weight.any()
@@ -207,8 +228,8 @@ def test_init_weights_covers_every_parameter():
     bound = 3**-0.5
     assert memory.pkm_keys.abs().max() <= bound and memory.pkm_keys.std() > 0.2 * bound
     assert list(memory.buffers()) == []
-    wide = MemoryLlamaProductKeyMemory(256, 4, 2, 2, 6, value_dim=64)
-    wide.init_weights(0.02)
+    config = pkm_config(hidden_size=256, num_keys=4, top_k=2, heads=2, key_dim=6, value_dim=64, initializer_range=0.02)
+    wide = MemoryLlamaForCausalLM(config).model.layers[0].product_key_memory
     assert wide.pkm_query.weight.std().item() == pytest.approx(0.02, rel=0.1)
     assert wide.pkm_gate.weight.std().item() == pytest.approx(256**-0.5, rel=0.1)  # fan-in scale
     assert wide.pkm_output.weight.std().item() == pytest.approx(64**-0.5, rel=0.1)
@@ -219,7 +240,7 @@ def test_values_gradient_is_sparse_coalesced_and_matches_dense():
     memory = make_memory(num_keys=3, top_k=3, heads=2, key_dim=4, value_dim=5)
     hidden_states = torch.randn(2, 12, 24, generator=torch.Generator().manual_seed(7))
     values = memory.pkm_values.weight
-    out = memory(hidden_states)
+    out = update_of(memory, hidden_states)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(8))
     (values_grad,) = grads_of(out, [values], grad)
     assert_coalesced_rows(values_grad, memory.num_slots)
@@ -232,7 +253,7 @@ def test_values_gradient_is_sparse_coalesced_and_matches_dense():
     assert slots.numel() > 4 * read.numel()  # repeated reads, accumulated into one row each
     assert_close(values_grad.to_dense(), expected_grad, LAYER_GRAD_TOLERANCE, "values grad")
     # .backward() leaves a sparse .grad with the same rows (autograd drops the coalesced flag only).
-    memory(hidden_states).backward(grad)
+    update_of(memory, hidden_states).backward(grad)
     assert_coalesced_rows(values.grad, memory.num_slots)
     assert_close(values.grad.to_dense(), expected_grad, LAYER_GRAD_TOLERANCE, "values .grad")
 
@@ -241,44 +262,38 @@ def test_untouched_rows_get_no_gradient_and_cost_does_not_scale_with_slots():
     # 1024**2 slots, a handful read: the gradient names only those rows.
     memory = make_memory(num_keys=1024, top_k=4, heads=2, key_dim=8, value_dim=4, random_values=False)
     hidden_states = torch.randn(1, 3, 24, generator=torch.Generator().manual_seed(9))
-    memory(hidden_states).sum().backward()
+    out, indices = memory(hidden_states)
+    out.sum().backward()
     grad = memory.pkm_values.weight.grad
     assert grad.is_sparse and grad._nnz() <= 3 * 2 * 4
-    indices, _ = memory.address(hidden_states.reshape(-1, 24))
+    assert torch.equal(indices, memory.address(hidden_states.reshape(-1, 24))[0])
     assert torch.equal(grad._indices()[0], indices.unique())
 
 
 def test_shared_values_table_gets_both_layers_gradients():
-    class TwoLayers(torch.nn.Module):  # stands for the model: it owns the table, the layers read it
-        def __init__(self):
-            super().__init__()
-            self.pkm_values = MemoryLlamaProductKeyValues(16, 24)
-            self.first = MemoryLlamaProductKeyMemory(24, 4, 2, 2, 8, shared_values=self.pkm_values)
-            self.second = MemoryLlamaProductKeyMemory(24, 4, 3, 1, 6, shared_values=self.pkm_values)
-
+    """With `pkm_share_values` the model owns the one table and passes it to each layer's memory."""
     torch.manual_seed(10)
-    model = TwoLayers()
+    model = MemoryLlamaForCausalLM(pkm_config(num_keys=4, top_k=2, heads=2, key_dim=8, layers=(0, 1), share_values=True))
+    first, second = (model.model.layers[i].product_key_memory for i in (0, 1))
+    shared = model.model.pkm_values
+    assert first.pkm_values is None and second.pkm_values is None
+    assert not shared.weight.any(), "initialised by _init_weights, to zero"
+    assert [name for name in model.state_dict() if "values" in name] == ["model.pkm_values.weight"]
+    assert sum(p is shared.weight for p in model.parameters()) == 1
     with torch.no_grad():
-        model.pkm_values.weight.normal_()
-    table = model.pkm_values.weight.detach().clone()
-    for layer in (model.first, model.second):
-        layer.init_weights(0.2)
-        assert layer.values_table is model.pkm_values and layer.pkm_values is None
-    assert torch.equal(model.pkm_values.weight, table), "a layer does not initialise a table it does not own"
-    assert [name for name in model.state_dict() if "values" in name] == ["pkm_values.weight"]
-    assert sum(p is model.pkm_values.weight for p in model.parameters()) == 1
+        shared.weight.normal_()
+    table = shared.weight.detach().clone()
 
     hidden_states = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(11))
     grad = torch.randn(hidden_states.shape, generator=torch.Generator().manual_seed(12))
-    (model.first(hidden_states) + model.second(hidden_states)).backward(grad)
+    (update_of(first, hidden_states, shared) + update_of(second, hidden_states, shared)).backward(grad)
     dense_values = table.clone().requires_grad_()
-    expected = dense_memory(model.first, hidden_states, dense_values)[0] + dense_memory(
-        model.second, hidden_states, dense_values)[0]
+    expected = dense_memory(first, hidden_states, dense_values)[0] + dense_memory(second, hidden_states, dense_values)[0]
     (expected_grad,) = grads_of(expected, [dense_values], grad)
-    shared_grad = model.pkm_values.weight.grad
+    shared_grad = shared.weight.grad
     assert shared_grad.is_sparse
     assert_close(shared_grad.to_dense(), expected_grad, LAYER_GRAD_TOLERANCE, "shared values grad")
-    first_only = grads_of(model.first(hidden_states), [model.pkm_values.weight], grad)[0].to_dense()
+    first_only = grads_of(update_of(first, hidden_states, shared), [shared.weight], grad)[0].to_dense()
     assert first_only.any() and not torch.allclose(first_only, expected_grad)
 
 
@@ -337,27 +352,25 @@ def test_bag_torch_blocks(monkeypatch):
 @pytest.mark.parametrize(
     "overrides, name, allowed",
     [
-        (dict(top_k=7), "top_k", "<= 6"),
-        (dict(top_k=0), "top_k", ">= 1"),
-        (dict(key_dim=7), "key_dim", "even"),
-        (dict(key_dim=0), "key_dim", ">= 2"),
-        (dict(heads=0), "heads", ">= 1"),
-        (dict(heads=True), "heads", ">= 1"),
-        (dict(num_keys=0), "num_keys", ">= 1"),
-        (dict(hidden_size=0), "hidden_size", ">= 1"),
-        (dict(value_dim=0), "value_dim", ">= 1"),
-        (dict(rms_norm_eps=0.0), "rms_norm_eps", "> 0"),
-        (dict(query_norm="yes"), "query_norm", "bool"),
-        (dict(shared_values=MemoryLlamaProductKeyValues(35, 24)), "shared_values", "(36, 24)"),
-        (dict(shared_values=torch.nn.Embedding(36, 24)), "shared_values", "MemoryLlamaProductKeyValues"),
+        (dict(pkm_top_k=7), "pkm_top_k", "`pkm_num_keys` (6)"),
+        (dict(pkm_top_k=0), "pkm_top_k", ">= 1"),
+        (dict(pkm_key_dim=7), "pkm_key_dim", "even"),
+        (dict(pkm_key_dim=0), "pkm_key_dim", ">= 1"),
+        (dict(pkm_heads=0), "pkm_heads", ">= 1"),
+        (dict(pkm_heads=True), "pkm_heads", "expected int"),
+        (dict(pkm_num_keys=0), "pkm_num_keys", ">= 1"),
+        (dict(pkm_value_dim=0), "pkm_value_dim", ">= 1"),
+        (dict(pkm_query_norm="yes"), "pkm_query_norm", "expected bool"),
+        (dict(pkm_share_values=1), "pkm_share_values", "expected bool"),
     ],
 )
-def test_bad_constructor_arguments(overrides, name, allowed):
-    arguments = dict(hidden_size=24, num_keys=6, top_k=3, heads=2, key_dim=8) | overrides
-    with pytest.raises(ValueError) as error:
-        MemoryLlamaProductKeyMemory(**arguments)
+def test_bad_settings_are_refused_by_the_config(overrides, name, allowed):
+    """The memory is built from a validated config (it checks nothing again); the config names the field."""
+    settings = dict(pkm_layers=[0], pkm_num_keys=6, pkm_top_k=3, pkm_heads=2, pkm_key_dim=8) | overrides
+    with pytest.raises(Exception) as error:
+        tiny_config(**settings)
     message = str(error.value)
-    assert f"`{name}`" in message and allowed in message, message
+    assert name in message and allowed in message, message
 
 
 # ----------------------------------------------------------------------------------------------------

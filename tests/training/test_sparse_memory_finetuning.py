@@ -1,4 +1,5 @@
-"""Sparse memory fine-tuning: slot counting against hooks-free recomputation, the TF-IDF ranking against a
+"""Sparse memory fine-tuning: slot counting (from the slots the forward records) against the slots recomputed
+independently (each product-key layer's addressing, the naive Engram hashing loops), the TF-IDF ranking against a
 hand-computed example, and training that leaves every row outside the chosen slots bit-identical."""
 
 import math
@@ -14,7 +15,8 @@ from modeling_memory.training.sparse_memory_finetuning import (
     rank_slots,
     slot_scores,
 )
-from conftest import random_ids, tiny_config, train_steps
+from modeling_memory.memory_llama.naive_engram import naive_engram_row_ids_of_documents
+from conftest import EOS, random_ids, tiny_config, train_steps
 
 PKM = dict(pkm_layers=[1, 2], pkm_num_keys=6, pkm_top_k=3, pkm_heads=2, pkm_key_dim=8)
 VALUES = "model.pkm_values.weight"
@@ -48,7 +50,8 @@ def test_ranking_matches_a_hand_computed_example():
 
 
 def test_counts_equal_the_slots_the_layers_read(model):
-    """Counts come from hooks; compare with the slots recomputed from each layer's own addressing."""
+    """Counts come from the recorded outputs; compare with the slots recomputed from each product-key layer's own
+    addressing and from the naive Engram hashing of each sequence."""
     data = batches(1, 2)
     data[1]["attention_mask"] = torch.ones(2, 10, dtype=torch.long)
     data[1]["attention_mask"][0, :4] = 0  # padding is not counted
@@ -57,6 +60,9 @@ def test_counts_equal_the_slots_the_layers_read(model):
 
     expected = torch.zeros(36, dtype=torch.long)
     expected_batches = torch.zeros(36, dtype=torch.long)
+    engram = model.model.layers[0].engram
+    hashing = engram.hashing(model.model.engram_canonical_map)
+    expected_rows = torch.zeros(engram.table.num_embeddings, dtype=torch.long)
     captured = []
     hooks = [layer.post_attention_layernorm.register_forward_hook(lambda m, a, out: captured.append(out))
              for layer in (model.model.layers[1], model.model.layers[2])]
@@ -71,11 +77,14 @@ def test_counts_equal_the_slots_the_layers_read(model):
                 in_batch += torch.bincount(indices[mask].reshape(-1), minlength=36)
             expected += in_batch
             expected_batches += (in_batch > 0).long()
+            rows = naive_engram_row_ids_of_documents(batch["input_ids"], mask.view(2, 10), [EOS], hashing)
+            expected_rows += torch.bincount(rows.reshape(-1, rows.shape[-1])[mask].reshape(-1), minlength=len(expected_rows))
     for hook in hooks:
         hook.remove()
     assert torch.equal(reads.counts[VALUES], expected)
     assert torch.equal(reads.batches_reading[VALUES], expected_batches)
     assert int(reads.counts[TABLE].sum()) == (20 + 16) * 4  # real tokens x 4 Engram heads
+    assert torch.equal(reads.counts[TABLE], expected_rows)
 
 
 @pytest.mark.parametrize("optimizer_name", ["sgd", "sparse_adam"])
