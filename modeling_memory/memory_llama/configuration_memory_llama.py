@@ -5,6 +5,9 @@ Memory settings are flat, prefixed fields (the Mixtral / Qwen-MoE convention). W
 `engram_layers` and `pkm_layers` empty the model is exactly a Llama.
 """
 
+import dataclasses
+import difflib
+
 from huggingface_hub.dataclasses import strict
 from transformers.models.llama.configuration_llama import LlamaConfig
 
@@ -35,6 +38,12 @@ def _check_int_list(name: str, values, minimum: int, maximum: int | None = None)
         )
     duplicates = sorted({v for v in values if list(values).count(v) > 1})
     _check(not duplicates, f"`{name}` lists {duplicates} more than once; each entry must be unique.")
+
+
+# The prefixes of the memory kinds' fields ("mosaic_" for associative memory, the next kind). A keyword argument
+# with one of them that is no field is a misspelling: refused (`validate_memory_field_names`), since
+# PretrainedConfig would keep it as an attribute and build the model without that setting.
+MEMORY_FIELD_PREFIXES = ("chapter_", "engram_", "pkm_", "router_", "mosaic_")
 
 
 @strict
@@ -199,6 +208,17 @@ class MemoryLlamaConfig(LlamaConfig):
             _check_positive_int("pkm_value_dim", self.pkm_value_dim)
         for name in ("pkm_query_norm", "pkm_share_values"):
             _check(isinstance(getattr(self, name), bool), f"`{name}` must be a bool, got {getattr(self, name)!r}.")
+
+    def validate_memory_field_names(self):
+        """Refuse an attribute with a memory prefix that is no field (`engram_layer=[1]` for `engram_layers`),
+        naming the closest field. Fields that older checkpoints carried are dropped in `__post_init__` first."""
+        fields = {field.name for field in dataclasses.fields(self)}
+        unknown = sorted(name for name in vars(self) if name.startswith(MEMORY_FIELD_PREFIXES) and name not in fields)
+        if unknown:
+            memory_fields = sorted(name for name in fields if name.startswith(MEMORY_FIELD_PREFIXES))
+            closest = difflib.get_close_matches(unknown[0], memory_fields, n=1)
+            hint = f"did you mean `{closest[0]}`?" if closest else f"the memory fields are {', '.join(memory_fields)}."
+            raise ValueError(f"MemoryLlamaConfig has no field `{unknown[0]}`; {hint}")
 
     # Derived quantities, kept as properties so they never disagree with the fields.
     @property
