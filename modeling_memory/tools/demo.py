@@ -12,7 +12,8 @@ text) four ways, at equal steps and data:
 Each graft is first checked to compute exactly what the base computes. Then, for every model: recall of
 the new facts (training and held-out phrasings), and what was forgotten: perplexity on held-out natural
 text and the share of a general-knowledge probe the base answered correctly that is still answered so.
-A table (stdout, results.md, results.json) and a plot (demo.png) go to `outputs/demo/`.
+A table (stdout, results.md, results.json) and a plot (demo.png) go to `outputs/demo/`, and the demo ends
+with its verdict: one line per target of (a), met or not (`verdict`).
 """
 
 import copy
@@ -43,6 +44,15 @@ LORA_LR = 1e-3
 LORA_RANK = 16
 FULL_LR = 1e-4
 NATURAL_TEXT_ROWS = 16  # held-out rows of 128 tokens for perplexity
+
+# The rows of the results table the targets compare.
+BASE_ROW = "base SmolLM2-135M"
+SPARSE_MEMORY_ROW = "(a) sparse memory FT, product keys"
+LORA_ROW = f"(c) LoRA r={LORA_RANK}"
+# Targets of (a), sparse memory fine-tuning: recall in the training phrasing at least LoRA's, natural-text
+# perplexity up by at most this share of the base's, at least this share of the base's general knowledge kept.
+MAX_PERPLEXITY_RISE = 0.02
+MIN_GENERAL_KNOWLEDGE_KEPT = 0.95
 
 
 class _Progress:
@@ -133,6 +143,22 @@ def write_outputs(results: dict, losses: dict, facts: dict) -> None:
     plot_demo_results(results, losses, OUTPUT_DIR / "demo.png", logging_steps=LOGGING_STEPS)
 
 
+def verdict(results: dict) -> list[str]:
+    """One line per target of the demo, met or not, with the numbers it was judged on. `results` maps the
+    table's row names (BASE_ROW, SPARSE_MEMORY_ROW, LORA_ROW, ...) to `evaluate`'s measures."""
+    base, sparse, lora = results[BASE_ROW], results[SPARSE_MEMORY_ROW], results[LORA_ROW]
+    recall, lora_recall = sparse["recall_training_phrasing"], lora["recall_training_phrasing"]
+    rise = sparse["natural_text_perplexity"] / base["natural_text_perplexity"] - 1
+    kept = sparse["general_knowledge_kept"]
+    targets = [
+        (recall >= lora_recall, f"(a) recalls at least as many new facts as LoRA (training phrasing): {recall:.1%} vs {lora_recall:.1%}"),
+        (rise <= MAX_PERPLEXITY_RISE, f"(a) natural-text perplexity rises by at most {MAX_PERPLEXITY_RISE:.0%}: {rise:+.1%}"),
+        (kept >= MIN_GENERAL_KNOWLEDGE_KEPT,
+         f"(a) keeps at least {MIN_GENERAL_KNOWLEDGE_KEPT:.0%} of the base's general knowledge: {kept:.0%}"),
+    ]
+    return [f"target {'met' if met else 'NOT met'}: {text}" for met, text in targets]
+
+
 def _summary(result: dict) -> str:
     return (f"recall {result['recall_training_phrasing']:.1%} (training phrasing), {result['recall_held_out']:.1%} "
             f"(held-out); perplexity {result['natural_text_perplexity']:.2f}; general knowledge kept "
@@ -208,8 +234,8 @@ def run_demo() -> int:
           f"{BLOCK_SIZE} tokens, trained together with {len(replay_rows)} rows of natural text; "
           f"{NATURAL_TEXT_ROWS} held-out natural-text rows of 128 tokens for perplexity; the base answers "
           f"{len(known_general)} of {len(general)} general-knowledge questions correctly")
-    results = {"base SmolLM2-135M": {**evaluate(base, tokenizer, knowledge, natural_rows, known_general), "trainable_parameters": 0}}
-    print(f"      base: {_summary(results['base SmolLM2-135M'])}")
+    results = {BASE_ROW: {**evaluate(base, tokenizer, knowledge, natural_rows, known_general), "trainable_parameters": 0}}
+    print(f"      base: {_summary(results[BASE_ROW])}")
     losses = {}
 
     def run(name, label, model, trainer_class, learning_rate, scratch):
@@ -224,7 +250,7 @@ def run_demo() -> int:
         batches = lambda rows: DataLoader(rows.with_format("torch"), batch_size=BATCH_SIZE, collate_fn=default_data_collator)
         selected = select_and_prepare(product_keys, batches(knowledge_rows), batches(background_rows), DEFAULT_TOP_T)
         print("      " + describe_selection(selected, product_keys))
-        run("(a) sparse memory FT, product keys", "sparse memory", product_keys, MemoryTrainer, SPARSE_MEMORY_LR, scratch)
+        run(SPARSE_MEMORY_ROW, "sparse memory", product_keys, MemoryTrainer, SPARSE_MEMORY_LR, scratch)
         del product_keys
 
         progress(f"(b) memory-only fine-tuning of Engram + chapter memory: {TRAIN_STEPS} steps x {BATCH_SIZE} rows")
@@ -235,7 +261,7 @@ def run_demo() -> int:
         full = copy.deepcopy(base).requires_grad_(True)  # LoRA wraps `base` in place
         progress(f"(c) LoRA (rank {LORA_RANK}) on the base model, same data and steps")
         lora = get_peft_model(base, LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=list(BACKBONE_LORA_TARGETS)))
-        run(f"(c) LoRA r={LORA_RANK}", "LoRA", lora, Trainer, LORA_LR, scratch)
+        run(LORA_ROW, "LoRA", lora, Trainer, LORA_LR, scratch)
         del lora, base
 
         progress("(d) full fine-tuning of the base model, same data and steps")
@@ -248,4 +274,5 @@ def run_demo() -> int:
              "general_knowledge_known_by_base": len(known_general), "seconds": time.perf_counter() - progress.start}
     write_outputs(results, losses, facts)
     print(f"done in {facts['seconds']:.0f}s")
+    print("\n".join(verdict(results)))
     return 0

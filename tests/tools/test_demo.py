@@ -40,3 +40,28 @@ def test_trainable_weights_of_sparse_memory_fine_tuning_count_only_the_chosen_ro
     assert demo._trainable(model) == everything
     prepare_sparse_memory_finetuning(model, {"model.pkm_values.weight": torch.tensor([0, 5, 7])})
     assert demo._trainable(model) == 3 * model.model.pkm_values.weight.shape[1]
+
+
+def _rows(sparse_recall, lora_recall, sparse_perplexity, kept):
+    return {
+        demo.BASE_ROW: _result(0.03, 0.01, 1.0, 40.0, 0),
+        demo.SPARSE_MEMORY_ROW: _result(0.04, sparse_recall, kept, sparse_perplexity, 9_216_000),
+        demo.LORA_ROW: _result(0.08, lora_recall, 0.54, 33.2, 4_884_480),
+    }
+
+
+def test_verdict_says_for_each_target_whether_it_was_met():
+    """One line per target of (a): recall in the training phrasing at least LoRA's, perplexity up by at most 2 %,
+    at least 95 % of the base's general knowledge kept (README, "The demo")."""
+    assert demo.verdict(_rows(0.146, 0.115, 35.8, 0.96)) == [
+        "target met: (a) recalls at least as many new facts as LoRA (training phrasing): 14.6% vs 11.5%",
+        "target met: (a) natural-text perplexity rises by at most 2%: -10.5%",  # 35.8 / 40 - 1
+        "target met: (a) keeps at least 95% of the base's general knowledge: 96%",
+    ]
+    assert demo.verdict(_rows(0.104, 0.115, 40.9, 0.93)) == [
+        "target NOT met: (a) recalls at least as many new facts as LoRA (training phrasing): 10.4% vs 11.5%",
+        "target NOT met: (a) natural-text perplexity rises by at most 2%: +2.2%",  # 40.9 / 40 - 1
+        "target NOT met: (a) keeps at least 95% of the base's general knowledge: 93%",
+    ]
+    # On the bounds: recall equal to LoRA's and exactly 95 % kept meet their targets.
+    assert all(line.startswith("target met") for line in demo.verdict(_rows(0.115, 0.115, 40.7, 0.95)))
