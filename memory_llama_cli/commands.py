@@ -1,6 +1,10 @@
-"""The commands of `memory-llama`: `cmd_<name>(args)` for each, with `args` as the parser in the top-level
-`memory_llama_cli` module builds them (that module holds the parser and `main`, and imports this one only to
-run a command). Bad input raises ToolError, which the entry point prints as one line.
+"""The commands of `memory-llama`: `cmd_<name>(args)` for each, with `args` as `memory_llama_cli.parser` builds
+them (`memory_llama_cli.main` imports this module only to run a command). Bad input raises ToolError, which the
+entry point prints as one line.
+
+Every command that reads a model takes a checkpoint folder, a Hub id (`owner/name`) or an adapter folder
+written by `memory-llama train` in a LoRA mode (loaded with the base model it names, or merged into it where a
+plain checkpoint is needed: export, push, merge).
 
 `python -m memory_llama_cli.commands ...` runs the same entry point (as `accelerate launch -m` needs it).
 """
@@ -9,20 +13,23 @@ import os
 import sys
 
 from modeling_memory.tools.errors import ToolError
-from modeling_memory.tools.loading import check_gguf_file, looks_like_hub_id
+from modeling_memory.tools.loading import adapter_base, check_gguf_file, looks_like_hub_id
 
 
 # ---- checkpoints named on the command line -------------------------------------------------------
 
 
 def checkpoint_kind(checkpoint: str) -> str:
-    """What CHECKPOINT names: "folder" (a Hugging Face checkpoint folder), "gguf" (a .gguf file) or "hub"
-    (a Hub id); anything else raises ToolError saying what to pass instead."""
+    """What CHECKPOINT names: "folder" (a Hugging Face checkpoint folder), "adapter" (an adapter folder whose
+    base is a local folder), "gguf" (a .gguf file) or "hub" (a Hub id, `owner/name`); anything else raises
+    ToolError at once, saying what to pass instead."""
     path = os.path.expanduser(checkpoint)
     if os.path.isdir(path):
+        if adapter_base(path) is not None:
+            return "adapter"
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ToolError(f"{checkpoint} has no config.json, so it is not a checkpoint folder: pass the folder that "
-                            "save_pretrained wrote (config.json and weights).")
+                            "save_pretrained wrote (config.json and weights), or an adapter folder (adapter_config.json).")
         return "folder"
     if os.path.isfile(path):
         if not path.lower().endswith(".gguf"):
@@ -31,7 +38,8 @@ def checkpoint_kind(checkpoint: str) -> str:
         check_gguf_file(path, checkpoint)
         return "gguf"
     if not looks_like_hub_id(checkpoint):
-        raise ToolError(f"{checkpoint}: no such file or folder. Pass a checkpoint folder, a .gguf file or a Hub id.")
+        raise ToolError(f"{checkpoint}: no such file or folder. Pass a checkpoint folder, a .gguf file or a Hub id "
+                        "(owner/name).")
     return "hub"
 
 
@@ -47,7 +55,10 @@ def _load_failure(checkpoint: str, kind: str, what: str, error: BaseException) -
 
 
 def _location(checkpoint: str, kind: str) -> tuple[str, dict]:
-    """(name or folder, from_pretrained keyword arguments): a .gguf file loads from its folder with gguf_file=."""
+    """(name or folder, from_pretrained keyword arguments) of the config: a .gguf file loads from its folder with
+    gguf_file=, an adapter's from its base."""
+    if kind == "adapter":
+        return adapter_base(os.path.expanduser(checkpoint)), {}
     if kind != "gguf":
         return checkpoint, {}
     path = os.path.abspath(os.path.expanduser(checkpoint))
@@ -75,12 +86,28 @@ def cmd_info(args) -> int:
             f"size {config.hidden_size}) without memory: graft memory onto it first (`memory-llama graft "
             f"{args.checkpoint} OUT`, or modeling_memory.from_llama), then run `memory-llama info OUT`."
         )
+    if kind == "adapter":
+        print(_describe_adapter(args.checkpoint, location))
     print(memory_layout(config))
     counts = parameter_counts(build_on_meta(config))
     width = max(len(k) for k in counts)
     for key, value in counts.items():
         print(f"{key.replace('_', ' '):<{width}}  {value:>15,}")
     return 0
+
+
+def _describe_adapter(adapter: str, base: str) -> str:
+    """One line on an adapter folder: its LoRA settings, its base, whether memory was trained beside it."""
+    import json
+
+    from modeling_memory.training.peft_modes import MEMORY_WEIGHTS_NAME
+
+    with open(os.path.join(os.path.expanduser(adapter), "adapter_config.json")) as handle:
+        settings = json.load(handle)
+    targets = settings.get("target_modules") or []
+    memory = os.path.isfile(os.path.join(os.path.expanduser(adapter), MEMORY_WEIGHTS_NAME))
+    return (f"adapter: {settings.get('peft_type', 'LoRA')} r={settings.get('r')} on {len(targets)} modules over the base "
+            f"{base}{', with the memory trained beside it (' + MEMORY_WEIGHTS_NAME + ')' if memory else ''}; the base:")
 
 
 def cmd_generate(args) -> int:
@@ -94,18 +121,23 @@ def cmd_generate(args) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from modeling_memory.tools.loading import from_pretrained
+    from modeling_memory.tools.loading import from_pretrained, load_memory_llama
 
     location, gguf = _location(args.checkpoint, kind)
     if kind == "gguf":
         print(f"{args.checkpoint} is a GGUF file: generating with its plain base model (no memory).", file=sys.stderr)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, **gguf)
+        # An adapter folder written by `train` holds the tokenizer it trained with; else its base's.
+        tokenizer = AutoTokenizer.from_pretrained(args.checkpoint if kind == "adapter" and _has_tokenizer(args.checkpoint)
+                                                  else location, **gguf)
     except (OSError, ValueError, TypeError, KeyError) as error:
         hint = "" if kind == "hub" else "; save the tokenizer next to the model (tokenizer.save_pretrained)"
         raise ToolError(f"{_load_failure(args.checkpoint, kind, 'tokenizer', error)}{hint}") from error
     try:
-        model = from_pretrained(AutoModelForCausalLM, location, allow_pickle=args.allow_pickle, dtype=torch.float32, **gguf)
+        if kind == "adapter":
+            model = load_memory_llama(args.checkpoint, allow_pickle=args.allow_pickle, dtype=torch.float32)
+        else:
+            model = from_pretrained(AutoModelForCausalLM, location, allow_pickle=args.allow_pickle, dtype=torch.float32, **gguf)
     except (OSError, ValueError, KeyError) as error:
         if isinstance(error, ToolError):
             raise
@@ -125,6 +157,10 @@ def cmd_generate(args) -> int:
     )
     print(tokenizer.decode(output[0][inputs["input_ids"].shape[1] :], skip_special_tokens=True))
     return 0
+
+
+def _has_tokenizer(folder: str) -> bool:
+    return os.path.isfile(os.path.join(os.path.expanduser(folder), "tokenizer_config.json"))
 
 
 def cmd_demo(args) -> int:
@@ -154,7 +190,14 @@ def cmd_graft(args) -> int:
     return 0
 
 
+def _say_if_merging(checkpoint: str, kind: str) -> None:
+    if kind == "adapter":
+        print(f"{checkpoint} is an adapter folder: merging it into its base {_location(checkpoint, kind)[0]} first")
+
+
 def cmd_export(args) -> int:
+    kind = checkpoint_kind(args.checkpoint)
+    _say_if_merging(args.checkpoint, kind)
     from modeling_memory.tools.export import export_for_hub
 
     result = export_for_hub(
@@ -166,7 +209,19 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from modeling_memory.tools.merge import merge_adapter
+
+    result = merge_adapter(args.adapter, args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+                           allow_pickle=args.allow_pickle)
+    print(f"merged into {result.base}: max |logit difference| against the adapter model {result.max_abs_logit_diff:.3g}")
+    print(f"wrote {result.out}: {', '.join(result.files)}")
+    return 0
+
+
 def cmd_push(args) -> int:
+    kind = checkpoint_kind(args.checkpoint)
+    _say_if_merging(args.checkpoint, kind)
     from modeling_memory.tools.export import push_checkpoint
 
     commit = push_checkpoint(

@@ -10,8 +10,11 @@ Under `accelerate launch` it trains on every process (see `accelerate_config_pat
 continues the run it holds, and `--overwrite` replaces it.
 
 The `train` subparser of `memory-llama` holds only the options of `train` itself
-(`memory_llama_cli.add_train_arguments`: no transformers import, so help and errors are fast);
+(`memory_llama_cli.parser.add_train_arguments`: no transformers import, so help and errors are fast);
 `parse_train_command_line` parses the whole line again with every TrainingArguments field.
+
+MODEL (train) and CHECKPOINT (eval) may be an adapter folder of an earlier LoRA-mode run: eval loads it with
+its base; train merges it into its base first (a LoRA mode needs a checkpoint folder as base: merge first).
 
 eval: perplexity on text (`--data`) and exact-match recall on knowledge probes
 (`--knowledge-entities`), computed by `evaluation.py` with the project's local `evaluate` metric
@@ -21,15 +24,15 @@ Bad input raises ToolError before any work.
 """
 
 import argparse
-import copy
 import dataclasses
 import json
 import os
-import typing
 
-from memory_llama_cli import TRAIN_DESCRIPTION, TRAIN_EPILOG, HelpFormatter, add_train_arguments
+from memory_llama_cli.parser import build_train_parser, refuse_unknown_options
 
+from modeling_memory.choices import GRAFT_PRESETS
 from modeling_memory.tools.errors import ToolError
+from modeling_memory.tools.loading import adapter_base
 from modeling_memory.tools.safe_write import atomic_file, check_writable, remove_directory
 
 ACCELERATE_CONFIGS = ("ddp_cpu", "ddp_gpu", "fsdp_gpu")
@@ -42,41 +45,15 @@ def accelerate_config_path(name: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "accelerate_configs", f"{name}.yaml")
 
 
-# ---- the whole `train` command line: its own options (memory_llama_cli) and every TrainingArguments field
-
-
-def add_training_arguments_fields(parser: argparse.ArgumentParser) -> None:
-    """Every MemoryTrainingArguments field, as HfArgumentParser adds them (`--learning_rate` and `--learning-rate`)."""
-    from transformers import HfArgumentParser
-
-    from modeling_memory.training.trainer import MemoryTrainingArguments
-
-    group = parser.add_argument_group(
-        "training arguments", "transformers.TrainingArguments and MemoryTrainingArguments fields, e.g. --learning_rate 1e-4"
-    )
-    hints = typing.get_type_hints(MemoryTrainingArguments)
-    for field in dataclasses.fields(MemoryTrainingArguments):
-        if field.init:
-            # A copy with the type resolved: HfArgumentParser rewrites `field.type` in place.
-            field = copy.copy(field)
-            field.type = hints[field.name]
-            HfArgumentParser._parse_dataclass_field(group, field)
-
-
-def build_train_parser() -> argparse.ArgumentParser:
-    """The whole `train` command line: its own options and every TrainingArguments field."""
-    parser = argparse.ArgumentParser(
-        prog="memory-llama train", description=TRAIN_DESCRIPTION, epilog=TRAIN_EPILOG, formatter_class=HelpFormatter,
-        allow_abbrev=False,  # ~120 TrainingArguments options: no prefix guessing
-    )
-    add_train_arguments(parser)
-    add_training_arguments_fields(parser)
-    return parser
+# ---- the whole `train` command line: its own options and every TrainingArguments field ---------------
 
 
 def parse_train_command_line(arguments: list[str]) -> argparse.Namespace:
-    """The arguments after `memory-llama train`, parsed (errors exit as argparse's do)."""
-    return build_train_parser().parse_args(arguments)
+    """The arguments after `memory-llama train`, parsed (errors exit as argparse's do; an unknown option with one
+    line naming the closest valid one)."""
+    parser = build_train_parser()
+    refuse_unknown_options(parser, arguments)
+    return parser.parse_args(arguments)
 
 
 def _training_arguments(args):
@@ -166,7 +143,8 @@ def _check_data_source(source: str) -> None:
 
 
 def _load_config(path: str):
-    from transformers import AutoConfig  # memory_llama is registered: this module is inside the package
+    """The config of the checkpoint folder `path`, or of the base an adapter folder names."""
+    from transformers import AutoConfig  # memory_llama is registered: importing modeling_memory (above) did it
 
     if os.path.isfile(path) and path.lower().endswith(".gguf"):
         raise ToolError(
@@ -174,18 +152,22 @@ def _load_config(path: str):
         )
     if not os.path.isdir(path):
         raise ToolError(f"{path} is not a checkpoint folder (expected config.json and weights inside).")
+    path = adapter_base(path) or path
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as error:
         raise ToolError(f"Cannot read the model config in {path}: {error}")
 
 
-def _load_tokenizer(path: str):
+def _load_tokenizer(path: str, fallback: str | None = None):
+    """The tokenizer saved in `path`, else in `fallback` (an adapter folder's base), with a padding token."""
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as error:
+        if fallback is not None:
+            return _load_tokenizer(fallback)
         raise ToolError(f"No tokenizer in {path} ({error}); save the tokenizer next to the model (tokenizer.save_pretrained).")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -280,7 +262,7 @@ def run_train(args) -> int:
     import torch
 
     from modeling_memory.tools.graft import LLAMA_COMPATIBLE_MODEL_TYPES, GraftError, graft, memory_config_from_llama
-    from modeling_memory.tools.loading import from_pretrained
+    from modeling_memory.tools.loading import from_pretrained, load_memory_llama
     from modeling_memory.memory_llama.modeling_memory_llama import MemoryLlamaForCausalLM
     from modeling_memory.training.peft_modes import prepare_model_for_mode, recommended_lora_config, trainable_parameter_counts
     from modeling_memory.tools.plots import plot_chapter_usage, plot_loss_curve
@@ -301,8 +283,8 @@ def run_train(args) -> int:
         )
     if config.model_type != "memory_llama" and args.graft is None:
         raise ToolError(
-            f"{args.model} is a {config.model_type!r} checkpoint: add --graft {{engram,chapters,both}} to graft memory "
-            "onto it, or pass a MemoryLlama checkpoint."
+            f"{args.model} is a {config.model_type!r} checkpoint: add --graft PRESET ({', '.join(GRAFT_PRESETS)}) to "
+            "graft memory onto it, or pass a MemoryLlama checkpoint."
         )
     if config.model_type == "memory_llama" and args.graft is not None:
         raise ToolError(f"{args.model} already is a MemoryLlama checkpoint; drop --graft.")
@@ -316,6 +298,12 @@ def run_train(args) -> int:
         raise ToolError(
             f"--mode {args.mode} saves an adapter that needs its MemoryLlama base on disk: graft first "
             "(`memory-llama graft`), then train the grafted checkpoint; --graft works with --mode full or memory_only."
+        )
+    from_adapter = adapter_base(args.model) is not None
+    if from_adapter and args.mode.startswith("lora"):
+        raise ToolError(
+            f"--mode {args.mode} saves an adapter that needs its base on disk, but {args.model} is itself an adapter: "
+            f"merge it first (`memory-llama merge {args.model} OUT`), then train OUT."
         )
     max_positions = config.max_position_embeddings
     if not 2 <= args.block_size <= max_positions:
@@ -360,10 +348,12 @@ def run_train(args) -> int:
             "config; for FSDP use GPUs (fsdp_gpu config)."
         )
 
-    tokenizer = _load_tokenizer(args.model)
+    tokenizer = _load_tokenizer(args.model, fallback=adapter_base(args.model))
     if len(tokenizer) > config.vocab_size:
         raise ToolError(f"The tokenizer has {len(tokenizer)} tokens but the model's vocabulary only {config.vocab_size}.")
-    if memory_config is None:
+    if from_adapter:  # the adapter merged into its base, trained further as a plain model
+        model = load_memory_llama(args.model, allow_pickle=args.allow_pickle, merge=True, dtype=torch.float32)
+    elif memory_config is None:
         model = from_pretrained(MemoryLlamaForCausalLM, args.model, allow_pickle=args.allow_pickle, dtype=torch.float32)
     else:
         model = graft(args.model, memory_config, tokenizer=tokenizer, dtype=torch.float32, allow_pickle=args.allow_pickle)
@@ -386,12 +376,13 @@ def run_train(args) -> int:
         model=model, args=training_args, train_dataset=rows, processing_class=tokenizer, data_collator=default_data_collator
     )
     if trainer.is_world_process_zero():
-        counts = trainable_parameter_counts(model)
+        counts = trainable_parameter_counts(model)  # of a table in sparse_memory mode, only its chosen rows
         accelerator = trainer.accelerator
+        rows_note = " in the chosen rows" if slots is not None else ""
         print(
             f"mode {args.mode}: {counts['total']:,} trainable parameters (adapter {counts['adapter']:,}, "
-            f"memory {counts['memory']:,}, backbone {counts['backbone']:,}); {len(rows)} rows of {args.block_size} tokens; "
-            f"{accelerator.distributed_type.value} on {accelerator.num_processes} process(es)"
+            f"memory {counts['memory']:,}{rows_note}, backbone {counts['backbone']:,}); {len(rows)} rows of "
+            f"{args.block_size} tokens; {accelerator.distributed_type.value} on {accelerator.num_processes} process(es)"
         )
     trainer.train(resume_from_checkpoint=True if args.resume_from_checkpoint == "last" else args.resume_from_checkpoint)
     trainer.save_model()
@@ -426,22 +417,14 @@ def run_train(args) -> int:
 
 
 def _resolve_eval_checkpoint(checkpoint: str):
-    """(config, base model folder or None): a full checkpoint's config, or for an adapter folder the
-    config of the base model that adapter_config.json names. Reads no weights."""
+    """The config of a full checkpoint, or for an adapter folder of the base model that adapter_config.json
+    names. Reads no weights."""
     if not os.path.isdir(checkpoint):
         raise ToolError(f"{checkpoint} is not a checkpoint folder.")
-    adapter_config = os.path.join(checkpoint, "adapter_config.json")
-    if os.path.isfile(adapter_config):
-        with open(adapter_config) as handle:
-            base_path = json.load(handle).get("base_model_name_or_path")
-        if not base_path or not os.path.isdir(base_path):
-            raise ToolError(f"The adapter in {checkpoint} names base model {base_path!r}, which is not a local folder.")
-        config = _load_config(base_path)
-    else:
-        base_path, config = None, _load_config(checkpoint)
+    config = _load_config(checkpoint)
     if config.model_type != "memory_llama":
-        raise ToolError(f"{base_path or checkpoint} is a {config.model_type!r} checkpoint, not memory_llama.")
-    return config, base_path
+        raise ToolError(f"{adapter_base(checkpoint) or checkpoint} is a {config.model_type!r} checkpoint, not memory_llama.")
+    return config
 
 
 def load_for_eval(checkpoint: str, allow_pickle: bool = False):
@@ -449,15 +432,11 @@ def load_for_eval(checkpoint: str, allow_pickle: bool = False):
     (its base model is read from adapter_config.json; the memory from memory.safetensors)."""
     import torch
 
-    from modeling_memory.tools.loading import from_pretrained
-    from modeling_memory.memory_llama.modeling_memory_llama import MemoryLlamaForCausalLM
-    from modeling_memory.training.peft_modes import load_adapter_with_memory
+    from modeling_memory.tools.loading import load_memory_llama
 
-    _, base_path = _resolve_eval_checkpoint(checkpoint)
-    model = from_pretrained(MemoryLlamaForCausalLM, base_path or checkpoint, allow_pickle=allow_pickle, dtype=torch.float32)
-    if base_path is not None:
-        model = load_adapter_with_memory(model, checkpoint)
-    return model.eval(), _load_tokenizer(checkpoint)
+    _resolve_eval_checkpoint(checkpoint)
+    model = load_memory_llama(checkpoint, allow_pickle=allow_pickle, dtype=torch.float32)
+    return model.eval(), _load_tokenizer(checkpoint, fallback=adapter_base(checkpoint))
 
 
 def run_eval(args) -> int:
@@ -477,7 +456,7 @@ def run_eval(args) -> int:
     if args.output_json is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.output_json))):
         raise ToolError(f"--output-json {args.output_json}: its folder does not exist.")
 
-    config, _ = _resolve_eval_checkpoint(args.checkpoint)
+    config = _resolve_eval_checkpoint(args.checkpoint)
     if args.data is not None and args.block_size > config.max_position_embeddings:
         raise ToolError(
             f"--block-size {args.block_size} exceeds the model's max_position_embeddings ({config.max_position_embeddings})."
@@ -510,7 +489,6 @@ def run_eval(args) -> int:
 __all__ = [
     "ACCELERATE_CONFIGS",
     "accelerate_config_path",
-    "build_train_parser",
     "load_for_eval",
     "parse_train_command_line",
     "run_eval",

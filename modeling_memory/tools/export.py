@@ -1,5 +1,6 @@
 """Hub export and upload: `memory-llama export CHECKPOINT OUT`, `memory-llama push CHECKPOINT REPO_ID`
-and `modeling_memory.push_to_hub(model, repo_id)`.
+and `modeling_memory.push_to_hub(model, repo_id)`. CHECKPOINT may be an adapter folder written by
+`memory-llama train` in a LoRA mode: it is merged into its base first (`loading.load_memory_llama`).
 
 An exported folder loads with `trust_remote_code=True` where this package is not installed. transformers
 builds it: with the config and model classes registered for their Auto classes, `save_pretrained` copies
@@ -8,7 +9,8 @@ builds it: with the config and model classes registered for their Auto classes, 
 lasts only for the export, so a MemoryLlama is never "remote code" otherwise.
 
 Every export is checked before it appears: a fresh Python process in which `modeling_memory` cannot be
-imported loads the folder as remote code and must reproduce the model's logits.
+imported loads the folder as remote code and must reproduce the model's logits. That process runs in a scratch
+folder, so it is given absolute paths only.
 """
 
 import contextlib
@@ -24,7 +26,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from modeling_memory.tools.errors import ToolError
-from modeling_memory.tools.loading import from_pretrained
+from modeling_memory.tools.loading import adapter_base, from_pretrained, load_memory_llama, looks_like_hub_id
 from modeling_memory.tools.model_card import read_base_info, render_model_card
 from modeling_memory.memory_llama.modeling_memory_llama import MemoryLlamaForCausalLM
 from modeling_memory.tools.safe_write import DEFAULT_MAX_SHARD_SIZE, check_output_dir, staging_directory
@@ -89,6 +91,7 @@ def logits_without_package(folder, input_ids: torch.Tensor, dtype: torch.dtype =
     `modeling_memory` cannot be imported (CPU). Raises ExportError when the folder does not load there."""
     from safetensors.torch import load_file, save_file
 
+    folder = os.path.abspath(folder)  # the check runs in the scratch folder: a relative path would mean another place
     with tempfile.TemporaryDirectory(prefix="memory-llama-check-") as scratch:
         ids_file, logits_file = os.path.join(scratch, "ids.safetensors"), os.path.join(scratch, "logits.safetensors")
         save_file({"input_ids": input_ids.cpu().contiguous()}, ids_file)
@@ -166,7 +169,7 @@ def export_model_for_hub(
         raise ExportError(
             f"Expected a MemoryLlamaForCausalLM from the modeling_memory package, got {type(model).__name__}."
         )
-    out = Path(out)
+    out = Path(out).expanduser().absolute()
     check_output_dir(out, overwrite)
     model_id = model_id or out.name
     with staging_directory(out, overwrite) as staging:
@@ -205,6 +208,8 @@ def export_model_for_hub(
 
 def _check_memory_checkpoint(checkpoint: str) -> None:
     path = Path(checkpoint).expanduser()
+    if not path.exists() and not looks_like_hub_id(checkpoint):
+        raise ExportError(f"{checkpoint!r}: no such checkpoint directory (nor a Hub id, owner/name).")
     if path.exists() and not (path / "config.json").is_file():
         raise ExportError(f"{checkpoint!r} is not a checkpoint directory: it has no config.json.")
     try:
@@ -218,18 +223,31 @@ def _check_memory_checkpoint(checkpoint: str) -> None:
         )
 
 
+def _load_tokenizer(*locations):
+    """The tokenizer of the first of `locations` that has one, or None."""
+    for location in locations:
+        try:
+            return AutoTokenizer.from_pretrained(location)
+        except (OSError, ValueError, TypeError):
+            continue
+    return None
+
+
 def load_checkpoint_for_export(checkpoint: str, allow_pickle: bool = False):
-    """(model, tokenizer or None, base name, base Hub id, license) of a MemoryLlama checkpoint."""
-    _check_memory_checkpoint(checkpoint)
+    """(model, tokenizer or None, base name, base Hub id, license) of a MemoryLlama checkpoint, or of an adapter
+    folder merged into its base (the base's card describes it)."""
+    base = adapter_base(checkpoint) if Path(checkpoint).expanduser().is_dir() else None
+    _check_memory_checkpoint(base or checkpoint)
     try:
-        model = from_pretrained(MemoryLlamaForCausalLM, checkpoint, allow_pickle=allow_pickle, dtype="auto").eval()
+        if base is not None:
+            model = load_memory_llama(checkpoint, allow_pickle=allow_pickle, merge=True, dtype="auto").eval()
+        else:
+            model = from_pretrained(MemoryLlamaForCausalLM, checkpoint, allow_pickle=allow_pickle, dtype="auto").eval()
     except OSError as error:  # missing weights
         raise ExportError(f"Cannot load the weights of {checkpoint!r}: {error}") from error
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
-    base_name, base_hub_id, license = read_base_info(checkpoint) if Path(checkpoint).is_dir() else (None, None, None)
+    tokenizer = _load_tokenizer(checkpoint, *([base] if base else []))
+    card_folder = base or checkpoint
+    base_name, base_hub_id, license = read_base_info(card_folder) if Path(card_folder).is_dir() else (None, None, None)
     return model, tokenizer, base_name, base_hub_id, license
 
 
@@ -242,10 +260,13 @@ def export_for_hub(
     model_id: str | None = None,
     allow_pickle: bool = False,
 ) -> ExportResult:
-    """`memory-llama export`: a Hub-ready copy of the MemoryLlama checkpoint at `checkpoint` (directory, or
-    Hub id when online). The base model named on the checkpoint's card carries over to the new card."""
+    """`memory-llama export`: a Hub-ready copy of the MemoryLlama checkpoint at `checkpoint` (directory, adapter
+    folder merged into its base, or Hub id when online). The base model named on the checkpoint's card carries
+    over to the new card."""
     local = Path(checkpoint).expanduser()
-    check_output_dir(Path(out), overwrite, sources=(local,) if local.exists() else ())
+    base = adapter_base(local) if local.is_dir() else None
+    sources = [local] if local.exists() else []
+    check_output_dir(Path(out), overwrite, sources=sources + ([Path(base)] if base else []))
     model, tokenizer, base_name, base_hub_id, license = load_checkpoint_for_export(checkpoint, allow_pickle)
     return export_model_for_hub(
         model,

@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from transformers.models.llama.configuration_llama import LlamaConfig
 from transformers.utils import logging as hf_logging
 
+from modeling_memory.choices import GRAFT_PRESETS
 from modeling_memory.tools.canonical_ids import build_canonical_map
 from modeling_memory.memory_llama.configuration_memory_llama import MemoryLlamaConfig
 from modeling_memory.tools.errors import ToolError
@@ -35,7 +36,6 @@ _MEMORY_LAYER_FIELDS = ("engram_layers", "chapter_layers", "pkm_layers")
 # Config entries describing the source checkpoint rather than the architecture.
 _SOURCE_ONLY_KEYS = ("model_type", "architectures", "quantization_config", "transformers_version", "auto_map")
 
-PRESETS = ("engram", "chapters", "both", "pkm", "all")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -98,8 +98,8 @@ def memory_preset(base_config: PretrainedConfig, preset: str = "both") -> dict:
     contexts (on SmolLM2, sparse memory fine-tuning learnt more facts with 8 than with 32, and with three
     layers than with one).
     """
-    if preset not in PRESETS:
-        raise GraftError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+    if preset not in GRAFT_PRESETS:
+        raise GraftError(f"Unknown preset {preset!r}; choose one of {', '.join(GRAFT_PRESETS)}.")
     depth, hidden = base_config.num_hidden_layers, base_config.hidden_size
     fields: dict = {"engram_layers": [], "chapter_layers": [], "pkm_layers": []}
     if preset in ("engram", "both", "all"):
@@ -243,7 +243,6 @@ __all__ = [
     "GraftError",
     "LLAMA_COMPATIBLE_MODEL_TYPES",
     "MEMORY_FIELDS",
-    "PRESETS",
     "check_base_config",
     "check_base_family",
     "check_memory_fields",

@@ -437,7 +437,7 @@ def plan_graft(
     Args:
         base: a Hugging Face checkpoint directory, a `.gguf` file, or a Hub id.
         out: the output directory; refused when it exists and is not empty, unless `overwrite`.
-        preset: one of `grafting.PRESETS` ("both" by default), sized for the base by `grafting.memory_preset`.
+        preset: one of `choices.GRAFT_PRESETS` ("both" by default), sized for the base by `grafting.memory_preset`.
         memory_json: a JSON file of memory fields applied over the preset.
         overrides: "field=value" strings applied last (values parsed as JSON when possible).
         dtype: "auto" (the base's dtype; float32 for GGUF), or one of `grafting.DTYPES`.

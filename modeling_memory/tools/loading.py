@@ -1,12 +1,17 @@
-"""Loading checkpoints in the tools: weights come from safetensors only, unless the user opts in to pickle.
+"""Loading checkpoints in the tools: weights come from safetensors only, unless the user opts in to pickle;
+an adapter folder written by `memory-llama train` in a LoRA mode loads with the base model it names.
 
 Pickle files (`pytorch_model.bin`, `.pt`, ...) can run code when loaded. Every loading path of this package
 (the `memory-llama` commands, `from_llama` with a path, the demo, the graft and export tools) goes through
 `from_pretrained` here, which refuses a folder holding only pickle weights with one clear message; the
 commands' `--allow-pickle` (`allow_pickle=True` from Python) lets them load. A plain
 `MemoryLlamaForCausalLM.from_pretrained` is transformers' own and follows its defaults.
+
+`load_memory_llama` reads a checkpoint folder, a Hub id or an adapter folder alike (the commands that read a
+model go through it), and with `merge=True` merges an adapter into its base.
 """
 
+import json
 import os
 
 from modeling_memory.tools.errors import ToolError
@@ -51,10 +56,14 @@ def check_gguf_file(path, where: str) -> None:
 
 
 def looks_like_hub_id(text: str) -> bool:
-    """Whether a checkpoint named on the command line can be a Hub id (`org/name`), not a local path or file."""
+    """Whether a checkpoint named on the command line can be a Hub id (`owner/name`), not a local path or file.
+
+    A name without an owner (`does-not-exist`) is taken for a local path: every Hub repository has an owner
+    (the old owner-less names redirect), and asking the Hub about a mistyped folder name would mean seconds of
+    retries before the error when the network is unreachable."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if text.startswith((".", "/", "~")) or text.count("/") > 1 or text.lower().endswith(".gguf"):
+    if text.startswith((".", "/", "~")) or text.count("/") != 1 or text.lower().endswith(".gguf"):
         return False
     try:
         validate_repo_id(text)
@@ -70,9 +79,50 @@ def from_pretrained(model_class, location, *, allow_pickle: bool = False, **kwar
     return model_class.from_pretrained(location, use_safetensors=None if allow_pickle else True, **kwargs)
 
 
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+
+
+def adapter_base(folder) -> str | None:
+    """The base model folder that the PEFT adapter in `folder` names (`base_model_name_or_path` in its
+    adapter_config.json), or None when `folder` holds no adapter. Raises ToolError when that base is not a
+    local folder (`memory-llama train` records it as an absolute path)."""
+    path = os.path.join(str(folder), ADAPTER_CONFIG_NAME)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as handle:
+            base = json.load(handle).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as error:
+        raise ToolError(f"Cannot read the adapter config {path}: {error}") from error
+    if not base or not os.path.isdir(base):
+        raise ToolError(f"The adapter in {folder} names base model {base!r}, which is not a local folder.")
+    return base
+
+
+def load_memory_llama(checkpoint, *, allow_pickle: bool = False, merge: bool = False, **kwargs):
+    """A MemoryLlama from a checkpoint folder or Hub id, or from an adapter folder written by `memory-llama train`
+    in a LoRA mode: the base model it names, then the adapter and the memory trained beside it
+    (`peft_modes.load_adapter_with_memory`), as a PeftModel; with `merge`, the LoRA weights merged into the base
+    by PEFT's `merge_and_unload`: a plain MemoryLlamaForCausalLM. `kwargs` go to `from_pretrained` (dtype, ...)."""
+    from modeling_memory.memory_llama.modeling_memory_llama import MemoryLlamaForCausalLM
+
+    base = adapter_base(checkpoint) if os.path.isdir(str(checkpoint)) else None
+    model = from_pretrained(MemoryLlamaForCausalLM, base or checkpoint, allow_pickle=allow_pickle, **kwargs)
+    if base is None:
+        return model
+    from modeling_memory.training.peft_modes import load_adapter_with_memory
+
+    refuse_pickle_only(checkpoint, allow_pickle=allow_pickle)  # adapter_model.bin without a safetensors twin
+    model = load_adapter_with_memory(model, str(checkpoint))
+    return model.merge_and_unload() if merge else model
+
+
 __all__ = [
+    "ADAPTER_CONFIG_NAME",
+    "adapter_base",
     "check_gguf_file",
     "from_pretrained",
+    "load_memory_llama",
     "looks_like_hub_id",
     "pickle_only_error",
     "pickle_only_weights",

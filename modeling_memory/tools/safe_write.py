@@ -4,7 +4,7 @@
   one rename at the end; an error or Ctrl-C removes it, and OUT is left as it was.
 - `atomic_file(path)`: the same for one file.
 - `remove_directory(folder)`: one rename out of the way, then the deletion, so nobody finds it half deleted.
-- `sigterm_as_interrupt()`: SIGTERM raises KeyboardInterrupt, so a terminated run still cleans up.
+- `sigterm_as_interrupt()`: SIGTERM raises KeyboardInterrupt("SIGTERM"), so a terminated run still cleans up.
 
 A SIGKILL cannot be caught: it leaves at most a hidden `.NAME.*.partial` folder beside OUT, never a partial OUT.
 """
@@ -17,10 +17,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from modeling_memory.choices import DEFAULT_MAX_SHARD_SIZE  # re-exported: the tools' default max_shard_size
 from modeling_memory.tools.errors import ToolError
-
-# Largest safetensors shard the tools write (save_pretrained's max_shard_size).
-DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -119,11 +117,11 @@ def remove_directory(folder) -> Path | None:
 
 @contextlib.contextmanager
 def sigterm_as_interrupt():
-    """Turn SIGTERM into KeyboardInterrupt for the block, so a terminated run still removes its staging
-    files (only possible from the main thread; elsewhere the block runs unchanged)."""
+    """Turn SIGTERM into KeyboardInterrupt("SIGTERM") for the block, so a terminated run still removes its
+    staging files (only possible from the main thread; elsewhere the block runs unchanged)."""
 
     def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise KeyboardInterrupt(signal.Signals(signum).name)
 
     try:
         previous = signal.signal(signal.SIGTERM, interrupt)

@@ -6,14 +6,27 @@ from modeling_memory.memory_llama.configuration_memory_llama import MemoryLlamaC
 from modeling_memory.training.memory_parameters import CHAPTER_BANK, ENGRAM_TABLE, PKM_VALUES, memory_kinds
 
 
-def memory_layout(config: MemoryLlamaConfig) -> str:
-    """One line per memory kind plus a layer strip: E = Engram, C = chapter memory, . = plain Llama."""
-    def mark(layer: int) -> str:
-        engram, chapters = layer in config.engram_layers, layer in config.chapter_layers
-        return "B" if engram and chapters else "E" if engram else "C" if chapters else "."
+# The layer strip's mark of each memory kind, by the config field listing its layers.
+LAYER_MARKS = {"engram_layers": "E", "chapter_layers": "C", "pkm_layers": "P"}
+SEVERAL_KINDS_MARK = "+"
 
-    strip = "".join(mark(layer) for layer in range(config.num_hidden_layers))
-    lines = [f"layers ({config.num_hidden_layers}): {strip}   (E Engram, C chapter memory, B both)"]
+
+def layer_strip(config: MemoryLlamaConfig) -> str:
+    """One character per decoder layer: E Engram, C chapter memory, P product-key memory, + more than one kind
+    (the lines of `memory_layout` say which), . none (a plain Llama layer)."""
+    def mark(layer: int) -> str:
+        kinds = [letter for field, letter in LAYER_MARKS.items() if layer in getattr(config, field)]
+        return kinds[0] if len(kinds) == 1 else SEVERAL_KINDS_MARK if kinds else "."
+
+    return "".join(mark(layer) for layer in range(config.num_hidden_layers))
+
+
+def memory_layout(config: MemoryLlamaConfig) -> str:
+    """The layer strip (`layer_strip`) and one line per memory kind present."""
+    lines = [
+        f"layers ({config.num_hidden_layers}): {layer_strip(config)}   "
+        f"(E Engram, C chapter memory, P product-key memory, {SEVERAL_KINDS_MARK} several)"
+    ]
     if config.engram_layers:
         lines.append(
             f"Engram at {config.engram_layers}: orders {config.engram_ngram_orders} x {config.engram_heads_per_order} heads, "

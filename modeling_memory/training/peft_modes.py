@@ -31,10 +31,10 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
+from modeling_memory.choices import TRAINING_MODES
 from modeling_memory.training.memory_parameters import TABLE_KINDS, memory_kinds
 from modeling_memory.tools.safe_write import atomic_file
 
-TRAINING_MODES = ("full", "memory_only", "lora", "lora_all", "sparse_memory")
 BACKBONE_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MEMORY_WEIGHTS_NAME = "memory.safetensors"
 
@@ -300,16 +300,18 @@ def load_adapter_with_memory(base_model, directory: str, is_trainable: bool = Fa
 
 
 def trainable_parameter_counts(model) -> dict[str, int]:
-    """Trainable parameters split into adapter, memory (outside the adapter) and backbone, plus the total."""
+    """Trainable parameters split into adapter, memory (outside the adapter) and backbone, plus the total. Of a
+    table in sparse memory fine-tuning only the chosen rows count: no other row can change."""
     counts = {"adapter": 0, "memory": 0, "backbone": 0}
     memory = _memory_names(model)
+    chosen_rows = getattr(model, "sparse_memory_slots", {})  # set by prepare_sparse_memory_finetuning
     seen = set()
     for name, param in model.named_parameters():
         if not param.requires_grad or id(param) in seen:
             continue
         seen.add(id(param))
         key = "adapter" if "lora_" in name else "memory" if name in memory else "backbone"
-        counts[key] += param.numel()
+        counts[key] += chosen_rows[name].numel() * param[0].numel() if name in chosen_rows else param.numel()
     counts["total"] = sum(counts.values())
     return counts
 

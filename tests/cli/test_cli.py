@@ -72,14 +72,15 @@ def test_help_and_argument_errors_import_nothing_heavy():
     command_lines = [
         ["--help"], ["train", "--help"], ["eval", "--help"], ["generate", "--help"], ["graft", "--help"],
         ["export", "--help"], ["push", "--help"], ["info", "--help"], ["demo", "--help"],
+        ["merge", "--help"],
         ["bogus"], ["train", "model", "--mode", "bogus"], ["train"], ["generate", "checkpoint"], ["info"],
-        ["info", "a", "b"],
+        ["info", "a", "b"], ["generate", "checkpoint", "--promt", "x"], ["graft", "base", "out", "--preset", "bogus"],
     ]
     code = PARSER_ONLY.format(heavy=HEAVY_MODULES, command_lines=command_lines)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert result.returncode == 0, result.stderr
     codes, heavy = result.stdout.strip().splitlines()[-2:]
-    assert codes == "[0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2]", result.stderr[-2000:]
+    assert codes == "[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2]", result.stderr[-2000:]
     assert heavy == "[]"
     assert "demo" in result.stdout and "hyphens or underscores" in result.stdout
 
@@ -111,8 +112,63 @@ def test_help_lists_one_spelling_and_both_are_accepted(capsys):
     assert "hyphens or underscores" in capsys.readouterr().out
 
 
+def test_help_names_every_memory_kind_and_training_mode(capsys):
+    """The modes and presets the help lists are the library's own tuples (modeling_memory.choices, read by the
+    parser without importing the package)."""
+    from modeling_memory.choices import GRAFT_PRESETS, TRAINING_MODES
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    overview = " ".join(capsys.readouterr().out.split())
+    for kind in ("chapter memory", "Engram", "product-key memory"):
+        assert kind in overview
+    assert f"modes: {', '.join(TRAINING_MODES)})" in overview and "sparse_memory" in TRAINING_MODES
+    with pytest.raises(SystemExit):
+        main(["graft", "--help"])
+    graft_help = " ".join(capsys.readouterr().out.split())
+    assert ", ".join(GRAFT_PRESETS[:-1]) + f" or {GRAFT_PRESETS[-1]}" in graft_help and "product-key memory" in graft_help
+
+
+def test_the_parser_reads_the_librarys_choices_file():
+    """One source for the names: the library imports modeling_memory/choices.py, the parser executes the same file."""
+    import modeling_memory.choices
+    from memory_llama_cli.parser import library_choices
+    from modeling_memory.tools import graft, safe_write
+    from modeling_memory.training import peft_modes
+
+    assert library_choices().__file__ == modeling_memory.choices.__file__
+    assert peft_modes.TRAINING_MODES is modeling_memory.choices.TRAINING_MODES
+    assert graft.GRAFT_PRESETS is modeling_memory.choices.GRAFT_PRESETS
+    assert safe_write.DEFAULT_MAX_SHARD_SIZE is modeling_memory.choices.DEFAULT_MAX_SHARD_SIZE
+
+
+@pytest.mark.parametrize(
+    "command_line, line",
+    [
+        (["generate", "checkpoint", "--promt", "hello"], "memory-llama generate: error: unrecognized arguments: --promt (did you mean --prompt?)"),
+        (["info", "checkpoint", "--max-shard-size", "1GB"], "memory-llama info: error: unrecognized arguments: --max-shard-size"),
+        (["graft", "base", "out", "--presett=pkm", "--dry-runn"],
+         "memory-llama graft: error: unrecognized arguments: --presett (did you mean --preset?), --dry-runn (did you mean --dry-run?)"),
+        (["train", "model", "--knowledge-entities", "2", "--max_step", "3"],
+         "memory-llama train: error: unrecognized arguments: --max_step (did you mean --max_steps?)"),
+    ],
+)
+def test_a_misspelt_option_gives_one_line_with_the_closest_valid_one(capsys, command_line, line):
+    with pytest.raises(SystemExit) as raised:
+        main(command_line)
+    assert raised.value.code == 2  # as argparse's own errors
+    captured = capsys.readouterr()
+    assert captured.err == line + "\n" and captured.out == ""
+
+
+def test_an_abbreviated_option_still_works(tmp_path, capsys):
+    """Commands other than `train` accept unique prefixes, as argparse does (`--max-new 0` is --max-new-tokens)."""
+    with pytest.raises(SystemExit, match="--max-new-tokens must be >= 1"):
+        main(["generate", str(tmp_path), "--prompt", "x", "--max-new", "0"])
+
+
 def test_both_spellings():
-    from memory_llama_cli import both_spellings
+    from memory_llama_cli.parser import both_spellings
 
     assert both_spellings("--max-new-tokens") == ["--max-new-tokens", "--max_new_tokens"]
     assert both_spellings("--output_dir") == ["--output_dir", "--output-dir"]
@@ -153,7 +209,8 @@ def _bad_checkpoints(tmp_path):
     return {
         str(tmp_path / "missing"): "no such file or folder",
         str(tmp_path / "missing.gguf"): "no such file or folder",
-        "missing-checkpoint": "no such file or folder, and loading it as a Hub id failed",
+        "missing-checkpoint": "no such file or folder. Pass a checkpoint folder, a .gguf file or a Hub id (owner/name)",
+        "missing-owner/missing-checkpoint": "no such file or folder, and loading it as a Hub id failed",
         str(tmp_path / "empty"): "has no config.json",
         str(tmp_path / "notes.txt"): "is a file: pass the checkpoint folder",
         str(tmp_path / "broken.gguf"): "is not a GGUF file",
@@ -170,6 +227,39 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path, monkeypatch, capsys, com
         error = str(raised.value.code)
         assert error.startswith(f"memory-llama {command}: error: ") and message in error, error
         assert "\n" not in error
+
+
+def test_a_missing_local_name_is_refused_without_asking_the_hub(tmp_path, monkeypatch):
+    """`memory-llama info does-not-exist`: a name without an owner is a local path; refused at once, where asking the
+    Hub would retry for about 30 s when the network is unreachable."""
+    import transformers
+
+    from modeling_memory.tools.loading import looks_like_hub_id
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_hub)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_hub)
+    monkeypatch.chdir(tmp_path)
+    for command in (["info", "does-not-exist"], ["generate", "does-not-exist", "--prompt", "x"],
+                    ["export", "does-not-exist", "out"], ["push", "does-not-exist", "me/model"]):
+        with pytest.raises(SystemExit) as raised:
+            main(command)
+        assert str(raised.value.code) == (f"memory-llama {command[0]}: error: does-not-exist: no such file or folder. "
+                                          "Pass a checkpoint folder, a .gguf file or a Hub id (owner/name).")
+    assert not looks_like_hub_id("does-not-exist") and not looks_like_hub_id("a/b/c") and not looks_like_hub_id("./x")
+    assert looks_like_hub_id("HuggingFaceTB/SmolLM2-135M")
+
+
+def test_layer_strip_marks_every_memory_kind():
+    from modeling_memory.tools.summary import memory_layout
+
+    config = tiny_config(num_hidden_layers=6, engram_layers=[0, 3], chapter_layers=[1, 3], pkm_layers=[2, 4],
+                         pkm_num_keys=4, pkm_top_k=2, pkm_heads=2, pkm_key_dim=8)
+    first_line = memory_layout(config).splitlines()[0]
+    assert first_line == "layers (6): ECP+P.   (E Engram, C chapter memory, P product-key memory, + several)"
+    assert "product-key memory at [2, 4]" in memory_layout(config)
 
 
 def test_info_on_a_gguf_file_says_graft_it_first(tmp_path):

@@ -47,24 +47,19 @@ def test_help_lists_train_eval_and_training_arguments(capsys):
     assert "train" in out and "eval" in out
 
 
-def test_train_help_names_real_fields_and_the_modules_choices():
-    """`train --help` is built without transformers, so it spells out names that live elsewhere."""
+def test_train_help_names_real_fields():
+    """`train --help` is built without transformers, so its epilog spells out TrainingArguments fields by name."""
     import argparse
     import dataclasses
     import re
 
-    import memory_llama_cli
-    from modeling_memory.tools import graft as grafting, safe_write
-    from modeling_memory.training import peft_modes
+    from memory_llama_cli import parser
     from modeling_memory.training.trainer import MemoryTrainingArguments
 
-    assert memory_llama_cli.TRAINING_MODES == peft_modes.TRAINING_MODES
-    assert memory_llama_cli.GRAFT_PRESETS == grafting.PRESETS
-    assert memory_llama_cli.DEFAULT_MAX_SHARD_SIZE == safe_write.DEFAULT_MAX_SHARD_SIZE
     own_parser = argparse.ArgumentParser()
-    memory_llama_cli.add_train_arguments(own_parser)
+    parser.add_train_arguments(own_parser)
     own = {action.dest for action in own_parser._actions} | {"help_training"}
-    named = {name.replace("-", "_") for name in re.findall(r"--([\w-]+)", memory_llama_cli.TRAIN_EPILOG)} - own
+    named = {name.replace("-", "_") for name in re.findall(r"--([\w-]+)", parser.TRAIN_EPILOG)} - own
     fields = {f.name for f in dataclasses.fields(MemoryTrainingArguments)}
     assert {"output_dir", "learning_rate", "table_optimizer"} <= named <= fields, named - fields
 
@@ -82,7 +77,7 @@ def test_train_help_names_real_fields_and_the_modules_choices():
         (["--knowledge-entities", "3", "--resume_from_checkpoint", "nowhere"], "no such checkpoint"),
         (["--knowledge-entities", "3", "--table_optimizer", "sgd"], "invalid choice"),
         (["--knowledge-entities", "3", "--mode", "bogus"], "invalid choice"),
-        (["--knowledge-entities", "3", "--learnig_rate", "1e-3"], "unrecognized arguments: --learnig_rate"),
+        (["--knowledge-entities", "3", "--learnig_rate", "1e-3"], "unrecognized arguments: --learnig_rate (did you mean --learning_rate?)"),
         (["--knowledge-entities", "3", "--overwrite", "--resume_from_checkpoint", "last"], "no complete checkpoint"),
     ],
 )
@@ -303,9 +298,10 @@ def test_train_graft_refuses_families_without_the_llama_layout(tmp_path, config,
     assert not (tmp_path / "o").exists()
 
 
-def test_sparse_memory_mode_trains_only_the_ranked_rows(tmp_path):
-    """`--mode sparse_memory`: the ranked rows are saved beside the run, and after training only those rows of
-    the tables differ from the starting checkpoint; every other weight is bit-identical."""
+def test_sparse_memory_mode_trains_only_the_ranked_rows(tmp_path, capsys):
+    """`--mode sparse_memory`: the ranked rows are saved beside the run, the run reports their weights as what
+    trains (not the whole tables), and after training only those rows of the tables differ from the starting
+    checkpoint; every other weight is bit-identical."""
     from safetensors.torch import load_file
 
     model_dir = save_tiny_model(tmp_path / "model", chapter_layers=[], pkm_layers=[1], pkm_num_keys=6,
@@ -321,6 +317,9 @@ def test_sparse_memory_mode_trains_only_the_ranked_rows(tmp_path):
     assert all(0 < rows.numel() <= 5 for rows in slots.values())
 
     before = MemoryLlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+    chosen_weights = sum(rows.numel() * before[name].shape[1] for name, rows in slots.items())
+    assert f"mode sparse_memory: {chosen_weights:,} trainable parameters (adapter 0, memory {chosen_weights:,} in the " \
+           "chosen rows, backbone 0)" in capsys.readouterr().out
     after = MemoryLlamaForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
     for name, original in before.items():
         if name not in slots:
@@ -339,3 +338,84 @@ def test_sparse_memory_options_need_the_mode(base, tmp_path):
         main(["train", base, "--knowledge-entities", "2", "--sparse-memory-top-t", "5", "--block-size", "32",
               "--output_dir", str(tmp_path / "x"), *COMMON])
     assert not (tmp_path / "x").exists()
+
+
+# ---- adapter folders (LoRA modes) are read by every command, and merge into a plain checkpoint ------------
+
+
+@pytest.fixture(scope="module")
+def adapter(base, tmp_path_factory):
+    """The output of a `--mode lora_all` run: LoRA on the backbone's and the memory's projections, the tables and
+    banks trained beside the adapter (memory.safetensors)."""
+    out = tmp_path_factory.mktemp("lora") / "run"
+    assert main(["train", base, "--knowledge-entities", "2", "--block-size", "32", "--mode", "lora_all", "--max_steps", "3",
+                 "--per_device_train_batch_size", "2", "--learning_rate", "2e-2", "--save_strategy", "no", *COMMON,
+                 "--output_dir", str(out)]) == 0
+    assert {"adapter_config.json", "memory.safetensors"} <= set(os.listdir(out)) and not (out / "config.json").exists()
+    return out
+
+
+def _adapter_model(base, adapter):
+    """The adapter model as PEFT runs it (LoRA unmerged), the reference for everything read from an adapter folder."""
+    return load_adapter_with_memory(MemoryLlamaForCausalLM.from_pretrained(base, dtype=torch.float32), str(adapter)).eval()
+
+
+def test_merge_writes_a_plain_checkpoint_with_the_adapter_models_logits(base, adapter, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "merged"
+    assert main(["merge", str(adapter), str(out)]) == 0
+    assert "max |logit difference| against the adapter model" in capsys.readouterr().out
+    files = set(os.listdir(out))
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= files and "adapter_config.json" not in files
+
+    merged = MemoryLlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()  # no PEFT involved
+    reference = _adapter_model(base, adapter)
+    plain_base = MemoryLlamaForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    ids = torch.randint(3, merged.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(ids).logits
+        torch.testing.assert_close(merged(ids).logits, expected, rtol=1e-5, atol=1e-5)
+        assert (plain_base(ids).logits - expected).abs().max() > 1e-3  # training changed something to merge
+    # The memory trained beside the adapter is in the merged checkpoint, unchanged.
+    merged_state = merged.state_dict()
+    for name, tensor in load_file(adapter / "memory.safetensors").items():
+        assert torch.equal(merged_state[name], tensor), name
+
+    with pytest.raises(SystemExit, match="is not an adapter folder"):
+        main(["merge", base, str(tmp_path / "again")])
+
+
+def test_every_command_that_reads_a_model_accepts_an_adapter_folder(base, adapter, tmp_path, capsys):
+    reference = _adapter_model(base, adapter)
+    ids = torch.randint(3, reference.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
+
+    assert main(["info", str(adapter)]) == 0
+    out = capsys.readouterr().out
+    assert f"adapter: LORA r=16" in out and base in out and "layers (3): E.C" in out
+
+    assert main(["generate", str(adapter), "--prompt", "Alice plays the", "--max-new-tokens", "6"]) == 0
+    tokenizer = tiny_tokenizer()
+    inputs = tokenizer("Alice plays the", return_tensors="pt")
+    expected = reference.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert capsys.readouterr().out.strip() == tokenizer.decode(expected[0][inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+    assert main(["eval", str(adapter), "--knowledge-entities", "2"]) == 0
+    capsys.readouterr()
+
+    exported = tmp_path / "exported"
+    assert main(["export", str(adapter), str(exported)]) == 0
+    assert "is an adapter folder: merging it into its base" in capsys.readouterr().out
+    from transformers import AutoModelForCausalLM
+
+    remote = AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(remote(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+
+    # train: the adapter merged into its base and trained on as a plain model; a new adapter needs a base on disk.
+    trained = tmp_path / "trained"
+    assert main(["train", str(adapter), "--knowledge-entities", "2", "--block-size", "32", "--max_steps", "1",
+                 "--save_strategy", "no", *COMMON, "--output_dir", str(trained)]) == 0
+    assert (trained / "config.json").is_file()
+    with pytest.raises(SystemExit, match=f"is itself an adapter: merge it first \\(`memory-llama merge {adapter} OUT`\\)"):
+        main(["train", str(adapter), "--knowledge-entities", "2", "--mode", "lora", *COMMON, "--output_dir", str(tmp_path / "x")])

@@ -265,6 +265,20 @@ def test_export_loads_without_the_package_and_gives_identical_logits(trained, ex
     assert torch.equal(remote["generated"], generated)
 
 
+def test_export_with_relative_paths(trained, tmp_path, monkeypatch):
+    """`memory-llama export smollm2-memory smollm2-memory-hub`, as the README writes it: relative CHECKPOINT and
+    OUT, though the check that loads the export without the package runs in a scratch folder of its own."""
+    import shutil
+
+    model, checkpoint = trained
+    shutil.copytree(checkpoint, tmp_path / "tiny-memory")
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "tiny-memory", "tiny-memory-hub"]) == 0
+    assert (tmp_path / "tiny-memory-hub" / "config.json").is_file()
+    assert 'from_pretrained("tiny-memory-hub", trust_remote_code=True' in (tmp_path / "tiny-memory-hub" / "README.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-memory", "tiny-memory-hub"]  # no staging folder left
+
+
 def test_export_refuses_bad_input(trained, tmp_path):
     _, checkpoint = trained
     plain = tmp_path / "plain"

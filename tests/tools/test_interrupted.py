@@ -119,11 +119,16 @@ def test_export_killed_mid_work_leaves_no_output_and_a_rerun_works(tmp_path, tar
         torch.testing.assert_close(exported(ids).logits, original(ids).logits, rtol=0, atol=0)
 
 
-def test_terminated_graft_removes_its_staging_folder(tmp_path):
+@pytest.mark.parametrize("signum, cause", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C")])
+def test_terminated_or_interrupted_graft_removes_its_staging_folder_and_says_one_line(tmp_path, signum, cause):
+    """SIGTERM (or Ctrl-C, SIGINT) mid-graft: the staging folder is removed, and the command ends with one line
+    and status 130, as an interrupted program does in a shell, without a traceback."""
     base = write_base(tmp_path / "base")
     out = tmp_path / "out"
     process = run_blocked(tmp_path, GRAFT_STOPS[1], ["graft", str(base), str(out), *SET_SMALL_MEMORY])
-    assert stop(process, signal.SIGTERM) != 0
+    assert stop(process, signum) == 130
+    errors = process.stderr.read()  # transformers' loading progress bars, then the command's last word
+    assert errors.endswith(f"\nmemory-llama graft: interrupted ({cause})\n") and "Traceback" not in errors, errors[-3000:]
     assert not out.exists() and hidden(tmp_path) == []
 
 
