@@ -21,8 +21,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from .configuration_memory_llama import MemoryLlamaConfig
-from .kernel_backend import kernel_choice
-from .ops_chapter_attention import chapter_attention, chapter_attention_folded
+from .ops_chapter_attention import chapter_attention, chapter_attention_folded, chapter_attention_runs_kernels
 from .ops_table_rows import gather_rows
 
 
@@ -190,7 +189,8 @@ class MemoryLlamaChapterMemory(nn.Module):
             rows, chapter_ids = self.read_chapter_rows(bank_table, chapter_ids)
             num_read = rows.shape[0] // self.chapter_size
             # The Triton kernels attend to projected rows; folding replaces the PyTorch path when cheaper.
-            if kernel_choice(query) == "torch" and self.folding_is_cheaper(flat.shape[0], chapter_ids.shape[1], num_read):
+            fold = self.folding_is_cheaper(flat.shape[0], chapter_ids.shape[1], num_read)
+            if fold and not chapter_attention_runs_kernels(query):
                 attended = self.attend_folded(query, rows, chapter_ids, chapter_weights)
             else:
                 keys, values = self._project(rows, hidden_states.dtype)

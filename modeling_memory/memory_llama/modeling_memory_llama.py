@@ -449,12 +449,14 @@ class MemoryLlamaForCausalLM(MemoryLlamaPreTrainedModel, GenerationMixin):
             Return each chapter layer's router logits and chosen chapters, and the router `aux_loss` (added to
             the loss when labels are given).
 
-        `output_engram_gates`, `output_engram_row_ids` and `output_pkm_indices` go to the model (see
-        `MemoryLlamaModel.forward`) and come back in the output.
+        `output_router_indices` (on with `output_router_logits`), `output_engram_gates`, `output_engram_row_ids` and
+        `output_pkm_indices` go to the model (see `MemoryLlamaModel.forward`) and come back in the output.
         """
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
         )
+        # The router losses need the chapters each layer chose.
+        output_router_indices = bool(kwargs.pop("output_router_indices", False)) or output_router_logits
         outputs: MemoryLlamaModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -463,7 +465,7 @@ class MemoryLlamaForCausalLM(MemoryLlamaPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
-            output_router_indices=output_router_logits,
+            output_router_indices=output_router_indices,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state

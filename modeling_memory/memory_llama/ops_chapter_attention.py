@@ -92,10 +92,16 @@ def chapter_attention_folded(
     return torch.cat(outputs).to(query.dtype)
 
 
+def chapter_attention_runs_kernels(query: torch.Tensor) -> bool:
+    """Whether `chapter_attention` runs the Triton kernels on `query` (see `kernel_backend.py`). The folded form has
+    a PyTorch path only, so a layer may choose it only when the dispatcher would not run the kernels anyway."""
+    return kernel_choice(query) == "triton"
+
+
 def chapter_attention(query, bank_keys, bank_values, chapter_ids, chapter_weights, scale) -> torch.Tensor:
     """Dispatcher: Triton kernels when usable (see `kernel_backend.py`), the PyTorch path otherwise; same contract as
     `chapter_attention_torch`."""
-    if kernel_choice(query) == "triton":
+    if chapter_attention_runs_kernels(query):
         from .kernels_chapter_attention import chapter_attention_triton
 
         return chapter_attention_triton(query, bank_keys, bank_values, chapter_ids, chapter_weights, scale)

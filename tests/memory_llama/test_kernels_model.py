@@ -29,10 +29,14 @@ CHILD = textwrap.dedent(
     model = MemoryLlamaForCausalLM(tiny_config(**saved["config"]))
     model.load_state_dict(saved["state"])
     model.train()
-    out = model(saved["ids"], attention_mask=saved["mask"], labels=saved["ids"])
+    recorded = dict(output_engram_row_ids=True, output_engram_gates=True)
+    out = model(saved["ids"], attention_mask=saved["mask"], labels=saved["ids"], **recorded)
     out.loss.backward()
     grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-    torch.save({"logits": out.logits.detach(), "loss": out.loss.detach(), "grads": grads}, sys.argv[1] + ".out")
+    with torch.no_grad():  # without a gradient the kernel writes the rows only because they are asked for
+        inference_rows = model(saved["ids"], attention_mask=saved["mask"], **recorded).engram_row_ids
+    torch.save({"logits": out.logits.detach(), "loss": out.loss.detach(), "grads": grads, "rows": out.engram_row_ids,
+                "gates": [g.detach() for g in out.engram_gates], "inference_rows": inference_rows}, sys.argv[1] + ".out")
     """
 )
 
@@ -59,9 +63,15 @@ def test_model_forward_backward_triton_equals_torch(tmp_path):
     triton = torch.load(str(saved) + ".out")
 
     model.train()
-    out = model(ids, attention_mask=mask, labels=ids)
+    out = model(ids, attention_mask=mask, labels=ids, output_engram_row_ids=True, output_engram_gates=True)
     out.loss.backward()
     torch.testing.assert_close(triton["logits"], out.logits.detach(), rtol=1e-5, atol=1e-5)
+    # The recorded Engram rows (written by the fused kernel) and gates equal the PyTorch path's.
+    assert len(triton["rows"]) == len(triton["inference_rows"]) == 2
+    for got, again, want in zip(triton["rows"], triton["inference_rows"], out.engram_row_ids):
+        assert torch.equal(got, want) and torch.equal(again, want)
+    for got, want in zip(triton["gates"], out.engram_gates):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(triton["loss"], out.loss.detach(), rtol=1e-6, atol=1e-6)
     grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
     assert triton["grads"].keys() == grads.keys()

@@ -351,6 +351,67 @@ def test_output_options(trained_model):
         torch.testing.assert_close(last, full.logits[:, -1:])
 
 
+RECORDED_MEMORY_OUTPUTS = ("router_logits", "router_indices", "engram_gates", "engram_row_ids", "pkm_indices")
+
+
+def test_memory_internals_are_recorded_on_request_and_equal_an_independent_recomputation():
+    """What the memories return besides their update is recorded only when asked, and is what they computed:
+    Engram rows against the naive hashing walk, Engram gates against the formula written out, product-key
+    slots against the layer's addressing of its input (captured by hooks here, in the test only)."""
+    from modeling_memory.memory_llama.naive_engram import naive_engram_row_ids_of_documents
+
+    torch.manual_seed(0)
+    model = wake_memory(MemoryLlamaForCausalLM(tiny_config(**PKM))).eval()
+    ids = random_ids(2, 9, torch.Generator().manual_seed(3))
+    ids[0, 4] = EOS
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    ids[1, :3] = PAD
+    captured = {}
+    engram, memory = model.model.layers[0].engram, model.model.layers[1].product_key_memory
+    hooks = [
+        engram.register_forward_pre_hook(lambda module, args: captured.update(engram_input=args[0])),
+        model.model.layers[1].post_attention_layernorm.register_forward_hook(
+            lambda module, args, out: captured.update(pkm_input=out)),
+    ]
+    flags = {f"output_{name}": True for name in RECORDED_MEMORY_OUTPUTS}
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, **flags)
+    for hook in hooks:
+        hook.remove()
+    assert all(len(out[name]) == 1 for name in RECORDED_MEMORY_OUTPUTS)
+    real = mask.reshape(-1).bool()
+
+    (rows,) = out.engram_row_ids
+    hashing = engram.hashing(model.model.engram_canonical_map)
+    expected_rows = naive_engram_row_ids_of_documents(ids, mask.bool(), [EOS], hashing).reshape(18, -1)
+    assert rows.shape == (18, 4) and torch.equal(rows[real], expected_rows[real])
+
+    def rms_norm(x, weight, eps=model.config.rms_norm_eps):
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+    with torch.no_grad():
+        keys = engram.lookup(*engram.ngram_context(ids, model.model.engram_boundaries(ids, mask.bool()), None),
+                             model.model.engram_canonical_map) @ engram.engram_key.weight.T
+        hidden = captured["engram_input"]
+        score = (rms_norm(hidden, engram.hidden_norm.weight) * rms_norm(keys, engram.key_norm.weight)).sum(-1) / 32**0.5
+        gate = torch.sigmoid(score.sign() * score.abs().clamp_min(1e-6).sqrt())
+    (gates,) = out.engram_gates
+    assert gates.shape == (18,) and gates.dtype == torch.float32
+    torch.testing.assert_close(gates, gate.reshape(-1), rtol=1e-5, atol=1e-6)
+
+    (slots,) = out.pkm_indices
+    with torch.no_grad():
+        expected_slots, _ = memory.address(captured["pkm_input"].reshape(18, 32))
+    assert slots.shape == (18, 2, 3) and torch.equal(slots, expected_slots)
+
+    # Not asked: nothing recorded (and the Engram kernels write no row ids).
+    plain = model(ids, attention_mask=mask)
+    assert all(plain.get(name) is None for name in RECORDED_MEMORY_OUTPUTS)
+    # Trainer's evaluation gathers every other output tensor as logits.
+    assert set(RECORDED_MEMORY_OUTPUTS) <= set(model.config.keys_to_ignore_at_inference)
+
+
 def test_inputs_embeds_without_ids_needs_no_engram(trained_model):
     embeds = trained_model.get_input_embeddings()(random_ids(1, 5, torch.Generator().manual_seed(13)))
     with pytest.raises(ValueError, match="Engram .* needs `input_ids`"):
