@@ -502,7 +502,7 @@ def test_triton_dispatcher_runs_the_layer_through_the_kernels(interpreted, monke
     for backend in ("triton", "torch"):
         monkeypatch.setenv(KERNELS_ENV, backend)
         kernel_backend.reload_settings()
-        out = memory(hidden_states)
+        out = update_of(memory, hidden_states)
         results.append((out, grads_of(out, parameters, grad)))
     assert len(calls) == 1
     (out, grads), (expected, expected_grads) = results
@@ -545,7 +545,7 @@ def test_gpu_layer_kernels_match_pytorch_path(compiled, dtype, monkeypatch, fres
     for backend in ("triton", "torch"):
         monkeypatch.setenv(KERNELS_ENV, backend)
         kernel_backend.reload_settings()
-        out = memory(hidden_states)
+        out = update_of(memory, hidden_states)
         results.append((out, grads_of(out, parameters, grad)))
     (out, grads), (expected, expected_grads) = results
     assert_relative(out, expected, GPU_RELATIVE_TOLERANCE[dtype], "output")
