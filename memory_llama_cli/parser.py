@@ -101,7 +101,7 @@ def unknown_options(parser: argparse.ArgumentParser, arguments: list[str]) -> li
     for token in arguments:
         if token == "--":  # everything after it is positional
             break
-        if not token.startswith("--"):
+        if not token.startswith("--") or " " in token:  # argparse too reads "--a b" as a positional value
             continue
         name = token.split("=", 1)[0]
         if name in known or (parser.allow_abbrev and any(option.startswith(name) for option in known)):

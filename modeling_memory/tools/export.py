@@ -23,10 +23,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig
 
 from modeling_memory.tools.errors import ToolError
-from modeling_memory.tools.loading import adapter_base, from_pretrained, load_memory_llama, looks_like_hub_id
+from modeling_memory.tools.loading import adapter_base, from_pretrained, load_memory_llama, load_tokenizer, looks_like_hub_id
 from modeling_memory.tools.model_card import read_base_info, render_model_card
 from modeling_memory.memory_llama.modeling_memory_llama import MemoryLlamaForCausalLM
 from modeling_memory.tools.safe_write import DEFAULT_MAX_SHARD_SIZE, check_output_dir, staging_directory
@@ -80,7 +80,7 @@ save_file({"logits": logits.float().contiguous()}, logits_file)
 """
 
 
-def _verification_ids(config) -> torch.Tensor:
+def verification_ids(config) -> torch.Tensor:
     """Two fixed rows of up to 16 token ids spread over the vocabulary (no tokenizer needed)."""
     length = min(16, config.max_position_embeddings)
     return (torch.arange(2 * length, dtype=torch.int64).reshape(2, length) * 7919 + 11) % config.vocab_size
@@ -177,7 +177,7 @@ def export_model_for_hub(
             model.save_pretrained(staging, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        input_ids = _verification_ids(model.config)
+        input_ids = verification_ids(model.config)
         with torch.no_grad():
             expected = model(input_ids=input_ids.to(model.device)).logits.float().cpu()
         actual = logits_without_package(staging, input_ids, dtype=model.dtype)
@@ -223,16 +223,6 @@ def _check_memory_checkpoint(checkpoint: str) -> None:
         )
 
 
-def _load_tokenizer(*locations):
-    """The tokenizer of the first of `locations` that has one, or None."""
-    for location in locations:
-        try:
-            return AutoTokenizer.from_pretrained(location)
-        except (OSError, ValueError, TypeError):
-            continue
-    return None
-
-
 def load_checkpoint_for_export(checkpoint: str, allow_pickle: bool = False):
     """(model, tokenizer or None, base name, base Hub id, license) of a MemoryLlama checkpoint, or of an adapter
     folder merged into its base (the base's card describes it)."""
@@ -245,7 +235,7 @@ def load_checkpoint_for_export(checkpoint: str, allow_pickle: bool = False):
             model = from_pretrained(MemoryLlamaForCausalLM, checkpoint, allow_pickle=allow_pickle, dtype="auto").eval()
     except OSError as error:  # missing weights
         raise ExportError(f"Cannot load the weights of {checkpoint!r}: {error}") from error
-    tokenizer = _load_tokenizer(checkpoint, *([base] if base else []))
+    tokenizer = load_tokenizer(checkpoint, *([base] if base else []))
     card_folder = base or checkpoint
     base_name, base_hub_id, license = read_base_info(card_folder) if Path(card_folder).is_dir() else (None, None, None)
     return model, tokenizer, base_name, base_hub_id, license
@@ -382,4 +372,5 @@ __all__ = [
     "push_checkpoint",
     "push_to_hub",
     "registered_for_auto_class",
+    "verification_ids",
 ]

@@ -99,6 +99,18 @@ def adapter_base(folder) -> str | None:
     return base
 
 
+def load_tokenizer(*locations):
+    """The tokenizer saved in the first of `locations` that has one (e.g. a run's output, then its base), or None."""
+    from transformers import AutoTokenizer
+
+    for location in locations:
+        try:
+            return AutoTokenizer.from_pretrained(location)
+        except (OSError, ValueError, TypeError):
+            continue
+    return None
+
+
 def load_memory_llama(checkpoint, *, allow_pickle: bool = False, merge: bool = False, **kwargs):
     """A MemoryLlama from a checkpoint folder or Hub id, or from an adapter folder written by `memory-llama train`
     in a LoRA mode: the base model it names, then the adapter and the memory trained beside it
@@ -123,6 +135,7 @@ __all__ = [
     "check_gguf_file",
     "from_pretrained",
     "load_memory_llama",
+    "load_tokenizer",
     "looks_like_hub_id",
     "pickle_only_error",
     "pickle_only_weights",

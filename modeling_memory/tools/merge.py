@@ -13,7 +13,8 @@ import torch
 
 from modeling_memory.choices import DEFAULT_MAX_SHARD_SIZE
 from modeling_memory.tools.errors import ToolError
-from modeling_memory.tools.loading import adapter_base, load_memory_llama
+from modeling_memory.tools.export import verification_ids
+from modeling_memory.tools.loading import adapter_base, load_memory_llama, load_tokenizer
 from modeling_memory.tools.safe_write import check_output_dir, staging_directory
 
 # Largest |logit difference| accepted between the merged and the adapter model, relative to the largest logit:
@@ -28,24 +29,6 @@ class MergeResult:
     base: str
     files: list[str]
     max_abs_logit_diff: float  # merged model vs adapter model
-
-
-def _verification_ids(config) -> torch.Tensor:
-    """Two fixed rows of up to 16 token ids spread over the vocabulary (no tokenizer needed)."""
-    length = min(16, config.max_position_embeddings)
-    return (torch.arange(2 * length, dtype=torch.int64).reshape(2, length) * 7919 + 11) % config.vocab_size
-
-
-def _load_tokenizer(*folders):
-    """The tokenizer saved in the first of `folders` that has one (the run's output, then its base), or None."""
-    from transformers import AutoTokenizer
-
-    for folder in folders:
-        try:
-            return AutoTokenizer.from_pretrained(folder)
-        except (OSError, ValueError, TypeError):
-            continue
-    return None
 
 
 def merge_adapter(
@@ -70,7 +53,7 @@ def merge_adapter(
         )
     check_output_dir(out, overwrite, sources=(adapter, base))
     model = load_memory_llama(adapter, allow_pickle=allow_pickle, dtype="auto").eval()
-    input_ids = _verification_ids(model.config)
+    input_ids = verification_ids(model.config)
     with torch.no_grad():
         expected = model(input_ids=input_ids).logits.float()
         merged = model.merge_and_unload().eval()
@@ -83,7 +66,7 @@ def merge_adapter(
             f"The merged model's logits differ from the adapter model's by {difference:.3g} (tolerance "
             f"{tolerance:.3g}); nothing was written to {out}."
         )
-    tokenizer = _load_tokenizer(adapter, base)
+    tokenizer = load_tokenizer(adapter, base)
     with staging_directory(out, overwrite) as staging:
         merged.save_pretrained(staging, max_shard_size=max_shard_size)
         if tokenizer is not None:

@@ -161,10 +161,13 @@ def test_a_misspelt_option_gives_one_line_with_the_closest_valid_one(capsys, com
     assert captured.err == line + "\n" and captured.out == ""
 
 
-def test_an_abbreviated_option_still_works(tmp_path, capsys):
-    """Commands other than `train` accept unique prefixes, as argparse does (`--max-new 0` is --max-new-tokens)."""
+def test_abbreviations_and_values_with_dashes_are_not_refused(tmp_path):
+    """Commands other than `train` accept unique prefixes, as argparse does (`--max-new 0` is --max-new-tokens), and
+    a value with a space is a value even when it starts with dashes (argparse reads it so)."""
     with pytest.raises(SystemExit, match="--max-new-tokens must be >= 1"):
         main(["generate", str(tmp_path), "--prompt", "x", "--max-new", "0"])
+    with pytest.raises(SystemExit, match="--max-new-tokens must be >= 1"):
+        main(["generate", str(tmp_path), "--prompt", "--promt is not an option here", "--max-new-tokens", "0"])
 
 
 def test_both_spellings():
