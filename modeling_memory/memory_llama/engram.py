@@ -86,6 +86,9 @@ BOUNDARY_ID = -1
 
 
 class MemoryLlamaEngram(nn.Module):
+    """Engram of one decoder layer (see the module docstring): its table, hash buffers, gate and short
+    convolution. The canonical-id map is the model's (one for all Engram layers), passed to `forward`."""
+
     def __init__(self, config: MemoryLlamaConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx

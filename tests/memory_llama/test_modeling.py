@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from transformers import DynamicCache, StaticCache
+from transformers import DynamicCache
 
 import modeling_memory
 from modeling_memory import MemoryLlamaForCausalLM, MemoryLlamaModel

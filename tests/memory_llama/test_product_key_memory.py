@@ -24,7 +24,7 @@ from modeling_memory.memory_llama.kernel_backend import KERNELS_ENV
 from kernel_tiers import compiled_kernel_modules, interpreted_kernel_modules, run_interpreter_tier, skip_unless_interpreted
 from modeling_memory.memory_llama.naive_product_keys import naive_product_key_bag, naive_product_key_scores, naive_product_key_topk
 from modeling_memory.memory_llama.ops_product_keys import product_key_bag_torch, product_key_topk
-from modeling_memory import MemoryLlamaConfig, MemoryLlamaForCausalLM
+from modeling_memory import MemoryLlamaForCausalLM
 from conftest import tiny_config
 from test_kernels import assert_close, assert_relative, grads_of
 
