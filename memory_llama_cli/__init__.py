@@ -56,7 +56,3 @@ def main(argv=None) -> int:
 
 
 __all__ = ["build_parser", "main", "run_command"]
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,8 +5,6 @@ entry point prints as one line.
 Every command that reads a model takes a checkpoint folder, a Hub id (`owner/name`) or an adapter folder
 written by `memory-llama train` in a LoRA mode (loaded with the base model it names, or merged into it where a
 plain checkpoint is needed: export, push, merge).
-
-`python -m memory_llama_cli.commands ...` runs the same entry point (as `accelerate launch -m` needs it).
 """
 
 import os
@@ -250,9 +248,3 @@ def cmd_eval(args) -> int:
     from memory_llama_cli.train_command import run_eval
 
     return run_eval(args)
-
-
-if __name__ == "__main__":
-    from memory_llama_cli import main
-
-    sys.exit(main())

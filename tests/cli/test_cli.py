@@ -86,7 +86,7 @@ def test_help_and_argument_errors_import_nothing_heavy():
 
 
 def test_console_script_and_module_entry_points():
-    """The installed `memory-llama` script and `python -m memory_llama_cli.commands` (what `accelerate launch -m`
+    """The installed `memory-llama` script and `python -m memory_llama_cli` (what `accelerate launch -m`
     runs) reach the same entry point."""
     import shutil
 
@@ -94,7 +94,7 @@ def test_console_script_and_module_entry_points():
     assert script is not None, "reinstall the package (pip install -e .) to get the memory-llama script"
     result = subprocess.run([script, "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "graft" in result.stdout
-    result = subprocess.run([sys.executable, "-m", "memory_llama_cli.commands", "info"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "memory_llama_cli", "info"], capture_output=True, text=True)
     assert result.returncode == 2 and "the following arguments are required: checkpoint" in result.stderr
 
 

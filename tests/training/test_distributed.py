@@ -75,7 +75,7 @@ def _train(workspace, name, processes, config=None):
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
         "--num_processes", str(processes), "--main_process_port", str(_free_port()),
-        "-m", "memory_llama_cli.commands", *train,
+        "-m", "memory_llama_cli", *train,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
