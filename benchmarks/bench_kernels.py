@@ -12,26 +12,21 @@ GPU (when CUDA is available): Triton vs reference forward and forward+backward f
 lookup's bytes/s as a fraction of the device-to-device copy bandwidth, and chapter attention FLOP/s vs
 dense SDPA doing the same FLOPs.
 
-Usage: python benchmarks/bench_kernels.py [--repeats N] [--threads N] [--no-write]
+Usage: python -m benchmarks.bench_kernels [--repeats N] [--threads N] [--no-write]
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import platform
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+import torch.nn.functional as F
+from torch.utils.benchmark import Timer
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from common import command_line, interleaved_timings, markdown_table, median, write_section  # noqa: E402
-from modeling_memory.memory_llama.naive_engram import naive_primes_from  # noqa: E402
-from modeling_memory.memory_llama.ops_chapter_attention import chapter_attention_torch  # noqa: E402
-from modeling_memory.memory_llama.ops_engram import (  # noqa: E402
+from benchmarks.harness import benchmark_parser, finish_run, interleaved_medians, markdown_table, start_run
+from modeling_memory.memory_llama.naive_engram import naive_primes_from
+from modeling_memory.memory_llama.ops_chapter_attention import chapter_attention_torch
+from modeling_memory.memory_llama.ops_engram import (
     EngramHashing,
     engram_history_lengths,
     engram_lookup_torch,
@@ -152,15 +147,6 @@ def peak_extra_memory_mib(function) -> float:
     return status("VmHWM:") - baseline
 
 
-def machine() -> str:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    load = ", load average {:.1f} at start".format(os.getloadavg()[0]) if hasattr(os, "getloadavg") else ""
-    return (
-        f"{platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs{load}, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), {gpu}"
-    )
-
-
 def ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f}"
 
@@ -183,7 +169,7 @@ def bench_dense_vs_gathered(repeats: int) -> str:
         dense = dense_chapter_attention(query, keys, values, ids, weights, scale)
         torch.testing.assert_close(gathered, dense, atol=1e-4, rtol=1e-4)  # same op, two formulations
         tensors = [query, keys, values, weights]
-        timings = interleaved_timings(
+        timings = interleaved_medians(
             {
                 "gathered fwd": no_grad(lambda: chapter_attention_torch(query, keys, values, ids, weights, scale)),
                 "dense fwd": no_grad(lambda: dense_chapter_attention(query, keys, values, ids, weights, scale)),
@@ -195,7 +181,7 @@ def bench_dense_vs_gathered(repeats: int) -> str:
             repeats,
         )
         for mode in ("fwd", "fwd+bwd"):
-            gathered_s, dense_s = median(timings[f"gathered {mode}"]), median(timings[f"dense {mode}"])
+            gathered_s, dense_s = timings[f"gathered {mode}"], timings[f"dense {mode}"]
             rows.append([f"{c * t:,} ({c} x {t})", f"{c / (shared + k):.0f}x", mode, ms(gathered_s), ms(dense_s),
                          f"{dense_s / gathered_s:.1f}x"])
     table = markdown_table(
@@ -247,12 +233,12 @@ def bench_fused_vs_per_head_gather(repeats: int) -> str:
         functions[f"per-head {name} fwd"] = no_grad(baseline)
         functions[f"fused {name} fwd+bwd"] = forward_backward(fused, parameters)
         functions[f"per-head {name} fwd+bwd"] = forward_backward(baseline, parameters)
-    timings = interleaved_timings(functions, repeats)
+    timings = interleaved_medians(functions, repeats)
     table_rows = []
     for name in cases:
         for mode in ("fwd", "fwd+bwd"):
-            fused_s = median(timings[f"fused {name} {mode}"])
-            baseline_s = median(timings[f"per-head {name} {mode}"])
+            fused_s = timings[f"fused {name} {mode}"]
+            baseline_s = timings[f"per-head {name} {mode}"]
             table_rows.append([name, mode, ms(fused_s), ms(baseline_s), f"{baseline_s / fused_s:.2f}x"])
     heads = heads_per_order * len(orders)
     table_md = markdown_table(
@@ -282,7 +268,7 @@ def bench_bank_growth(repeats: int) -> str:
         functions[(c, "fwd")], functions[(c, "fwd+bwd")] = forward, train
         peaks[(c, "fwd")], peaks[(c, "fwd+bwd")] = peak_extra_memory_mib(forward), peak_extra_memory_mib(train)
     # All bank sizes interleaved in one loop, so a change of load on the machine hits every size alike.
-    timings = {key: median(values) for key, values in interleaved_timings(functions, repeats).items()}
+    timings = interleaved_medians(functions, repeats)
     first = chapter_counts[0]
     rows = [
         [
@@ -318,24 +304,15 @@ def bench_bank_growth(repeats: int) -> str:
 # ------------------------------------------------------------------------------------------------ GPU
 
 
-def cuda_time(function, repeats: int = 20, warmup: int = 3, calls: int = 10) -> float:
-    """Median seconds per call, timed with CUDA events around `calls` back-to-back calls (as in a training
-    loop, the host queues the next call's kernels while the GPU runs the current ones). Timing one call from
-    an idle GPU would add the host's launch latency to every op, which for sub-millisecond ops is most of
-    the figure and says nothing about the kernels (the copy bandwidth they are compared to included)."""
+def cuda_time(function, warmup: int = 3) -> float:
+    """Median seconds per call, by torch.utils.benchmark's `Timer.blocked_autorange`: blocks of back-to-back calls,
+    the GPU synchronised only at each block's ends (as in a training loop, the host queues the next call's kernels
+    while the GPU runs the current ones). Timing one call from an idle GPU would add the host's launch latency to
+    every op, which for sub-millisecond ops is most of the figure and says nothing about the kernels (the copy
+    bandwidth they are compared to included). The warm-up calls compile the kernels first."""
     for _ in range(warmup):
         function()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            function()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / calls)
-    return median(times)
+    return Timer("function()", globals={"function": function}).blocked_autorange(min_run_time=1.0).median
 
 
 def graph_time(function) -> float:
@@ -436,21 +413,14 @@ def bench_gpu() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__doc__, default_threads=1)  # more threads add tens of ms per op on a shared machine
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per variant (CPU)")
-    parser.add_argument(
-        "--threads", type=int, default=1,
-        help="intra-op CPU threads (default 1: with other processes on the machine, OpenMP barriers of several "
-        "threads wait for descheduled threads, which adds tens of ms per op and swamps the ratios)",
-    )
-    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    machine, started = start_run(args)
     torch.manual_seed(0)
     return_freed_memory_at_once()
 
-    parts = [f"Machine: {machine()}.\n\nCommand: `{command_line()}`\n"]
-    print(parts[0], flush=True)
+    parts = []
     for bench in (bench_dense_vs_gathered, bench_fused_vs_per_head_gather, bench_bank_growth):
         part = bench(args.repeats)
         print(part, flush=True)
@@ -468,9 +438,7 @@ def main() -> None:
         parts.append(part)
     else:
         parts.append("GPU: none on this machine, so no Triton timings.\n")
-    if not args.no_write:
-        write_section("Kernels", "\n".join(parts))
-        print(f"Wrote the Kernels section of {Path(__file__).resolve().parent / 'RESULTS.md'}")
+    finish_run(args, "Kernels", "\n".join(parts), machine, started)
 
 
 if __name__ == "__main__":

@@ -10,23 +10,16 @@ backward (the table's gradient included) on batch 8 x 512 tokens, fp32, on the C
 To show where the difference comes from, each also runs with the other layout (ours dense, theirs with
 `sparse=True`). Calls interleave (A B C D A B ...), medians; the gradient is set to None after each call.
 
-    python benchmarks/engram_lookup.py                # about 2 minutes on a 2-core CPU
+    python -m benchmarks.engram_lookup                # about 2 minutes on a 2-core CPU
 """
 
-import argparse
-import sys
-import time
-from pathlib import Path
+import torch
+from transformers.models.qwen4_exp.configuration_qwen4_exp import Qwen4ExpTextConfig
+from transformers.models.qwen4_exp.modeling_qwen4_exp import Qwen4ExpTextNGramEmbedding
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, interleaved_timings, machine_description, markdown_table, median, write_section  # noqa: E402
-
-import torch  # noqa: E402
-from transformers.models.qwen4_exp.configuration_qwen4_exp import Qwen4ExpTextConfig  # noqa: E402
-from transformers.models.qwen4_exp.modeling_qwen4_exp import Qwen4ExpTextNGramEmbedding  # noqa: E402
-
-from modeling_memory import MemoryLlamaConfig  # noqa: E402
-from modeling_memory.memory_llama.engram import MemoryLlamaEngram  # noqa: E402
+from benchmarks.harness import benchmark_parser, finish_run, interleaved_medians, markdown_table, start_run
+from modeling_memory import MemoryLlamaConfig
+from modeling_memory.memory_llama.engram import MemoryLlamaEngram
 
 VOCAB, EOS = 49152, 2
 TARGET = 0.1
@@ -65,21 +58,15 @@ def forward_backward(run, table: torch.nn.Embedding, sparse: bool, grad_out: tor
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--rows-per-head", type=int, default=200_003)
-    parser.add_argument("--heads-per-order", type=int, default=8)
-    parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's); 1 is steadier on a busy machine")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--batch", type=int, default=8, help="sequences per call")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
+    parser.add_argument("--rows-per-head", type=int, default=200_003, help="rows of each head's table (about)")
+    parser.add_argument("--heads-per-order", type=int, default=8, help="heads of the bigrams, and of the trigrams")
+    parser.add_argument("--width", type=int, default=1024, help="width of the lookup's output (all heads together)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls of each variant")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    machine = machine_description()
-    print(f"machine: {machine}", flush=True)
+    machine, started = start_run(args)
 
     torch.manual_seed(0)
     input_ids = torch.randint(3, VOCAB, (args.batch, args.seq_len))
@@ -107,17 +94,15 @@ def main() -> None:
         "ours, dense gradient": forward_backward(run_ours, ours.table, False, grad_out),
         "qwen4_exp, sparse=True": forward_backward(run_theirs, theirs.ngram_embedding, True, grad_out),
     }
-    timings = interleaved_timings(functions, args.repeats)
-    reference = median(timings["qwen4_exp (dense gradient)"])
-    table_rows = [[name, f"{median(t) * 1e3:.1f}", f"{median(t) / reference:.3f}x"] for name, t in timings.items()]
+    medians = interleaved_medians(functions, args.repeats)
+    reference = medians["qwen4_exp (dense gradient)"]
+    table_rows = [[name, f"{seconds * 1e3:.1f}", f"{seconds / reference:.3f}x"] for name, seconds in medians.items()]
     table = markdown_table(["lookup, forward + backward", "median ms", "vs qwen4_exp"], table_rows)
     print(table, flush=True)
-    ratio = median(timings["ours (sparse gradient)"]) / reference
+    ratio = medians["ours (sparse gradient)"] / reference
     verdict = f"Target <= {TARGET}x qwen4_exp: **{'met' if ratio <= TARGET else 'missed'}** ({ratio:.3f}x)."
     print(verdict)
-    elapsed = time.perf_counter() - started
     body = (
-        f"Command: `{command_line()}` ({elapsed / 60:.1f} min)\n\nMachine: {machine}.\n\n"
         f"Orders 2 and 3 x {args.heads_per_order} heads, width {args.width} ({args.width // (2 * args.heads_per_order)} "
         f"per head), ~{args.rows_per_head:,} rows per head ({rows[0]:,} rows in all), batch {args.batch} x "
         f"{args.seq_len} tokens, fp32; forward + backward from token ids (hashing included) to the table's "
@@ -126,8 +111,7 @@ def main() -> None:
         f"table every step; a sparse one holds only the rows of the {args.batch * args.seq_len * 2 * args.heads_per_order:,} "
         f"(token, head) reads."
     )
-    if not args.no_write:
-        write_section("Engram lookup vs transformers' qwen4_exp n-gram embedding (benchmarks/engram_lookup.py)", body)
+    finish_run(args, "Engram lookup vs transformers' qwen4_exp n-gram embedding (benchmarks/engram_lookup.py)", body, machine, started)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Forgetting: learn knowledge set A, then train on different data; how much of A is kept?
 
-    python benchmarks/forgetting.py            # about 25 minutes on a 2-core CPU
-    python benchmarks/forgetting.py --kinds baseline pkm pkm_smf   # product-key memory only (and the baseline)
+    python -m benchmarks.forgetting            # about 25 minutes on a 2-core CPU
+    python -m benchmarks.forgetting --kinds baseline pkm pkm_smf   # product-key memory only (and the baseline)
 
 The Mixture-of-Chapters paper reports that learnt memory forgets less under later training (ARC-C
 falls 2.7 points vs 6.7 for dense under instruction tuning). Here, small models trained from scratch:
@@ -11,7 +11,7 @@ falls 2.7 points vs 6.7 for dense under instruction tuning). Here, small models 
            (other fictional people, same sentence patterns: the most interfering kind of new data).
 
 Models: Llama baseline, + chapter memory, + Engram and chapter memory, + product-key memory (same
-backbone, all parameters trained in both phases, same steps; not iso-FLOP: see iso_flop.py for that), and
+backbone, all parameters trained in both phases, same steps; not iso-FLOP: see benchmarks.iso_flop for that), and
 the product-key model with sparse memory fine-tuning in phase 2 (after "Continual Learning via Sparse
 Memory Finetuning", 2025): the same phase-1 model (shared, not retrained), then, on the same phase-2
 data, only the top-t value rows that set B reads much more often than natural text does (TF-IDF of the
@@ -24,37 +24,18 @@ Scaled down for a shared 2-core CPU: hidden 64, 2 layers, 2,048-token vocabulary
 
 from __future__ import annotations
 
-import argparse
 import copy
 import random
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    add_kinds_argument,
-    add_small_model_arguments,
-    chosen_kinds,
-    finish_benchmark,
-    markdown_table,
-    mean_and_spread,
-    mixed_batches,
-    reduced_probe_recall,
-    results_title,
-    small_memory_description,
-    small_model,
-    small_text_data,
-    start_benchmark,
-    train,
-)
+import torch
 
-import torch  # noqa: E402
-
-from modeling_memory.tools.evaluation import mean_token_nll  # noqa: E402
-from modeling_memory.data.knowledge import KnowledgeSet  # noqa: E402
-from modeling_memory.training.sparse_memory_finetuning import select_and_prepare  # noqa: E402
+from benchmarks import from_scratch
+from benchmarks.harness import benchmark_parser, finish_run, markdown_table, start_run
+from modeling_memory.data.knowledge import KnowledgeSet
+from modeling_memory.tools.evaluation import mean_token_nll
+from modeling_memory.training.sparse_memory_finetuning import select_and_prepare
 
 LABELS = {
     "baseline": "Llama baseline", "chapters": "+ chapter memory", "both": "+ Engram + chapter memory",
@@ -99,27 +80,29 @@ def check_only_selected_rows_changed(before: dict[str, torch.Tensor], model, sel
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_small_model_arguments(parser, entities=10)
+    parser = benchmark_parser(__doc__, default_threads=1)  # one thread is fastest for these tiny models
+    from_scratch.add_small_model_arguments(parser, entities=10)
     parser.add_argument("--steps", type=int, default=120, help="steps of each phase")
     parser.add_argument("--smf-top-t", type=int, default=SMF_TOP_T, help="sparse memory fine-tuning: value rows trained")
     parser.add_argument("--smf-lr", type=float, default=SMF_LR, help="sparse memory fine-tuning: learning rate of those rows")
-    add_kinds_argument(parser, LABELS)
-    args, started, machine = start_benchmark(parser)
+    from_scratch.add_kinds_argument(parser, LABELS)
+    args = parser.parse_args()
+    machine, started = start_run(args)
 
     set_a = KnowledgeSet.generate(num_entities=args.entities, seed=0)
     set_b = KnowledgeSet.generate(num_entities=args.entities, seed=1)
-    vocabulary, train_blocks, validation_blocks = small_text_data(args, set_a.training_documents() + set_b.training_documents())
+    knowledge_documents = set_a.training_documents() + set_b.training_documents()
+    vocabulary, train_blocks, validation_blocks = from_scratch.small_text_data(args, knowledge_documents)
     rows_a = vocabulary.document_blocks(set_a.training_documents(), args.block_size)
     rows_b, mask_b = vocabulary.document_blocks(set_b.training_documents(), args.block_size, with_mask=True)
 
     def recall(model, knowledge):
         return (
-            reduced_probe_recall(model, vocabulary, knowledge.probes(held_out=False)),
-            reduced_probe_recall(model, vocabulary, knowledge.probes(held_out=True)),
+            from_scratch.reduced_probe_recall(model, vocabulary, knowledge.probes(held_out=False)),
+            from_scratch.reduced_probe_recall(model, vocabulary, knowledge.probes(held_out=True)),
         )
 
-    kinds = chosen_kinds(args, LABELS)
+    kinds = from_scratch.chosen_kinds(args, LABELS)
     keys = ("a_mem_1", "a_held_1", "loss_1", "a_mem_2", "a_held_2", "b_mem_2", "loss_2", "retention")
     results = {kind: {key: [] for key in keys} for kind in kinds}
     smf_rows = []  # value rows sparse memory fine-tuning trained, per seed
@@ -129,9 +112,10 @@ def main() -> None:
             model_kind = MODEL_OF.get(kind, kind)
             start = time.perf_counter()
             if model_kind not in phase_one:
-                model = small_model(args, vocabulary.size, model_kind, seed)
+                model = from_scratch.small_model(args, vocabulary.size, model_kind, seed)
                 rng = random.Random(seed)
-                train(model, mixed_batches(rng, train_blocks, rows_a, args.batch, args.knowledge_rows), args.steps, args.lr, warmup_steps=20)
+                batches = from_scratch.mixed_batches(rng, train_blocks, rows_a, args.batch, args.knowledge_rows)
+                from_scratch.train(model, batches, args.steps, args.lr, warmup_steps=20)
                 phase_one[model_kind] = (model, rng.getstate(), recall(model, set_a), mean_token_nll(model, validation_blocks))
             trained, data_order, (a_mem, a_held), loss_1 = phase_one[model_kind]
             model, rng = copy.deepcopy(trained), random.Random()
@@ -144,8 +128,8 @@ def main() -> None:
                 smf_rows.append(sum(rows.numel() for rows in selected.values()))
                 lr, trainable = args.smf_lr, selected.__contains__
                 before = {name: param.detach().clone() for name, param in model.named_parameters()}
-            train(model, mixed_batches(rng, train_blocks, rows_b, args.batch, args.knowledge_rows), args.steps, lr,
-                  warmup_steps=20, trainable=trainable)
+            batches = from_scratch.mixed_batches(rng, train_blocks, rows_b, args.batch, args.knowledge_rows)
+            from_scratch.train(model, batches, args.steps, lr, warmup_steps=20, trainable=trainable)
             if kind == "pkm_smf":
                 check_only_selected_rows_changed(before, model, selected)
             a_mem2, a_held2 = recall(model, set_a)
@@ -160,7 +144,7 @@ def main() -> None:
             )
 
     def pct(values):
-        return mean_and_spread([100 * v for v in values])
+        return from_scratch.mean_and_spread([100 * v for v in values])
 
     rows = []
     for kind in kinds:
@@ -168,7 +152,7 @@ def main() -> None:
         retention = [v for v in r["retention"] if v == v]
         rows.append([
             LABELS[kind], pct(r["a_mem_1"]), pct(r["a_mem_2"]),
-            mean_and_spread(retention) if retention else "n/a",
+            from_scratch.mean_and_spread(retention) if retention else "n/a",
             f"{pct(r['a_held_1'])} → {pct(r['a_held_2'])}", pct(r["b_mem_2"]),
             f"{statistics.mean(r['loss_1']):.3f} → {statistics.mean(r['loss_2']):.3f}",
         ])
@@ -196,10 +180,10 @@ def main() -> None:
         f"All parameters trained in both phases{' (but see sparse memory fine-tuning below)' if smf else ''}; hidden {args.hidden}, {args.layers} layers, vocabulary "
         f"{vocabulary.size:,}, rows of {args.block_size} tokens; {args.seeds} seeds (mean ± std). Recall = exact "
         f"match of the greedy continuation of the training phrasing cut before the answer; retention = recall "
-        f"after phase 2 / after phase 1 (per seed). {small_memory_description(args, kinds)}\n\n{table}{smf}"
+        f"after phase 2 / after phase 1 (per seed). {from_scratch.small_memory_description(args, kinds)}\n\n{table}{smf}"
     )
-    title = results_title("Forgetting (benchmarks/forgetting.py)", kinds, LABELS)
-    finish_benchmark(args, started, machine, title, description)
+    title = from_scratch.results_title("Forgetting (benchmarks/forgetting.py)", kinds, LABELS)
+    finish_run(args, title, description, machine, started)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Small models trained from scratch at equal training FLOPs: does learnt memory beat a dense Llama?
 
-    python benchmarks/iso_flop.py              # about 10 minutes on a 2-core CPU
-    python benchmarks/iso_flop.py --kinds baseline pkm   # the baseline and product-key memory only
-    python benchmarks/iso_flop.py --dataset wikitext --dataset-config wikitext-103-raw-v1   # online
+    python -m benchmarks.iso_flop              # about 10 minutes on a 2-core CPU
+    python -m benchmarks.iso_flop --kinds baseline pkm   # the baseline and product-key memory only
+    HF_HUB_OFFLINE=0 python -m benchmarks.iso_flop --dataset wikitext --dataset-config wikitext-103-raw-v1   # online
 
 Six models, each trained on the same stream (natural text mixed with the built-in knowledge set's
 statements) until it has spent the same number of training FLOPs:
@@ -24,36 +24,16 @@ it knowledge statements), 150 baseline steps. The seed papers' claims are about 
 
 from __future__ import annotations
 
-import argparse
 import random
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    add_kinds_argument,
-    add_small_model_arguments,
-    chosen_kinds,
-    finish_benchmark,
-    markdown_table,
-    mean_and_spread,
-    mixed_batches,
-    parameter_total,
-    reduced_probe_recall,
-    results_title,
-    small_memory_description,
-    small_model,
-    small_text_data,
-    start_benchmark,
-    train,
-    training_step_flops,
-)
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-import torch  # noqa: E402
-
-from modeling_memory.tools.evaluation import mean_token_nll  # noqa: E402
-from modeling_memory.data.knowledge import KnowledgeSet  # noqa: E402
+from benchmarks import from_scratch
+from benchmarks.harness import benchmark_parser, finish_run, markdown_table, start_run
+from modeling_memory.data.knowledge import KnowledgeSet
+from modeling_memory.tools.evaluation import mean_token_nll
 
 LABELS = {
     "baseline": "Llama baseline", "engram": "+ Engram", "chapters": "+ chapter memory", "both": "+ both",
@@ -61,11 +41,26 @@ LABELS = {
 }
 
 
+def training_step_flops(model, input_ids: torch.Tensor) -> int:
+    """FLOPs of one training step (forward + backward) on `input_ids`, counted by torch's FlopCounterMode.
+
+    It counts every matrix product, convolution and attention kernel that actually runs, so the
+    memory's router, chapter cross-attention (over the chapters actually gathered), bank projections,
+    Engram key/value projections and convolution are all included; elementwise work (norms, softmax,
+    gates, the optimizer) and table gathers count zero, as is usual.
+    """
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        from_scratch.training_loss(model, input_ids).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
 def matching_intermediate(args, vocab_size: int, target_params: int) -> int:
     """The MLP width (multiple of 16) whose dense Llama has the parameter count closest to `target_params`."""
     def params(width):
         with torch.device("meta"):
-            return parameter_total(small_model(args, vocab_size, "dense", intermediate=width))
+            return from_scratch.small_model(args, vocab_size, "dense", intermediate=width).num_parameters()
 
     width = args.intermediate
     while params(width + 16) <= target_params:
@@ -74,15 +69,16 @@ def matching_intermediate(args, vocab_size: int, target_params: int) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_small_model_arguments(parser, entities=20)
-    add_kinds_argument(parser, LABELS)
+    parser = benchmark_parser(__doc__, default_threads=1)  # one thread is fastest for these tiny models
+    from_scratch.add_small_model_arguments(parser, entities=20)
+    from_scratch.add_kinds_argument(parser, LABELS)
     parser.add_argument("--baseline-steps", type=int, default=150, help="steps of the baseline; sets the FLOP budget")
-    args, started, machine = start_benchmark(parser)
+    args = parser.parse_args()
+    machine, started = start_run(args)
 
     knowledge = KnowledgeSet.generate(num_entities=args.entities, seed=0)
     documents = knowledge.training_documents()
-    vocabulary, train_blocks, validation_blocks = small_text_data(args, documents)
+    vocabulary, train_blocks, validation_blocks = from_scratch.small_text_data(args, documents)
     knowledge_blocks = vocabulary.document_blocks(documents, args.block_size)
     held_out, memorised = knowledge.probes(held_out=True), knowledge.probes(held_out=False)
     print(
@@ -90,15 +86,16 @@ def main() -> None:
         f"knowledge: {len(knowledge)} people, {len(held_out)} facts, {knowledge_blocks.shape[0]} rows", flush=True,
     )
 
-    kinds = chosen_kinds(args, LABELS)
+    kinds = from_scratch.chosen_kinds(args, LABELS)
     dense_width = None
     if "dense" in kinds:
-        dense_width = matching_intermediate(args, vocabulary.size, parameter_total(small_model(args, vocabulary.size, "both")))
+        both_params = from_scratch.small_model(args, vocabulary.size, "both").num_parameters()
+        dense_width = matching_intermediate(args, vocabulary.size, both_params)
     sample = train_blocks[: args.batch]
     plans = {}
     for kind in kinds:
-        model = small_model(args, vocabulary.size, kind, intermediate=dense_width if kind == "dense" else None)
-        plans[kind] = {"params": parameter_total(model), "flops": training_step_flops(model, sample)}
+        model = from_scratch.small_model(args, vocabulary.size, kind, intermediate=dense_width if kind == "dense" else None)
+        plans[kind] = {"params": model.num_parameters(), "flops": training_step_flops(model, sample)}
     budget = plans["baseline"]["flops"] * args.baseline_steps
     for kind in kinds:
         plans[kind]["steps"] = max(1, round(budget / plans[kind]["flops"]))
@@ -108,15 +105,15 @@ def main() -> None:
     results = {kind: {"loss": [], "held_out": [], "memorised": [], "seconds": []} for kind in kinds}
     for seed in range(args.seeds):
         for kind in kinds:
-            model = small_model(args, vocabulary.size, kind, seed, intermediate=dense_width if kind == "dense" else None)
+            model = from_scratch.small_model(args, vocabulary.size, kind, seed, intermediate=dense_width if kind == "dense" else None)
             rng = random.Random(seed)  # the same data order for every model of a seed
-            next_batch = mixed_batches(rng, train_blocks, knowledge_blocks, args.batch, args.knowledge_rows)
+            next_batch = from_scratch.mixed_batches(rng, train_blocks, knowledge_blocks, args.batch, args.knowledge_rows)
             start = time.perf_counter()
-            train(model, next_batch, plans[kind]["steps"], args.lr, warmup_steps=20)
+            from_scratch.train(model, next_batch, plans[kind]["steps"], args.lr, warmup_steps=20)
             results[kind]["seconds"].append(time.perf_counter() - start)
             results[kind]["loss"].append(mean_token_nll(model, validation_blocks))
-            results[kind]["held_out"].append(reduced_probe_recall(model, vocabulary, held_out))
-            results[kind]["memorised"].append(reduced_probe_recall(model, vocabulary, memorised))
+            results[kind]["held_out"].append(from_scratch.reduced_probe_recall(model, vocabulary, held_out))
+            results[kind]["memorised"].append(from_scratch.reduced_probe_recall(model, vocabulary, memorised))
             print(
                 f"  seed {seed} {LABELS[kind]:<22} val loss {results[kind]['loss'][-1]:.3f}  recall held-out "
                 f"{results[kind]['held_out'][-1]:.1%} training phrasing {results[kind]['memorised'][-1]:.1%}  "
@@ -130,8 +127,9 @@ def main() -> None:
         mean_loss = sum(r["loss"]) / args.seeds
         rows.append([
             LABELS[kind], f"{plans[kind]['params']:,}", f"{plans[kind]['flops'] / plans['baseline']['flops']:.2f}x",
-            plans[kind]["steps"], mean_and_spread(r["loss"]), f"{mean_loss - baseline_loss:+.3f}",
-            mean_and_spread([100 * v for v in r["held_out"]]), mean_and_spread([100 * v for v in r["memorised"]]),
+            plans[kind]["steps"], from_scratch.mean_and_spread(r["loss"]), f"{mean_loss - baseline_loss:+.3f}",
+            from_scratch.mean_and_spread([100 * v for v in r["held_out"]]),
+            from_scratch.mean_and_spread([100 * v for v in r["memorised"]]),
         ])
     table = markdown_table(
         ["model", "parameters", "FLOPs/step", "steps", "validation loss", "vs baseline",
@@ -144,13 +142,13 @@ def main() -> None:
         f"counted on a real training step, memory included). Hidden {args.hidden}, {args.layers} layers, vocabulary "
         f"{vocabulary.size:,}, batch {args.batch} x {args.block_size} tokens ({args.knowledge_rows} rows of each batch "
         f"from the knowledge set: {len(knowledge)} fictional people, {len(held_out)} facts), natural text "
-        f"'{args.dataset}', {args.seeds} seeds (mean ± std). {small_memory_description(args, kinds)}"
+        f"'{args.dataset}', {args.seeds} seeds (mean ± std). {from_scratch.small_memory_description(args, kinds)}"
         + (f" The larger dense Llama widens the MLP to {dense_width} to match '+ both' in parameters." if dense_width else "")
         + f"\n\n{table}\n\nRecall is exact match of the greedy continuation; held-out probes ask for each "
         f"fact in a phrasing never trained on."
     )
-    title = results_title("Iso-FLOP comparison from scratch (benchmarks/iso_flop.py)", kinds, LABELS)
-    finish_benchmark(args, started, machine, title, description)
+    title = from_scratch.results_title("Iso-FLOP comparison from scratch (benchmarks/iso_flop.py)", kinds, LABELS)
+    finish_run(args, title, description, machine, started)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ least-squares line through the measured points gives the bytes per memory parame
 size that fits in the machine's RAM (less 2 GiB of headroom) follows. Sizes are kept small enough to
 measure safely; the limits are extrapolated from the fitted line and printed as such.
 
-    python benchmarks/limits.py      # measures, prints the table, writes its section of benchmarks/RESULTS.md
+    python -m benchmarks.limits      # measures, prints the table, writes its section of benchmarks/RESULTS.md
 """
 
 import argparse
@@ -19,9 +19,7 @@ import resource
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from common import command_line, machine_description, markdown_table, optimizer_for, training_loss, write_section  # noqa: E402
+from benchmarks.harness import benchmark_parser, finish_run, markdown_table, start_run
 
 BANK_TOKENS = (4096, 32768, 131072)  # chapter_num_chapters x chapter_size 32
 TABLE_ROWS = (50021, 200003, 400009)  # rows per Engram table (16 tables per layer, 2 layers)
@@ -43,6 +41,7 @@ def run_one(kind: str, size: int, mode: str) -> None:
 
     from modeling_memory.tools.graft import from_llama, memory_preset
     from modeling_memory.tools.offline_checkpoints import load_smollm2
+    from modeling_memory.training.trainer import build_memory_optimizer, memory_parameter_groups
 
     base, _ = load_smollm2()
     fields = memory_preset(base.config, "chapters" if kind == "bank" else "engram")
@@ -57,8 +56,9 @@ def run_one(kind: str, size: int, mode: str) -> None:
     ids = torch.randint(0, model.config.vocab_size, (1 if table_optimizer is None else 4, 128))
     if table_optimizer is not None:
         model.train()
-        optimizer = optimizer_for(model, lr=1e-4, table_optimizer=table_optimizer)
-        training_loss(model, ids).backward()
+        groups = memory_parameter_groups(model, 1e-4, weight_decay=0.0, decay_parameter_names=[])
+        optimizer = build_memory_optimizer(groups, table_optimizer, torch.optim.AdamW, {"betas": (0.9, 0.95)})
+        model(ids, labels=ids, output_router_logits=True).loss.backward()
         optimizer.step()
     else:
         with torch.no_grad():
@@ -69,7 +69,7 @@ def run_one(kind: str, size: int, mode: str) -> None:
 
 def measure(kind: str, size: int, mode: str) -> dict:
     result = subprocess.run(
-        [sys.executable, __file__, "--child", kind, str(size), mode], capture_output=True, text=True, check=True
+        [sys.executable, "-m", __spec__.name, "--child", kind, str(size), mode], capture_output=True, text=True, check=True
     )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -84,7 +84,7 @@ def fit_line(points: list[tuple[int, int]]) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--child", nargs=3, metavar=("KIND", "SIZE", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -92,9 +92,11 @@ def main() -> None:
         run_one(kind, int(size), mode)
         return
 
+    machine, started = start_run(args)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     budget = ram - HEADROOM_GIB * 2**30
-    print(f"machine: {machine_description()}; RAM {ram / 2**30:.1f} GiB (budget {budget / 2**30:.1f} GiB)")
+    machine += f", {ram / 2**30:.1f} GiB RAM (budget {budget / 2**30:.1f} GiB after {HEADROOM_GIB:.0f} GiB headroom)"
+    print(f"RAM {ram / 2**30:.1f} GiB (budget {budget / 2**30:.1f} GiB)")
     rows = []
     for kind, sizes, unit in (("bank", BANK_TOKENS, "memory tokens"), ("table", TABLE_ROWS, "rows per table")):
         for mode in MODES:
@@ -119,16 +121,13 @@ def main() -> None:
         ],
     )
     body = (
-        f"Command: `{command_line()}`  \n"
-        f"Machine: {machine_description()}, {ram / 2**30:.1f} GiB RAM (budget {budget / 2**30:.1f} GiB after "
-        f"{HEADROOM_GIB:.0f} GiB headroom).\n\n"
         "Peak resident memory measured at three sizes per row and fitted with a line; the largest size is "
         "the line's crossing of the budget (extrapolated). Training: one step with the optimizer MemoryTrainer builds "
         "(tables: sparse row gradients, LazyAdam or RowWiseAdagrad; the rest AdamW), every parameter trainable, "
         "batch 4 x 128 tokens; inference: batch 1 x 128 tokens, no autograd.\n\n" + table + "\n\n" + BEYOND_LIMITS
     )
     print(table)
-    write_section("Memory limits at the demo backbone (SmolLM2-135M)", body)
+    finish_run(args, "Memory limits at the demo backbone (SmolLM2-135M)", body, machine, started)
 
 
 if __name__ == "__main__":

@@ -3,45 +3,36 @@ sparse gradients) vs sparse row gradients + LazyAdam (the default) vs sparse + t
 
 Each step reads `tokens x heads` random rows of one (rows x dim) fp32 table, as an Engram layer
 does. Reports the optimizer state and the peak memory of a training step (CUDA: exact allocator peak;
-CPU: peak RSS of a fresh process per optimizer). Needs only torch.
+CPU: peak RSS of a fresh process per optimizer).
 
-    python benchmarks/table_optimizer_memory.py [--rows 4000000 --dim 64 --device cuda]
+    python -m benchmarks.table_optimizer_memory [--rows 4000000 --dim 64 --device cuda]
 """
 
 import argparse
-import importlib.util
 import json
-import os
 import resource
 import subprocess
 import sys
 
 import torch
 
+from modeling_memory.training.table_optimizers import LazyAdam, RowWiseAdagrad, optimizer_state_bytes
 
 # Gradient layout and optimizer of each variant.
 OPTIMIZERS = {"adamw": "dense gradient, AdamW", "lazy_adam": "sparse, LazyAdam", "rowwise_adagrad": "sparse, RowWiseAdagrad"}
 
 
-def _load_table_optimizer():
-    # Loaded by path so that this script runs with torch alone (the package imports transformers).
-    path = os.path.join(os.path.dirname(__file__), "..", "modeling_memory", "table_optimizer.py")
-    spec = importlib.util.spec_from_file_location("table_optimizer", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def measure(optimizer_name: str, rows: int, dim: int, tokens: int, heads: int, steps: int, device: str) -> dict:
-    table_optimizer = _load_table_optimizer()
+    """Train one (rows, dim) table for `steps` steps of `tokens x heads` random reads: its optimizer state and peak
+    memory in bytes."""
     torch.manual_seed(0)
     table = torch.nn.Embedding(rows, dim, device=device, sparse=optimizer_name != "adamw")
     if optimizer_name == "adamw":
         optimizer = torch.optim.AdamW(table.parameters(), lr=1e-3, weight_decay=0.0)
     elif optimizer_name == "lazy_adam":
-        optimizer = table_optimizer.LazyAdam(table.parameters(), lr=1e-3)
+        optimizer = LazyAdam(table.parameters(), lr=1e-3)
     else:
-        optimizer = table_optimizer.RowWiseAdagrad(table.parameters(), lr=1e-2)
+        optimizer = RowWiseAdagrad(table.parameters(), lr=1e-2)
     target = torch.randn(tokens, heads * dim, device=device)
     if device == "cuda":
         torch.cuda.synchronize()
@@ -56,7 +47,7 @@ def measure(optimizer_name: str, rows: int, dim: int, tokens: int, heads: int, s
     result = {
         "optimizer": optimizer_name,
         "table_bytes": rows * dim * 4,
-        "state_bytes": table_optimizer.optimizer_state_bytes(optimizer),
+        "state_bytes": optimizer_state_bytes(optimizer),
         "final_loss": loss.item(),
     }
     if device == "cuda":
@@ -70,11 +61,11 @@ def measure(optimizer_name: str, rows: int, dim: int, tokens: int, heads: int, s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=4_000_000)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rows", type=int, default=4_000_000, help="rows of the table")
+    parser.add_argument("--dim", type=int, default=64, help="width of a row")
+    parser.add_argument("--tokens", type=int, default=8192, help="tokens per step")
+    parser.add_argument("--heads", type=int, default=16, help="rows each token reads")
+    parser.add_argument("--steps", type=int, default=5, help="training steps")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", choices=list(OPTIMIZERS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -87,7 +78,7 @@ def main() -> None:
             results.append(measure(name, args.rows, args.dim, args.tokens, args.heads, args.steps, "cuda"))
             torch.cuda.empty_cache()
         else:  # a fresh process each, so peak RSS belongs to one optimizer
-            command = [sys.executable, __file__, "--only", name] + [
+            command = [sys.executable, "-m", __spec__.name, "--only", name] + [
                 f"--{k}={v}" for k, v in vars(args).items() if k not in ("only",)
             ]
             results.append(json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout))

@@ -6,12 +6,11 @@ itself, so the vocabulary and the output layer stay small) learns facts about fi
 last logged losses), the loss on the knowledge text afterwards, and exact-match recall on the
 memorisation probes (training phrasing) and the held-out probes. Runs on CPU in a few minutes.
 
-    python benchmarks/table_optimizer_quality.py [--entities 200 --steps 300]
+    python -m benchmarks.table_optimizer_quality [--entities 200 --steps 300]
 """
 
 import argparse
 import json
-import os
 import tempfile
 import time
 
@@ -73,7 +72,6 @@ def run(table_optimizer: str, args, tokenizer, rows, knowledge) -> dict:
         table_state = sum(
             v.numel() * v.element_size() for p, s in optimizer.state.items() if id(p) in tables for v in s.values() if torch.is_tensor(v)
         )
-        trainer.memory_health.detach()
         final_eval = trainer.evaluate(rows)["eval_loss"]
     model.eval()
     memorised = evaluate_knowledge_recall(model, tokenizer, knowledge.probes(held_out=False), batch_size=32)
@@ -125,5 +123,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     main()

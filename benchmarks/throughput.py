@@ -1,6 +1,6 @@
 """Cost of the memory against the backbone Llama, measured side by side in one run on SmolLM2-135M.
 
-    python benchmarks/throughput.py --threads 1 --clock cpu   # about 15 minutes on a 2-core CPU
+    python -m benchmarks.throughput --threads 1 --clock cpu   # about 15 minutes on a 2-core CPU
 
 Reports, as ratios memory / backbone:
   1. training step time (forward + backward + optimizer) at the demo configuration
@@ -23,30 +23,18 @@ decode >= 0.8x backbone tokens/s.
 from __future__ import annotations
 
 import argparse
+import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    command_line,
-    interleaved_timings,
-    machine_description,
-    markdown_table,
-    median,
-    optimizer_for,
-    peak_rss_mib,
-    training_loss,
-    write_section,
-)
+import torch
 
-import torch  # noqa: E402
-
-from modeling_memory import MemoryLlamaForCausalLM  # noqa: E402
-from modeling_memory.tools.graft import from_llama, memory_config_from_llama, memory_preset  # noqa: E402
-from modeling_memory.tools.offline_checkpoints import load_smollm2  # noqa: E402
-from modeling_memory.training.trainer import memory_parameter_groups, set_sparse_table_gradients  # noqa: E402
+from benchmarks.harness import benchmark_parser, finish_run, interleaved_medians, markdown_table, start_run
+from modeling_memory import MemoryLlamaForCausalLM
+from modeling_memory.tools.graft import from_llama, memory_config_from_llama, memory_preset
+from modeling_memory.tools.offline_checkpoints import load_smollm2
+from modeling_memory.training.trainer import build_memory_optimizer, memory_parameter_groups, set_sparse_table_gradients
 
 STEP_TARGET, GROWTH_TARGET, DECODE_TARGET = 1.15, 1.1, 0.8
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -69,10 +57,21 @@ def memory_variant(base, **overrides):
     return model
 
 
+def memory_trainer_optimizer(model):
+    """The optimizer MemoryTrainer builds (the tables with sparse row gradients on LazyAdam, the rest on AdamW), at a
+    learning rate too small to change what is timed."""
+    groups = memory_parameter_groups(model, 1e-6, weight_decay=0.0, decay_parameter_names=[])
+    return build_memory_optimizer(groups, "adam", torch.optim.AdamW, {"betas": (0.9, 0.95)})
+
+
 def training_step(model, ids, optimizer=None):
+    """A closure running one training step on `ids`; a memory model's loss includes its router losses (asked for,
+    as MemoryTrainer does)."""
+    router = {"output_router_logits": True} if isinstance(model, MemoryLlamaForCausalLM) else {}
+
     def step():
         model.train()
-        training_loss(model, ids).backward()
+        model(ids, labels=ids, **router).loss.backward()
         if optimizer is not None:
             optimizer.step()
         model.zero_grad(set_to_none=True)
@@ -97,12 +96,16 @@ def inference_forward(model, ids):
     return forward
 
 
-def ratio_rows(timings: dict, baseline: str) -> list[list]:
-    base_time = median(timings[baseline])
-    return [[name, f"{median(times):.3f}", f"{median(times) / base_time:.2f}x"] for name, times in timings.items()]
+def ratio_rows(medians: dict, baseline: str) -> list[list]:
+    return [[name, f"{seconds:.3f}", f"{seconds / medians[baseline]:.2f}x"] for name, seconds in medians.items()]
 
 
 # ---------------------------------------------------------------------------------------------- peak memory
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def peak_memory_worker(variant: str, batch: int, seq_len: int, steps: int) -> None:
@@ -113,7 +116,7 @@ def peak_memory_worker(variant: str, batch: int, seq_len: int, steps: int) -> No
     if variant != "backbone":
         del base
     loaded = peak_rss_mib()
-    optimizer = optimizer_for(model, lr=1e-5)
+    optimizer = memory_trainer_optimizer(model)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len))
     for _ in range(steps):
         training_step(model, ids, optimizer)()
@@ -124,7 +127,7 @@ def measure_peak_memory(batch: int, seq_len: int) -> dict[str, tuple[float, floa
     results = {}
     for variant in ("backbone", "memory"):
         output = subprocess.run(
-            [sys.executable, __file__, "--peak-memory-worker", variant, "--batch", str(batch), "--seq-len", str(seq_len)],
+            [sys.executable, "-m", __spec__.name, "--peak-memory-worker", variant, "--batch", str(batch), "--seq-len", str(seq_len)],
             capture_output=True, text=True, check=True,
         ).stdout
         line = next(line for line in output.splitlines() if line.startswith("PEAK "))
@@ -156,11 +159,11 @@ def generation_speed(models: dict, tokenizer, prompt_len: int, new_tokens: int, 
         functions[f"{name} prefill"] = generate(model, 1)
         functions[f"{name} full"] = generate(model, new_tokens + 1)
     with torch.no_grad():
-        timings = interleaved_timings(functions, repeats, clock=clock)
+        medians = interleaved_medians(functions, repeats, clock=clock)
     speeds = {}
     for name in models:
-        prefill = median(timings[f"{name} prefill"])
-        full = median(timings[f"{name} full"])
+        prefill = medians[f"{name} prefill"]
+        full = medians[f"{name} full"]
         speeds[name] = (prompt_len / prefill, new_tokens / max(full - prefill, 1e-9))
     return speeds
 
@@ -186,7 +189,7 @@ def profile_step(model, ids, optimizer, top: int = 12) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions of the main comparison")
@@ -194,22 +197,16 @@ def main() -> None:
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--chapters", type=int, nargs="+", default=[128, 1024, 8192], help="x 32 tokens: 4K to 262K")
     parser.add_argument("--engram-rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000, 10_000_000])
-    parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
                         help="wall time, or this process's CPU time (steadier on a shared machine, with --threads 1)")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     parser.add_argument("--peak-memory-worker", choices=["backbone", "memory"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     clock = CLOCKS[args.clock]
     if args.peak_memory_worker:
         peak_memory_worker(args.peak_memory_worker, args.batch, args.seq_len, steps=2)
         return
 
-    started = time.perf_counter()
-    machine = machine_description()
-    print(f"machine: {machine}", flush=True)
+    machine, started = start_run(args)
     torch.manual_seed(0)
     base, memory, tokenizer = demo_models()
     ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq_len))
@@ -217,17 +214,17 @@ def main() -> None:
 
     print(f"[1/6] training step (fwd + bwd + optimizer), batch {args.batch} x {args.seq_len} tokens ...", flush=True)
     dense_memory = memory_variant(base)
-    step_timings = interleaved_timings(
+    step_timings = interleaved_medians(
         {
-            "backbone (AdamW)": training_step(base, ids, optimizer_for(base, 1e-6)),
-            "memory (demo config; sparse tables, LazyAdam + AdamW)": training_step(memory, ids, optimizer_for(memory, 1e-6)),
+            "backbone (AdamW)": training_step(base, ids, memory_trainer_optimizer(base)),
+            "memory (demo config; sparse tables, LazyAdam + AdamW)": training_step(memory, ids, memory_trainer_optimizer(memory)),
             "memory, dense table gradients + AdamW (before)": training_step(dense_memory, ids, dense_adamw(dense_memory)),
         },
         args.repeats, clock=clock,
     )
     del dense_memory  # its optimizer state goes with it
     names = list(step_timings)
-    step_ratio = median(step_timings[names[1]]) / median(step_timings[names[0]])
+    step_ratio = step_timings[names[1]] / step_timings[names[0]]
     table = markdown_table(["model", "median s/step", "vs backbone"], ratio_rows(step_timings, names[0]))
     print(table, flush=True)
     sections.append(
@@ -264,24 +261,24 @@ def main() -> None:
     )
 
     print("[4/6] scaling with memory size (training steps) ...", flush=True)
-    backbone_step = training_step(base, ids, optimizer_for(base, 1e-6))
+    backbone_step = training_step(base, ids, memory_trainer_optimizer(base))
     bank_models = {f"{c * 32:,} memory tokens": memory_variant(base, chapter_num_chapters=c) for c in args.chapters}
-    train_fns = {"backbone": backbone_step, **{n: training_step(m, ids, optimizer_for(m, 1e-6)) for n, m in bank_models.items()}}
-    bank_train = interleaved_timings(train_fns, args.sweep_repeats, clock=clock)
+    train_fns = {"backbone": backbone_step, **{n: training_step(m, ids, memory_trainer_optimizer(m)) for n, m in bank_models.items()}}
+    bank_train = interleaved_medians(train_fns, args.sweep_repeats, clock=clock)
     infer_fns = {"backbone": inference_forward(base, ids), **{n: inference_forward(m, ids) for n, m in bank_models.items()}}
-    bank_infer = interleaved_timings(infer_fns, args.sweep_repeats, clock=clock)
+    bank_infer = interleaved_medians(infer_fns, args.sweep_repeats, clock=clock)
     first_bank, largest_bank = next(iter(bank_models)), list(bank_models)[-1]
     rows = []
     for name in train_fns:
         rows.append([
-            name, f"{median(bank_train[name]):.2f}", f"{median(bank_train[name]) / median(bank_train['backbone']):.2f}x",
-            f"{median(bank_train[name]) / median(bank_train[first_bank]):.2f}x" if name != "backbone" else "",
-            f"{median(bank_infer[name]):.3f}", f"{median(bank_infer[name]) / median(bank_infer['backbone']):.2f}x",
+            name, f"{bank_train[name]:.2f}", f"{bank_train[name] / bank_train['backbone']:.2f}x",
+            f"{bank_train[name] / bank_train[first_bank]:.2f}x" if name != "backbone" else "",
+            f"{bank_infer[name]:.3f}", f"{bank_infer[name] / bank_infer['backbone']:.2f}x",
         ])
     bank_table = markdown_table(
         ["chapter bank", "training step s", "vs backbone", "vs 4K bank", "inference fwd s", "vs backbone"], rows
     )
-    bank_growth = median(bank_train[largest_bank]) / median(bank_train[first_bank])
+    bank_growth = bank_train[largest_bank] / bank_train[first_bank]
     print(bank_table, flush=True)
     del bank_models, train_fns, infer_fns
 
@@ -290,19 +287,19 @@ def main() -> None:
     # Built one at a time and timed in pairs with the smallest, so that only two tables (and their Adam state) live.
     engram_names = [f"{rows_per_layer:.0e} rows/layer" for rows_per_layer in args.engram_rows]
     smallest = memory_variant(base, engram_table_size=max(3, args.engram_rows[0] // 16))
-    smallest_step = training_step(smallest, ids, optimizer_for(smallest, 1e-6))
+    smallest_step = training_step(smallest, ids, memory_trainer_optimizer(smallest))
     engram_rows_out, engram_growth = [], 1.0
     for name, rows_per_layer in zip(engram_names[1:], args.engram_rows[1:]):
         model = memory_variant(base, engram_table_size=max(3, rows_per_layer // 16))
-        timings = interleaved_timings(
-            {engram_names[0]: smallest_step, name: training_step(model, ids, optimizer_for(model, 1e-6))},
+        timings = interleaved_medians(
+            {engram_names[0]: smallest_step, name: training_step(model, ids, memory_trainer_optimizer(model))},
             args.sweep_repeats, clock=clock,
         )
         del model
-        engram_growth = median(timings[name]) / median(timings[engram_names[0]])
+        engram_growth = timings[name] / timings[engram_names[0]]
         if not engram_rows_out:
-            engram_rows_out.append([engram_names[0], f"{median(timings[engram_names[0]]):.2f}", "1.00x"])
-        engram_rows_out.append([name, f"{median(timings[name]):.2f}", f"{engram_growth:.2f}x"])
+            engram_rows_out.append([engram_names[0], f"{timings[engram_names[0]]:.2f}", "1.00x"])
+        engram_rows_out.append([name, f"{timings[name]:.2f}", f"{engram_growth:.2f}x"])
         print(f"    {engram_rows_out[-1]}", flush=True)
     del smallest, smallest_step
     engram_table = markdown_table(["Engram tables", "training step s", "vs 1e4 rows"], engram_rows_out)
@@ -325,30 +322,26 @@ def main() -> None:
     seq_rows = []
     for seq_len in args.seq_lens:
         seq_ids = torch.randint(0, base.config.vocab_size, (1, seq_len))
-        timings = interleaved_timings(
+        timings = interleaved_medians(
             {"backbone": training_step(base, seq_ids), "memory": training_step(memory, seq_ids)}, args.sweep_repeats, clock=clock
         )
-        seq_rows.append([seq_len, f"{median(timings['backbone']):.2f}", f"{median(timings['memory']):.2f}",
-                         f"{median(timings['memory']) / median(timings['backbone']):.2f}x"])
+        seq_rows.append([seq_len, f"{timings['backbone']:.2f}", f"{timings['memory']:.2f}",
+                         f"{timings['memory'] / timings['backbone']:.2f}x"])
         print(f"    {seq_rows[-1]}", flush=True)
     table = markdown_table(["sequence length", "backbone fwd+bwd s", "memory fwd+bwd s", "ratio"], seq_rows)
     sections.append(f"### Scaling with sequence length (fwd + bwd, batch 1, demo configuration, median of {args.sweep_repeats})\n\n{table}")
 
     print("[6/6] profile of one memory training step ...", flush=True)
-    profile_table = profile_step(memory, ids, optimizer_for(memory, 1e-6))
+    profile_table = profile_step(memory, ids, memory_trainer_optimizer(memory))
     print(profile_table, flush=True)
     sections.append(f"### Where a memory training step's time goes (demo configuration, torch.profiler, self CPU time)\n\n{profile_table}")
 
-    elapsed = time.perf_counter() - started
     body = (
-        f"Command: `{command_line()}` ({elapsed / 60:.1f} min)\n\nMachine: {machine}. The machine is shared with "
-        f"other work, so absolute times are noisy; the ratios come from interleaved runs in one process"
-        f"{', timed by this process CPU time' if args.clock == 'cpu' else ''}.\n\n"
+        f"The machine is shared with other work, so absolute times are noisy; the ratios come from interleaved runs in "
+        f"one process{', timed by this process CPU time' if args.clock == 'cpu' else ''}.\n\n"
         + "\n\n".join(sections)
     )
-    print(f"done in {elapsed / 60:.1f} min", flush=True)
-    if not args.no_write:
-        write_section("Throughput and cost (benchmarks/throughput.py)", body)
+    finish_run(args, "Throughput and cost (benchmarks/throughput.py)", body, machine, started)
 
 
 if __name__ == "__main__":
