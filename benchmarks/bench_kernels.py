@@ -1,4 +1,4 @@
-"""Benchmarks of the two memory ops: ratios measured side by side in one run, written to the "Kernels"
+"""Benchmarks of the memory ops: ratios measured side by side in one run, written to the "Kernels"
 section of benchmarks/RESULTS.md.
 
 CPU (always):
@@ -8,9 +8,9 @@ CPU (always):
       head, gather alone and with the hashing, forward and forward+backward;
   (c) chapter attention time and peak extra memory as the bank grows from 4K to 262K memory tokens at a
       fixed top-k and chapter size.
-GPU (when CUDA is available): Triton vs reference forward and forward+backward for both ops, the Engram
-lookup's bytes/s as a fraction of the device-to-device copy bandwidth, and chapter attention FLOP/s vs
-dense SDPA doing the same FLOPs.
+GPU (when CUDA is available): Triton vs reference forward and forward+backward for the Engram lookup, chapter
+attention and the product-key bag, the Engram lookup's bytes/s as a fraction of the device-to-device copy
+bandwidth, and chapter attention FLOP/s vs dense SDPA doing the same FLOPs.
 
 Usage: python -m benchmarks.bench_kernels [--repeats N] [--threads N] [--no-write]
 """
@@ -26,6 +26,7 @@ from torch.utils.benchmark import Timer
 from benchmarks.harness import benchmark_parser, finish_run, interleaved_medians, markdown_table, start_run
 from modeling_memory.memory_llama.naive_engram import naive_primes_from
 from modeling_memory.memory_llama.ops_chapter_attention import chapter_attention_torch
+from modeling_memory.memory_llama.ops_product_keys import product_key_bag_torch
 from modeling_memory.memory_llama.ops_engram import (
     EngramHashing,
     engram_history_lengths,
@@ -406,7 +407,41 @@ def bench_gpu() -> str:
         )
         + "\n"
     )
+    sections.append(bench_gpu_product_key_bag())
     return "\n".join(sections)
+
+
+def bench_gpu_product_key_bag() -> str:
+    """The product-key memory's weighted embedding bag: Triton vs the PyTorch path, each token reading J value rows
+    of a 1M-row table with fp32 softmax weights; fwd+bwd gives the table its sparse row gradient."""
+    from modeling_memory.memory_llama.kernels_product_keys import product_key_bag_triton
+
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for tokens, reads, slots, width, dtype in ((4096, 128, 1 << 20, 1024, torch.bfloat16),
+                                               (8192, 32, 1 << 20, 1024, torch.bfloat16),
+                                               (4096, 128, 1 << 16, 512, torch.float32)):
+        values = torch.randn(slots, width, generator=generator).to("cuda", dtype)
+        indices = torch.randint(0, slots, (tokens, reads), generator=generator).to("cuda")
+        weights = torch.randn(tokens, reads, generator=generator).softmax(-1).to("cuda")
+        trained_values, trained_weights = values.clone(), weights.clone()  # forward_backward makes them leaves
+        timings = {}
+        for name, op in (("Triton", product_key_bag_triton), ("reference", product_key_bag_torch)):
+            timings[f"{name} fwd"] = cuda_time(no_grad(lambda op=op: op(values, indices, weights)))
+            timings[f"{name} fwd+bwd"] = cuda_time(forward_backward(
+                lambda op=op: op(trained_values, indices, trained_weights), [trained_values, trained_weights]))
+        gathered = tokens * reads * width * values.element_size()
+        shape = f"N={tokens}, J={reads}, {slots:,} rows x {width}, {str(dtype).removeprefix('torch.')}"
+        for mode in ("fwd", "fwd+bwd"):
+            triton_s, reference_s = timings[f"Triton {mode}"], timings[f"reference {mode}"]
+            rate = f"{gathered / triton_s / 1e9:.0f}" if mode == "fwd" else ""
+            rows.append([shape, mode, ms_fine(triton_s), ms_fine(reference_s), f"{reference_s / triton_s:.2f}x", rate])
+    return (
+        "**Product-key bag, Triton vs reference** (the weighted sum of each token's J value rows; gathered GB/s = "
+        "rows read per second, the kernel's forward traffic).\n\n"
+        + markdown_table(["shape", "pass", "Triton (ms)", "reference (ms)", "reference / Triton", "gathered GB/s"], rows)
+        + "\n"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ main
