@@ -16,8 +16,10 @@ the touched rows and their state only. Rows a step did not read, and their state
 - `CombinedOptimizer` puts several optimizers over disjoint parameters behind one `Optimizer`, so that the
   tables train with one of the above and everything else with AdamW while the learning-rate scheduler,
   accelerate and Trainer checkpoints see a single optimizer.
-- `clip_grad_norm_`: torch's (which raises on sparse gradients in torch 2.13), counting sparse gradients by
-  their values.
+- Importing this module gives torch's `linalg.vector_norm` the sparse COO layout (the norm of the coalesced
+  values), the one op torch's `clip_grad_norm_` lacks for sparse gradients (torch 2.13 and 2.14 raise
+  NotImplementedError). Gradient clipping and the `grad_norm` that Trainer logs (through accelerate, which
+  calls torch's `clip_grad_norm_`) then count the tables' sparse gradients as they are, with no densifying copy.
 
 Both table optimizers take dense gradients too (rows whose gradient is all zero count as untouched).
 Needs torch only.
@@ -27,6 +29,23 @@ import math
 
 import torch
 from torch.optim import Optimizer
+
+
+def _sparse_vector_norm(tensor: torch.Tensor, ord=2, dim=None, keepdim=False, *, dtype=None) -> torch.Tensor:
+    """`linalg.vector_norm` of a sparse COO tensor over all its elements: the norm of its coalesced values (the
+    zeros it leaves out add nothing to a norm of order >= 0)."""
+    if dim is not None or keepdim or ord < 0:
+        raise NotImplementedError("linalg.vector_norm of a sparse tensor: over all its elements, of order >= 0 only.")
+    values = tensor.coalesce().values()
+    if values.numel() == 0:  # no row touched
+        return torch.zeros((), dtype=dtype or values.dtype, device=values.device)
+    return torch.linalg.vector_norm(values, ord, dtype=dtype)
+
+
+# Registered once per process for the sparse backends, which have no kernel for this op.
+_SPARSE_NORM = torch.library.Library("aten", "IMPL")
+for _backend in ("SparseCPU", "SparseCUDA"):
+    _SPARSE_NORM.impl("linalg_vector_norm", _sparse_vector_norm, _backend)
 
 
 def touched_rows(param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,38 +299,6 @@ class CombinedOptimizer(Optimizer):
 
 
 @torch.no_grad()
-def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-    """`torch.nn.utils.clip_grad_norm_` for dense and sparse gradients alike: the total norm over every
-    gradient (a sparse one counted by its coalesced values, which it is left as), and every gradient scaled by
-    max_norm / (total + 1e-6) when that is below 1. Returns the total norm before clipping (fp32 scalar).
-    """
-    parameters = [parameters] if torch.is_tensor(parameters) else list(parameters)
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.tensor(0.0)
-    for index, grad in enumerate(grads):
-        if grad.is_sparse and not grad.is_coalesced():
-            grads[index] = grad.coalesce()
-    norms = [torch.linalg.vector_norm(g._values() if g.is_sparse else g, norm_type, dtype=torch.float32) for g in grads]
-    device = norms[0].device
-    total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
-    if math.isinf(max_norm):  # only the norm was asked for
-        return total
-    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for param in parameters:
-        grad = param.grad
-        if grad is None:
-            continue
-        if grad.is_sparse:
-            # Scale the coalesced values in place of the gradient (a sparse tensor's values are its own).
-            grad = grad.coalesce()
-            grad._values().mul_(scale.to(grad.device, grad.dtype))
-            param.grad = grad
-        else:
-            grad.mul_(scale.to(grad.device, grad.dtype))
-    return total
-
-
 def optimizer_state_bytes(optimizer: Optimizer) -> int:
     """Bytes held in tensors of the optimizer's state (moments, accumulators, step counters)."""
     total = 0
@@ -322,4 +309,4 @@ def optimizer_state_bytes(optimizer: Optimizer) -> int:
     return total
 
 
-__all__ = ["CombinedOptimizer", "LazyAdam", "RowWiseAdagrad", "clip_grad_norm_", "optimizer_state_bytes", "touched_rows"]
+__all__ = ["CombinedOptimizer", "LazyAdam", "RowWiseAdagrad", "optimizer_state_bytes", "touched_rows"]

@@ -5,23 +5,27 @@
   decay. The scheduler scales every group by the same factor, so the ratios hold all run long.
 - Tables (every kind in `memory_parameters.TABLE_KINDS`) have sparse row gradients and train with an
   optimizer that touches only the rows a step read: `LazyAdam` (default) or `RowWiseAdagrad`
-  (`table_optimizer`), beside the `optim` optimizer for everything else, as one `CombinedOptimizer`.
-  Gradient clipping and the logged grad norm count the sparse gradients (torch's `clip_grad_norm_`
-  raises on them).
-- The router aux loss under gradient accumulation and data parallelism. While training,
-  `compute_loss` asks the model for its router losses (`output_router_logits=True`, as for Mixtral),
-  and the model adds its per-micro-batch `aux_loss` to `loss`; Trainer does not divide a `num_items_in_batch`-normalised
-  loss by the accumulation steps (and multiplies it by the number of processes when averaging
-  tokens across devices), which would weight the aux loss by GA x processes. `compute_loss` takes
-  the aux term out and puts it back as a mean over micro-batches and processes.
+  (`table_optimizer`), beside the `optim` optimizer for everything else, as one `CombinedOptimizer`
+  (`create_optimizer`). Trainer's own gradient clipping and logged `grad_norm` count the sparse gradients:
+  `table_optimizers` gives torch's norm the sparse layout.
+- The router aux loss under gradient accumulation and data parallelism, on Trainer's public loss hooks. The
+  language-model loss is Trainer's `compute_loss_func` (`language_model_loss`, unless one is given), so labels
+  never reach the model and the model never adds its aux loss to it; Trainer normalises it over the tokens of
+  the whole accumulated batch (`num_items_in_batch`) as for any model. While training, `compute_loss` asks the
+  model for its router losses (`output_router_logits=True`, as for Mixtral) and adds the per-micro-batch
+  `aux_loss` divided by the number of micro-batches in the step; DDP's gradient mean then averages it over
+  processes. The sum is scaled for gradient accumulation, which the class says as Trainer documents for
+  subclasses that scale their own loss (`loss_is_scaled_for_ga = True`). Evaluation does not ask for the
+  router losses: `eval_loss` is the language-model loss alone.
 - Memory health in the logs (`memory_health.py`), read from the memory internals the training forward
   records: `chapter_usage_entropy`, `chapters_used_fraction`, `engram_gate_mean` and `aux_loss`.
-- With a PEFT model whose memory is trained directly (see `peft_modes.py`), checkpoints also hold
-  `memory.safetensors`, and resuming loads it back.
+- `save_model` (checkpoints and the final save) writes into a staging folder and moves each file into place;
+  with a PEFT model whose memory is trained directly (see `peft_modes.py`) it also writes `memory.safetensors`,
+  which `train` loads back when resuming and after loading the best checkpoint at the end.
 
 A plain `Trainer` trains these models too, without the extras, once the tables are switched to dense
-gradients (`set_sparse_table_gradients(model, False)`): its AdamW and gradient clipping take dense
-gradients only, and then every step updates every table row.
+gradients (`set_sparse_table_gradients(model, False)`): its AdamW takes dense gradients only, and then every
+step updates every table row. It adds the per-micro-batch aux loss without dividing it by the accumulation steps.
 """
 
 import json
@@ -38,7 +42,7 @@ from transformers import Trainer, TrainingArguments
 
 from modeling_memory.training.memory_health import MemoryHealth
 from modeling_memory.training.memory_parameters import CHAPTER_BANK, ENGRAM_TABLE, PKM_VALUES, TABLE_KINDS, memory_kinds, memory_parameters
-from modeling_memory.training.table_optimizers import CombinedOptimizer, LazyAdam, RowWiseAdagrad, clip_grad_norm_
+from modeling_memory.training.table_optimizers import CombinedOptimizer, LazyAdam, RowWiseAdagrad
 
 # Optimizers of the tables: both update only the rows a step read.
 TABLE_OPTIMIZERS = {"adam": LazyAdam, "rowwise_adagrad": RowWiseAdagrad}
@@ -178,10 +182,6 @@ def set_sparse_table_gradients(model: nn.Module, enabled: bool) -> None:
                 module.sparse = enabled
 
 
-def has_sparse_gradients(parameters) -> bool:
-    return any(param.grad is not None and param.grad.is_sparse for param in parameters)
-
-
 def last_complete_checkpoint(output_dir: str) -> str | None:
     """The newest `checkpoint-N` folder of `output_dir` whose trainer_state.json (Trainer writes it after
     the weights, optimizer and RNG states) parses; None when there is none."""
@@ -211,7 +211,13 @@ class MemoryTrainer(Trainer):
     the defaults apply (the papers' multipliers, tables on the main optimizer, health logged).
     """
 
+    # `compute_loss` returns the loss of the whole accumulated batch's share (see the module docstring): Trainer
+    # must use it as is.
+    loss_is_scaled_for_ga = True
+
     def __init__(self, *args, **kwargs):
+        if kwargs.get("compute_loss_func") is None:
+            kwargs["compute_loss_func"] = self.language_model_loss
         super().__init__(*args, **kwargs)
         if self.is_fsdp_enabled:
             # FSDP shards parameters and reduce-scatters dense gradients only (untested here: no multi-GPU machine).
@@ -268,45 +274,28 @@ class MemoryTrainer(Trainer):
         self.optimizer = build_memory_optimizer(groups, table_optimizer, optimizer_cls, optimizer_kwargs)
         return self.optimizer
 
-    # ---- gradient norm and clipping with sparse table gradients -------------------------------
-
-    def _clip_grad_norm(self, model):
-        """Trainer's clipping, counting sparse table gradients (torch's `clip_grad_norm_` raises on them)."""
-        if not has_sparse_gradients(model.parameters()):
-            return super()._clip_grad_norm(model)
-        self.accelerator.unscale_gradients()  # as accelerate's clip_grad_norm_ does first (fp16 loss scaling)
-        return clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
-
-    def _get_grad_norm(self, model, grad_norm=None):
-        """The norm Trainer logs as `grad_norm` (computed here, without clipping, when clipping is off)."""
-        if grad_norm is None and has_sparse_gradients(model.parameters()):
-            self.accelerator.unscale_gradients()
-            grad_norm = clip_grad_norm_(model.parameters(), float("inf"))
-        return super()._get_grad_norm(model, grad_norm=grad_norm)
-
     # ---- loss --------------------------------------------------------------------------------
 
-    def _trainer_scales_for_ga(self, num_items_in_batch) -> bool:
-        """Mirror of Trainer.training_step: whether it will *not* divide our loss by the GA steps."""
-        if self.loss_is_scaled_for_ga is not None:
-            return self.loss_is_scaled_for_ga
-        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+    def language_model_loss(self, outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+        """The default `compute_loss_func`: the model's own causal-LM loss (label smoothing when asked), without the
+        router losses. Summed over tokens and divided by `num_items_in_batch`, the label tokens of the whole
+        accumulated batch, when Trainer gives it (always in training); a mean over the batch's tokens otherwise.
 
-    def _process_scale(self, num_items_in_batch) -> float:
-        """Mirror of Trainer.compute_loss: the factor it multiplies the model's loss by when averaging
-        tokens across devices (so that DDP's gradient mean becomes a token mean)."""
-        if (
-            self.args.average_tokens_across_devices
-            and (self.model_accepts_loss_kwargs or self.compute_loss_func)
-            and num_items_in_batch is not None
-        ):
-            return self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
-        return 1
+        Args:
+            outputs: the model's output (logits (B, S, V)); labels: (B, S) with -100 where no loss is taken.
+        """
+        if labels is None:
+            raise ValueError("MemoryTrainer trains a causal language model: the batches need `labels`.")
+        if self.label_smoother is not None:
+            return self.label_smoother(outputs, labels, shift_labels=True, num_items_in_batch=num_items_in_batch)
+        model = self.accelerator.unwrap_model(self.model)
+        return model.loss_function(
+            logits=outputs["logits"], labels=labels, vocab_size=model.config.vocab_size, num_items_in_batch=num_items_in_batch
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Trainer's loss with the router aux loss weighted as a mean over micro-batches and processes
-        (training) or left out (evaluation: `eval_loss` is the language-model loss alone)."""
-        labels_reach_model = "labels" in inputs and self.label_smoother is None and self.compute_loss_func is None
+        """Trainer's loss (the language-model loss, `compute_loss_func`) plus, while training, the router aux loss
+        as a mean over the micro-batches of the step (DDP averages it over processes); see the module docstring."""
         log_health = model.training and self._setting("log_memory_health", True)
         if model.training:
             inputs = {**inputs, "output_router_logits": True}  # the router losses are computed only when asked
@@ -316,13 +305,8 @@ class MemoryTrainer(Trainer):
         if log_health:
             self.memory_health.record(outputs, inputs.get("attention_mask"))
         aux_loss = outputs.get("aux_loss") if isinstance(outputs, dict) else None
-        if aux_loss is not None:
-            aux_loss = aux_loss.to(loss.device)
-            if labels_reach_model:  # the model added it to `loss`, which Trainer then scaled
-                loss = loss - self._process_scale(num_items_in_batch) * aux_loss
-            if model.training:
-                steps = self.current_gradient_accumulation_steps if self._trainer_scales_for_ga(num_items_in_batch) else 1
-                loss = loss + aux_loss / steps
+        if model.training and aux_loss is not None:
+            loss = loss + aux_loss.to(loss.device) / self.current_gradient_accumulation_steps
         return (loss, outputs) if return_outputs else loss
 
     # ---- logging -----------------------------------------------------------------------------
@@ -333,18 +317,20 @@ class MemoryTrainer(Trainer):
             logs.update(self.memory_health.flush(self.accelerator))
         super().log(logs, start_time)
 
-    # ---- PEFT models with directly trained memory --------------------------------------------
+    # ---- saving and resuming (PEFT models with directly trained memory) -----------------------
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Write into a staging folder, then move each file into place: a process killed mid-save never
-        leaves a half-written weight file where a loader would read it."""
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Trainer's `save_model` (which checkpoints use too), written into a staging folder inside `output_dir` and
+        then moved into place file by file: a process killed mid-save never leaves a half-written weight file where
+        a loader would read it. A PEFT model that trains memory outside its adapter also gets `memory.safetensors`.
+        Pushed to the Hub afterwards, as Trainer does for a call that is not its own (`push_to_hub`)."""
         from modeling_memory.training.peft_modes import has_trainable_memory_outside_adapter, save_memory_weights
 
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".saving-", dir=output_dir)
         try:
-            super()._save(staging, state_dict=state_dict)
+            super().save_model(staging, _internal_call=True)  # Trainer would push before the files are in place
             model = self.accelerator.unwrap_model(self.model)
             if self.args.should_save and has_trainable_memory_outside_adapter(model):
                 save_memory_weights(model, staging)
@@ -352,17 +338,26 @@ class MemoryTrainer(Trainer):
                 os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """`resume_from_checkpoint=True` resumes from the newest *complete* checkpoint in `output_dir`
-        (one whose trainer_state.json, written last, reads back), skipping any a killed run left half-written."""
+        """Trainer's `train`, and for a PEFT model that trains memory outside its adapter, that memory loaded from
+        the checkpoint it resumes from and, with `load_best_model_at_end`, from the best checkpoint at the end.
+        `resume_from_checkpoint=True` resumes from the newest *complete* checkpoint in `output_dir` (one whose
+        trainer_state.json, written last, reads back), skipping any a killed run left half-written."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No complete checkpoint to resume from in {self.args.output_dir}.")
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        if resume_from_checkpoint:
+            self._load_memory_weights(resume_from_checkpoint)
+        result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
+            self._load_memory_weights(self.state.best_model_checkpoint)
+        return result
 
-    def _load_memory_if_saved(self, checkpoint_dir: str) -> None:
+    def _load_memory_weights(self, checkpoint_dir: str) -> None:
         from modeling_memory.training.peft_modes import MEMORY_WEIGHTS_NAME, has_trainable_memory_outside_adapter, load_memory_weights
 
         model = self.accelerator.unwrap_model(self.model)
@@ -373,14 +368,6 @@ class MemoryTrainer(Trainer):
                     "adapter: the checkpoint was written by a plain Trainer or another training mode."
                 )
             load_memory_weights(model, checkpoint_dir)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self._load_memory_if_saved(resume_from_checkpoint)
-
-    def _load_best_model(self) -> None:
-        super()._load_best_model()
-        self._load_memory_if_saved(self.state.best_model_checkpoint)
 
 
 __all__ = [

@@ -1,7 +1,8 @@
 """The table optimizers against independent references: LazyAdam against torch's SparseAdam (the same lazy
 rule, another implementation) and against dense Adam/AdamW on the rows a step touches, RowWiseAdagrad against
 a per-row reference written as plain loops; untouched rows and their state bit-identical after a step;
-repeated and accumulated sparse gradients; the sparse-aware `clip_grad_norm_` against torch's on dense copies;
+repeated and accumulated sparse gradients; torch's `clip_grad_norm_` on sparse gradients (the norm this module gives
+them) against torch's on dense copies;
 fp32 state through a checkpoint; CombinedOptimizer under a scheduler and through a state-dict round trip; and
 both table optimizers inside MemoryTrainer (state size and an exact checkpoint resume).
 
@@ -17,7 +18,6 @@ from modeling_memory.training.table_optimizers import (
     CombinedOptimizer,
     LazyAdam,
     RowWiseAdagrad,
-    clip_grad_norm_,
     optimizer_state_bytes,
 )
 
@@ -97,7 +97,7 @@ def test_accumulated_sparse_gradients_equal_one_batch(optimizer_cls):
     torch.testing.assert_close(two.weight, one.weight, **TOLERANCE)
 
 
-def test_clip_grad_norm_counts_sparse_gradients_like_torch_on_dense_copies():
+def test_torch_clip_grad_norm_counts_sparse_gradients_like_dense_copies():
     torch.manual_seed(0)
     table, linear = _sparse_table(), torch.nn.Linear(4, 3)
     ids = torch.tensor([2, 2, 7, 11])
@@ -106,7 +106,7 @@ def test_clip_grad_norm_counts_sparse_gradients_like_torch_on_dense_copies():
     for dense, param in zip(dense_params, (table.weight, linear.weight, linear.bias)):
         dense.grad = param.grad.to_dense().clone()
     expected = torch.nn.utils.clip_grad_norm_(dense_params, 0.5)
-    total = clip_grad_norm_([table.weight, linear.weight, linear.bias], 0.5)
+    total = torch.nn.utils.clip_grad_norm_([table.weight, linear.weight, linear.bias], 0.5)
     torch.testing.assert_close(total, expected, **TOLERANCE)
     assert total > 0.5  # it clipped
     assert table.weight.grad.is_sparse
