@@ -15,6 +15,8 @@ import sys
 from memory_llama_cli.parser import build_parser, command_parser, refuse_unknown_options
 
 INTERRUPTED_STATUS = 130  # 128 + SIGINT, as shells report an interrupted program
+# Packages that only the extras install (pyproject.toml): a command that needs one says which install adds it.
+EXTRA_PACKAGES = {"accelerate", "datasets", "evaluate", "gguf", "jinja2", "matplotlib", "peft"}
 
 
 def run_command(args) -> int:
@@ -30,6 +32,13 @@ def run_command(args) -> int:
             return getattr(commands, f"cmd_{args.command}")(args)
     except ToolError as error:
         raise SystemExit(f"memory-llama {args.command}: error: {error}") from error
+    except ModuleNotFoundError as error:
+        if error.name not in EXTRA_PACKAGES:
+            raise
+        raise SystemExit(
+            f"memory-llama {args.command}: error: needs the package {error.name}, which the core install leaves out: "
+            "pip install 'modeling_memory[all]'"
+        ) from error
 
 
 def main(argv=None) -> int:
