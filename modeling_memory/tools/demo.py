@@ -165,16 +165,6 @@ def _summary(result: dict) -> str:
             f"{result['general_knowledge_kept']:.0%}")
 
 
-def _trainable(model) -> int:
-    """Trainable weights; of a table in sparse memory fine-tuning, only its chosen rows."""
-    named = dict(model.named_parameters())
-    chosen = getattr(model, "sparse_memory_slots", {})
-    return sum(
-        chosen[name].numel() * param[0].numel() if name in chosen else param.numel()
-        for name, param in named.items() if param.requires_grad
-    )
-
-
 def graft_checked(base, tokenizer, preset: str):
     """`from_llama` with `preset`, its layout and parameter counts printed; None if it does not compute
     exactly what the base computes."""
@@ -200,7 +190,7 @@ def run_demo() -> int:
     from modeling_memory.data.knowledge import KnowledgeSet, general_knowledge_probes
     from modeling_memory.data.natural_text import load_natural_text
     from modeling_memory.tools.offline_checkpoints import load_smollm2
-    from modeling_memory.training.peft_modes import BACKBONE_LORA_TARGETS, prepare_model_for_mode
+    from modeling_memory.training.peft_modes import BACKBONE_LORA_TARGETS, prepare_model_for_mode, trainable_parameter_counts
     from modeling_memory.training.sparse_memory_finetuning import DEFAULT_TOP_T, describe_selection, select_and_prepare
     from modeling_memory.training.trainer import MemoryTrainer
 
@@ -239,7 +229,7 @@ def run_demo() -> int:
     losses = {}
 
     def run(name, label, model, trainer_class, learning_rate, scratch):
-        trainable = _trainable(model)
+        trainable = trainable_parameter_counts(model)["total"]  # of a sparse memory table, its chosen rows
         losses[label] = fine_tune(model, tokenizer, training_rows, trainer_class, learning_rate, os.path.join(scratch, label))
         results[name] = {**evaluate(model, tokenizer, knowledge, natural_rows, known_general), "trainable_parameters": trainable}
         print(f"      {name}: {_summary(results[name])}")

@@ -42,10 +42,20 @@ def _sparse_vector_norm(tensor: torch.Tensor, ord=2, dim=None, keepdim=False, *,
     return torch.linalg.vector_norm(values, ord, dtype=dtype)
 
 
-# Registered once per process for the sparse backends, which have no kernel for this op.
-_SPARSE_NORM = torch.library.Library("aten", "IMPL")
-for _backend in ("SparseCPU", "SparseCUDA"):
-    _SPARSE_NORM.impl("linalg_vector_norm", _sparse_vector_norm, _backend)
+def _torch_has_sparse_vector_norm() -> bool:
+    try:
+        torch.linalg.vector_norm(torch.sparse_coo_tensor(torch.zeros(1, 1, dtype=torch.long), torch.ones(1), (1,), check_invariants=True))
+    except NotImplementedError:
+        return False
+    return True
+
+
+# Registered once per process, for the sparse backends only, and only while torch has no kernel of its own
+# (registering over one would replace it).
+if not _torch_has_sparse_vector_norm():
+    _SPARSE_NORM = torch.library.Library("aten", "IMPL")
+    for _backend in ("SparseCPU", "SparseCUDA"):
+        _SPARSE_NORM.impl("linalg_vector_norm", _sparse_vector_norm, _backend)
 
 
 def touched_rows(param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,14 +32,15 @@ def test_trainable_weights_of_sparse_memory_fine_tuning_count_only_the_chosen_ro
 
     from conftest import tiny_config
     from modeling_memory import MemoryLlamaForCausalLM
+    from modeling_memory.training.peft_modes import trainable_parameter_counts
     from modeling_memory.training.sparse_memory_finetuning import prepare_sparse_memory_finetuning
 
     model = MemoryLlamaForCausalLM(tiny_config(chapter_layers=[], engram_layers=[], pkm_layers=[1], pkm_num_keys=6,
                                                pkm_top_k=3, pkm_heads=2, pkm_key_dim=8))
     everything = sum(p.numel() for p in model.parameters())
-    assert demo._trainable(model) == everything
+    assert trainable_parameter_counts(model)["total"] == everything
     prepare_sparse_memory_finetuning(model, {"model.pkm_values.weight": torch.tensor([0, 5, 7])})
-    assert demo._trainable(model) == 3 * model.model.pkm_values.weight.shape[1]
+    assert trainable_parameter_counts(model)["total"] == 3 * model.model.pkm_values.weight.shape[1]
 
 
 def _rows(sparse_recall, lora_recall, sparse_perplexity, kept):
