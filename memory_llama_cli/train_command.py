@@ -161,14 +161,11 @@ def _load_config(path: str):
 
 def _load_tokenizer(path: str, fallback: str | None = None):
     """The tokenizer saved in `path`, else in `fallback` (an adapter folder's base), with a padding token."""
-    from transformers import AutoTokenizer
+    from modeling_memory.tools.loading import load_tokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as error:
-        if fallback is not None:
-            return _load_tokenizer(fallback)
-        raise ToolError(f"No tokenizer in {path} ({error}); save the tokenizer next to the model (tokenizer.save_pretrained).")
+    tokenizer = load_tokenizer(path, *([fallback] if fallback else []))
+    if tokenizer is None:
+        raise ToolError(f"No tokenizer in {path}; save the tokenizer next to the model (tokenizer.save_pretrained).")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
