@@ -23,15 +23,17 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from .configuration_memory_llama import MemoryLlamaConfig
 from .ops_chapter_attention import chapter_attention, chapter_attention_folded, chapter_attention_runs_kernels
 from .ops_table_rows import gather_rows
+from .table_placement import MemoryTable, RowFetch, fetched_rows
 
 
-class MemoryLlamaChapterBank(nn.Embedding):
+class MemoryLlamaChapterBank(MemoryTable, nn.Embedding):
     """The learnt memory tokens: (num_chapters * chapter_size, hidden_size), shared chapters first.
 
     Owned by the model and read by every chapter layer (`chapter_share_bank`), or owned by one chapter memory.
     A table read by rows in training (the rows of the chapters a batch reads), hence an `nn.Embedding` whose
     `sparse` flag says whether its gradient is sparse (the default) or dense: DDP all-reduces sparse gradients
-    only for embedding modules that say so. Its weight is initialised by the model's `_init_weights`.
+    only for embedding modules that say so. Placed on the device, in host RAM or on disk (`table_placement.py`).
+    Its weight is initialised by the model's `_init_weights`.
     """
 
     def __init__(self, config: MemoryLlamaConfig):
@@ -76,7 +78,8 @@ class MemoryLlamaChapterMemory(nn.Module):
 
     def _project(self, rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(chapters * T, d) bank rows -> keys and values, each (chapters, T, H, D)."""
-        normed = self.bank_norm(rows.to(dtype))  # a bank may be kept in higher precision than the layer
+        # A bank may be kept in higher precision than the layer, or off the device.
+        normed = self.bank_norm(rows.to(device=self.bank_norm.weight.device, dtype=dtype))
         shape = (-1, self.chapter_size, self.num_heads, self.head_dim)
         return self.memory_key(normed).view(shape), self.memory_value(normed).view(shape)
 
@@ -110,6 +113,8 @@ class MemoryLlamaChapterMemory(nn.Module):
         read, local_ids = torch.unique(chapter_ids, return_inverse=True)
         offsets = torch.arange(self.chapter_size, device=read.device)
         row_ids = (read.unsqueeze(1) * self.chapter_size + offsets).flatten()
+        if bank.is_offloaded:
+            return fetched_rows(bank.weight, RowFetch(bank.weight, row_ids, background=False), bank.sparse), local_ids
         return gather_rows(bank.weight, row_ids, sparse_grad=bank.sparse), local_ids
 
     def folding_is_cheaper(self, num_tokens: int, reads_per_token: int, num_read: int) -> bool:
@@ -178,7 +183,7 @@ class MemoryLlamaChapterMemory(nn.Module):
         router_logits, routed_chapters, chapter_ids, chapter_weights = self.route(flat)
         bank_table = self.bank if self.bank is not None else shared_bank
         bank = bank_table.weight
-        if bank.device != hidden_states.device:
+        if not bank_table.is_offloaded and bank.device != hidden_states.device:
             raise ValueError(
                 f"The chapter bank is on {bank.device} but the hidden states are on {hidden_states.device}: "
                 "move the whole model with `model.to(device)`."

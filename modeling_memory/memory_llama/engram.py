@@ -17,6 +17,7 @@ Besides the update, the layer returns its gate and the rows it read, which the m
 import functools
 import itertools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from .configuration_memory_llama import MemoryLlamaConfig
 from .ops_engram import EngramHashing, engram_history_lengths, engram_lookup, engram_row_ids
+from .table_placement import MemoryTable, RowFetch, fetched_rows
 
 
 def _is_prime(n: int) -> bool:
@@ -85,6 +87,25 @@ def engram_hash_multipliers(config: MemoryLlamaConfig, layer_idx: int) -> torch.
 BOUNDARY_ID = -1
 
 
+class MemoryLlamaEngramTable(MemoryTable, nn.Embedding):
+    """The rows of every head of one Engram layer: an `nn.Embedding` whose `sparse` flag says whether its gradient
+    is sparse (the default), placed on the device, in host RAM or on disk (`table_placement.py`)."""
+
+
+@dataclass
+class EngramRead:
+    """What one forward of an Engram layer reads, prepared before the layer runs when its table is off the device
+    (the rows depend on the token ids only, so the model fetches them at forward entry while earlier layers run).
+
+    token_ids (B, L + S) and history_lengths (B, S) as `ngram_context` returns them; for a table off the device,
+    also row_ids (B, S, H) and the `RowFetch` bringing their distinct rows to the compute device."""
+
+    token_ids: torch.Tensor
+    history_lengths: torch.Tensor
+    row_ids: torch.Tensor | None = None
+    fetch: RowFetch | None = None
+
+
 class MemoryLlamaEngram(nn.Module):
     """Engram of one decoder layer (see the module docstring): its table, hash buffers, gate and short
     convolution. The canonical-id map is the model's (one for all Engram layers), passed to `forward`."""
@@ -103,7 +124,7 @@ class MemoryLlamaEngram(nn.Module):
         primes = engram_table_primes(config, layer_idx)
         offsets = [0, *itertools.accumulate(primes)][:-1]
         # Sparse row gradients (DDP all-reduces them as such because this is an nn.Embedding with sparse=True).
-        self.table = nn.Embedding(sum(primes), config.engram_head_dim, sparse=True)
+        self.table = MemoryLlamaEngramTable(sum(primes), config.engram_head_dim, sparse=True)
         self.register_buffer("table_primes", torch.tensor(primes, dtype=torch.int64))
         self.register_buffer("table_offsets", torch.tensor(offsets, dtype=torch.int64))
         self.register_buffer("hash_multipliers", engram_hash_multipliers(config, layer_idx))
@@ -157,15 +178,48 @@ class MemoryLlamaEngram(nn.Module):
             self.pad_id,
         )
 
+    @property
+    def table_is_offloaded(self) -> bool:
+        return isinstance(self.table, MemoryTable) and self.table.is_offloaded
+
+    def prepare_read(
+        self,
+        input_ids: torch.Tensor,
+        boundaries: torch.Tensor,
+        canonical_map: torch.Tensor,
+        cache: Cache | None,
+        background: bool = False,
+    ) -> EngramRead:
+        """The n-gram context of the new tokens (updating the cache's window) and, for a table off the device, the
+        fetch of the rows they read, on a background thread with `background`."""
+        token_ids, history_lengths = self.ngram_context(input_ids, boundaries, cache)
+        if not self.table_is_offloaded:
+            return EngramRead(token_ids, history_lengths)
+        row_ids = engram_row_ids(token_ids, history_lengths, self.hashing(canonical_map))
+        return EngramRead(token_ids, history_lengths, row_ids, RowFetch(self.table.weight, row_ids, background))
+
     def lookup(
-        self, token_ids: torch.Tensor, history_lengths: torch.Tensor, canonical_map: torch.Tensor, return_row_ids: bool = False
+        self,
+        token_ids: torch.Tensor,
+        history_lengths: torch.Tensor,
+        canonical_map: torch.Tensor,
+        return_row_ids: bool = False,
+        read: EngramRead | None = None,
     ):
         """(B, S, engram_dim) concatenated head embeddings (and, with `return_row_ids`, the (B, S, H) rows read).
 
-        A plain table goes to the op (the fused kernel where it can run), which reads its weight; a table
-        wrapped by an adapter is called as a module on the row ids, so that its delta is applied."""
+        A table off the device gives the rows its `read` fetched; a plain table goes to the op (the fused kernel
+        where it can run), which reads its weight; a table wrapped by an adapter is called as a module on the row
+        ids, so that its delta is applied."""
+        if read is None and self.table_is_offloaded:
+            row_ids = engram_row_ids(token_ids, history_lengths, self.hashing(canonical_map))
+            read = EngramRead(token_ids, history_lengths, row_ids, RowFetch(self.table.weight, row_ids, False))
+        if read is not None and read.fetch is not None:
+            rows = fetched_rows(self.table.weight, read.fetch, self.table.sparse)
+            embeddings = F.embedding(read.fetch.inverse, rows).flatten(-2)
+            return (embeddings, read.row_ids) if return_row_ids else embeddings
         hashing = self.hashing(canonical_map)
-        if type(self.table) is nn.Embedding:
+        if isinstance(self.table, nn.Embedding) and type(self.table).forward is nn.Embedding.forward:
             return engram_lookup(token_ids, history_lengths, hashing, self.table.weight, self.table.sparse, return_row_ids)
         rows = engram_row_ids(token_ids, history_lengths, hashing)
         embeddings = self.table(rows).flatten(-2)
@@ -199,6 +253,7 @@ class MemoryLlamaEngram(nn.Module):
         canonical_map: torch.Tensor,
         cache: Cache | None = None,
         return_row_ids: bool = False,
+        read: EngramRead | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """
         Args:
@@ -209,19 +264,21 @@ class MemoryLlamaEngram(nn.Module):
             canonical_map: (V,) raw id -> canonical id.
             cache: transformers' cache whose layer `layer_idx` keeps conv states ("hybrid" layer), or None.
             return_row_ids: also return the rows read (the fused kernel writes them only when asked or training).
+            read: this forward's `prepare_read`, when the model prepared it ahead (a table off the device).
         Returns:
             (B, S, d) the residual update; (B * S,) fp32 the gate alpha of each token; (B * S, H) int64 the table
             rows each token read, or None unless `return_row_ids` (recorded by the model as `engram_gates` /
             `engram_row_ids`).
         """
-        if self.table.weight.device != hidden_states.device:
+        if not self.table_is_offloaded and self.table.weight.device != hidden_states.device:
             raise ValueError(
                 f"The Engram table of layer {self.layer_idx} is on {self.table.weight.device} but the hidden states "
                 f"are on {hidden_states.device}: move the whole model with `model.to(device)`."
             )
-        token_ids, history_lengths = self.ngram_context(input_ids, boundaries, cache)
+        if read is None:
+            read = self.prepare_read(input_ids, boundaries, canonical_map, cache)
         # A table may be kept in higher precision than the layer; the gate runs in fp32 either way.
-        looked_up = self.lookup(token_ids, history_lengths, canonical_map, return_row_ids)
+        looked_up = self.lookup(read.token_ids, read.history_lengths, canonical_map, return_row_ids, read)
         embeddings, row_ids = looked_up if return_row_ids else (looked_up, None)
         embeddings = embeddings.to(hidden_states.dtype)
         alpha = self.gate(hidden_states, self.engram_key(embeddings))

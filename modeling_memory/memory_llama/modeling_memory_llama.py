@@ -13,9 +13,12 @@ zero values), so a model grafted from a Llama computes exactly what the Llama co
 changes it.
 """
 
+import json
+import os
 from dataclasses import dataclass
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin
@@ -37,8 +40,14 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .chapter_memory import MemoryLlamaChapterBank, MemoryLlamaChapterMemory, MemoryLlamaChapterOutput, router_losses
 from .configuration_memory_llama import MemoryLlamaConfig
-from .engram import MemoryLlamaEngram, engram_hash_multipliers, engram_table_primes
+from .engram import EngramRead, MemoryLlamaEngram, engram_hash_multipliers, engram_table_primes
 from .product_key_memory import MemoryLlamaProductKeyMemory, MemoryLlamaProductKeyValues
+from .table_placement import (
+    MemoryTable,
+    check_placement,
+    place_table,
+    write_safetensors_streaming,
+)
 
 
 _RECORDED_MEMORY_DOC = r"""
@@ -97,6 +106,8 @@ class MemoryLlamaLayerInputs:
     pkm_values: MemoryLlamaProductKeyValues | None
     # Whether the Engram layers must hand out the rows they read (the fused kernel writes them only then).
     output_engram_row_ids: bool = False
+    # Per Engram layer whose table is off the device: its read, prepared (and its rows fetched) at forward entry.
+    engram_reads: dict[int, EngramRead] | None = None
 
 
 class MemoryLlamaDecoderLayer(LlamaDecoderLayer):
@@ -134,6 +145,7 @@ class MemoryLlamaDecoderLayer(LlamaDecoderLayer):
                 memory_inputs.canonical_map,
                 cache,
                 return_row_ids=memory_inputs.output_engram_row_ids,
+                read=(memory_inputs.engram_reads or {}).get(self.layer_idx),
             )
             hidden_states = hidden_states + update
 
@@ -187,6 +199,74 @@ class MemoryLlamaPreTrainedModel(PreTrainedModel):
         "pkm_indices": OutputRecorder(MemoryLlamaProductKeyMemory, index=1),
     }
 
+    # Where the memory tables live is a run-time choice (`table_placement.py`), never part of the config.
+    def memory_tables(self) -> dict[str, MemoryTable]:
+        """Every memory table (Engram tables, chapter banks, product-key values), by its weight's state-dict key,
+        each shared table once."""
+        tables, seen = {}, set()
+        for name, module in self.named_modules():
+            if isinstance(module, MemoryTable) and id(module) not in seen:
+                seen.add(id(module))
+                tables[f"{name}.weight" if name else "weight"] = module
+        return tables
+
+    @property
+    def memory_placement(self) -> str:
+        """Where the memory tables live: "device", "host" or "disk" (see `set_memory_placement`)."""
+        placements = {module.memory_placement for module in self.memory_tables().values()}
+        return placements.pop() if len(placements) == 1 else "device"
+
+    def set_memory_placement(self, placement: str, offload_dir: str | None = None):
+        """Move every memory table to `placement`, one of `MEMORY_PLACEMENTS`:
+
+        - "device": beside the rest of the model;
+        - "host": in RAM (pinned at its exact size on a CUDA machine), rows fetched to the device as they are read;
+        - "disk": a working copy in `offload_dir`, mapped shared, so the page cache holds the hot rows and training
+          writes rows back to the file; the table may be larger than the machine's RAM.
+
+        Checked before any work (a writable folder with room for every table; RAM for "host"). Moving the model
+        afterwards (`.to()`, `.cuda()`, `.half()`) leaves host and disk tables where they are. Returns the model.
+        """
+        tables = self.memory_tables()
+        check_placement(placement, offload_dir, tables)
+        compute_device = self.get_input_embeddings().weight.device
+        for name, module in tables.items():
+            place_table(module, name, placement, compute_device, offload_dir, self._table_initialiser(module))
+        return self
+
+    def _table_initialiser(self, module: MemoryTable):
+        """How `_init_weights` fills this table, for a table created off the device a block of rows at a time."""
+        std = self.config.initializer_range
+        if isinstance(module, MemoryLlamaProductKeyValues):
+            return torch.nn.init.zeros_
+        return lambda rows: torch.nn.init.normal_(rows, mean=0.0, std=std)
+
+    @classmethod
+    def from_pretrained(cls, *args, memory_placement: str | None = None, memory_offload_dir: str | None = None, **kwargs):
+        """`PreTrainedModel.from_pretrained`; with `memory_placement` ("device", "host" or "disk", with
+        `memory_offload_dir` for "disk") the memory tables are then placed as `set_memory_placement` says. The
+        loader maps the checkpoint's files, so a table goes to its working copy through the page cache, never whole
+        in RAM."""
+        if memory_placement is not None:
+            check_placement(memory_placement, memory_offload_dir, {})  # the name and the folder, before loading
+        model = super().from_pretrained(*args, **kwargs)
+        if memory_placement not in (None, "device"):
+            model.set_memory_placement(memory_placement, memory_offload_dir)
+        return model
+
+    def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
+        """`PreTrainedModel.save_pretrained`, with each table that lives off the device streamed into a file of its
+        own (`memory-<key>.safetensors`, listed in the checkpoint's index) a block of rows at a time, never copied
+        whole into RAM. The checkpoint loads with plain `from_pretrained`."""
+        offloaded = [key for key, module in self.memory_tables().items() if module.is_offloaded]
+        if not offloaded:
+            return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        state_dict = dict(state_dict if state_dict is not None else self.state_dict())
+        tables = {key: state_dict.pop(key) for key in offloaded if key in state_dict}
+        super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        if kwargs.get("is_main_process", True):
+            _add_tables_to_checkpoint(save_directory, tables)
+
     @torch.no_grad()
     def _init_weights(self, module):
         """Initialise every parameter and buffer the memory adds (runs after the children's defaults, and only
@@ -234,6 +314,33 @@ class MemoryLlamaPreTrainedModel(PreTrainedModel):
             init.copy_(module.engram_canonical_map, torch.arange(self.config.vocab_size, dtype=torch.int64))
 
 
+def _add_tables_to_checkpoint(save_directory: str, tables: dict[str, torch.Tensor]) -> None:
+    """Stream `tables` into files of their own beside a checkpoint `save_pretrained` just wrote, and list them in its
+    safetensors index (written now if the checkpoint was one file: that file is renamed into a shard)."""
+    index_path = os.path.join(save_directory, "model.safetensors.index.json")
+    single = os.path.join(save_directory, "model.safetensors")
+    if os.path.exists(single):
+        shard = "model-00001-of-00001.safetensors"
+        with safe_open(single, "pt") as file:
+            weight_map = dict.fromkeys(file.keys(), shard)
+        index = {"metadata": {"total_size": os.path.getsize(single)}, "weight_map": weight_map}
+    else:
+        with open(index_path) as file:
+            index = json.load(file)
+    for key, table in tables.items():
+        file_name = f"memory-{key.removesuffix('.weight')}.safetensors"
+        write_safetensors_streaming(os.path.join(save_directory, file_name), {key: table}, metadata={"format": "pt"})
+        index["weight_map"][key] = file_name
+        index["metadata"]["total_size"] = index["metadata"].get("total_size", 0) + table.numel() * table.element_size()
+    index["weight_map"] = dict(sorted(index["weight_map"].items()))
+    partial = f"{index_path}.partial"
+    with open(partial, "w") as file:
+        json.dump(index, file, indent=2)
+    if os.path.exists(single):
+        os.replace(single, os.path.join(save_directory, "model-00001-of-00001.safetensors"))
+    os.replace(partial, index_path)
+
+
 class MemoryLlamaModel(MemoryLlamaPreTrainedModel):
     def __init__(self, config: MemoryLlamaConfig):
         super().__init__(config)
@@ -267,6 +374,21 @@ class MemoryLlamaModel(MemoryLlamaPreTrainedModel):
         for eos in self._eos_token_ids:
             boundaries = boundaries | (input_ids == eos)
         return boundaries
+
+    def prefetch_engram_rows(self, input_ids, boundaries, cache) -> dict[int, EngramRead] | None:
+        """For every Engram layer whose table is off the device: its n-gram context (the cache's window updated
+        now rather than in the layer) and its rows, fetched on a background thread while the layers before it run.
+        Engram's rows depend on the token ids only, so they are known here; None when every table is on the
+        device."""
+        layers = [layer for layer in self.layers if layer.engram is not None and layer.engram.table_is_offloaded]
+        if not layers:
+            return None
+        return {
+            layer.layer_idx: layer.engram.prepare_read(
+                input_ids, boundaries, self.engram_canonical_map, cache, background=True
+            )
+            for layer in layers
+        }
 
     def _check_inputs(self, input_ids, inputs_embeds, cache) -> None:
         """Clear errors for inputs that would otherwise fail deep inside a gather or kernel, or silently
@@ -396,6 +518,7 @@ class MemoryLlamaModel(MemoryLlamaPreTrainedModel):
             pkm_values=self.pkm_values,
             # Read as the output recorder reads it: the keyword, else the config.
             output_engram_row_ids=bool(kwargs.get("output_engram_row_ids", getattr(self.config, "output_engram_row_ids", False))),
+            engram_reads=self.prefetch_engram_rows(input_ids, boundaries, cache),
         )
 
         hidden_states = inputs_embeds

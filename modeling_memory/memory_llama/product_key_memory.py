@@ -26,11 +26,13 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from .configuration_memory_llama import MemoryLlamaConfig
 from .ops_product_keys import product_key_bag, product_key_topk
+from .table_placement import MemoryTable, RowFetch, fetched_rows
 
 
-class MemoryLlamaProductKeyValues(nn.Module):
+class MemoryLlamaProductKeyValues(MemoryTable, nn.Module):
     """The values table, (pkm_num_keys**2, value_dim): owned by one product-key memory, or by the model and
-    read by all of them (`pkm_share_values`). Initialised (to zero) by the model's `_init_weights`."""
+    read by all of them (`pkm_share_values`); placed on the device, in host RAM or on disk (`table_placement.py`).
+    Initialised (to zero) by the model's `_init_weights`."""
 
     def __init__(self, config: MemoryLlamaConfig):
         super().__init__()
@@ -87,8 +89,9 @@ class MemoryLlamaProductKeyMemory(nn.Module):
             (B, S, d) the residual update, in the dtype of `hidden_states`; (B * S, H, k) int64 the slots each
             token read (recorded by the model as `pkm_indices`).
         """
-        values = (self.pkm_values if self.pkm_values is not None else shared_values).weight
-        if values.device != hidden_states.device:
+        values_table = self.pkm_values if self.pkm_values is not None else shared_values
+        values = values_table.weight
+        if not values_table.is_offloaded and values.device != hidden_states.device:
             raise ValueError(
                 f"The product-key values table is on {values.device} but the hidden states are on "
                 f"{hidden_states.device}: move the whole model with `model.to(device)`."
@@ -98,6 +101,11 @@ class MemoryLlamaProductKeyMemory(nn.Module):
         indices, weights = self.address(flat)
         # All heads of a token in one bag: their reads are summed anyway. The table may be kept in higher
         # precision than the layer; the gate runs in fp32 either way.
-        bag = product_key_bag(values, indices.flatten(1), weights.flatten(1))
+        slots = indices.flatten(1)
+        if values_table.is_offloaded:
+            # The distinct slots read, brought to the compute device; the bag reads them by position.
+            fetch = RowFetch(values, slots, background=False)
+            values, slots = fetched_rows(values, fetch), fetch.inverse
+        bag = product_key_bag(values, slots, weights.flatten(1))
         gated = (bag.float() * F.silu(self.pkm_gate(flat).float())).to(hidden_states.dtype)
         return self.pkm_output(gated).view(batch, seq_len, hidden), indices
