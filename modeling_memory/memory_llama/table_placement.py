@@ -177,6 +177,13 @@ def table_bytes(weight: torch.Tensor) -> int:
     return weight.numel() * weight.element_size()
 
 
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"
+
+
 def available_ram_bytes() -> int | None:
     """MemAvailable of /proc/meminfo (None where there is none)."""
     try:
@@ -206,7 +213,7 @@ def check_placement(placement: str, offload_dir: str | None, tables: dict[str, M
         if offload_dir is None:
             raise ValueError(
                 "memory_placement='disk' needs memory_offload_dir: a folder on a local disk with room for the tables' "
-                f"working copies ({needed / 2**30:.2f} GiB)."
+                f"working copies ({_size(needed)})."
             )
         folder = pathlib.Path(os.path.abspath(offload_dir))
         if folder.exists() and not folder.is_dir():
@@ -223,15 +230,15 @@ def check_placement(placement: str, offload_dir: str | None, tables: dict[str, M
         free = shutil.disk_usage(existing).free + reusable
         if needed > free:
             raise ValueError(
-                f"The tables need {needed / 2**30:.2f} GiB in memory_offload_dir {offload_dir!r} but its disk has "
-                f"{free / 2**30:.2f} GiB free: free space or choose a folder on a larger disk."
+                f"The tables need {_size(needed)} in memory_offload_dir {offload_dir!r} but its disk has "
+                f"{_size(free)} free: free space or choose a folder on a larger disk."
             )
     if placement == "host":
         to_load = sum(table_bytes(module.weight) for module in tables.values() if not _in_ram(module))
         available = available_ram_bytes()
         if available is not None and to_load > available:
             raise ValueError(
-                f"The tables need {to_load / 2**30:.2f} GiB more RAM but {available / 2**30:.2f} GiB is available: "
+                f"The tables need {_size(to_load)} more RAM but {_size(available)} is available: "
                 "use memory_placement='disk' with a memory_offload_dir."
             )
 
@@ -240,7 +247,7 @@ def _pin_in_place(tensor: torch.Tensor) -> None:
     """Page-lock a host tensor at its exact size, so that copies to the GPU can run asynchronously."""
     result = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), table_bytes(tensor), 0)
     if int(result) != 0:
-        raise RuntimeError(f"cudaHostRegister failed ({result}) for a {table_bytes(tensor) / 2**30:.2f} GiB table.")
+        raise RuntimeError(f"cudaHostRegister failed ({result}) for a {_size(table_bytes(tensor))} table.")
 
 
 def _unpin(tensor: torch.Tensor) -> None:
@@ -286,8 +293,11 @@ def place_table(
                 new[rows].copy_(source[rows])
         if placement == "host" and compute_device.type == "cuda":
             _pin_in_place(new)
-    with torch.no_grad():
-        weight.data = new
+    if source.is_meta:  # a meta tensor cannot take data: the table gets its first Parameter
+        module.weight = torch.nn.Parameter(new, requires_grad=weight.requires_grad)
+    else:
+        with torch.no_grad():
+            weight.data = new
     if was_pinned:
         _unpin(source)
     module._pinned = placement == "host" and compute_device.type == "cuda"
