@@ -83,3 +83,20 @@ def tiny_training_args(tmp_path, **overrides) -> MemoryTrainingArguments:
     )
     fields.update(overrides)
     return MemoryTrainingArguments(**fields)
+
+
+def train_with_placement(output_dir, offload_dir, max_steps: int, resume=None, table_optimizer: str = "adam"):
+    """`MemoryTrainer` on a tiny model whose tables live on disk in `offload_dir`, checkpointing every 2 steps;
+    deterministic, so that a run resumed from a checkpoint can be compared with one that never stopped."""
+    from modeling_memory.training.trainer import MemoryTrainer
+
+    torch.manual_seed(0)
+    config = tiny_config(vocab_size=97, pkm_layers=[1], pkm_num_keys=8, pkm_top_k=4, pkm_heads=2, pkm_key_dim=16)
+    model = MemoryLlamaForCausalLM(config).set_memory_placement("disk", os.fspath(offload_dir))
+    args = tiny_training_args(
+        output_dir, max_steps=max_steps, per_device_train_batch_size=4, save_strategy="steps", save_steps=2,
+        table_optimizer=table_optimizer, max_grad_norm=1.0,
+    )
+    trainer = MemoryTrainer(model=model, args=args, train_dataset=tiny_dataset(rows=32, length=12))
+    trainer.train(resume_from_checkpoint=resume)
+    return model
