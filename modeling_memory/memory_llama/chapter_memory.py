@@ -23,7 +23,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from .configuration_memory_llama import MemoryLlamaConfig
 from .ops_chapter_attention import chapter_attention, chapter_attention_folded, chapter_attention_runs_kernels
 from .ops_table_rows import gather_rows
-from .table_placement import MemoryTable, RowFetch, fetched_rows
+from .table_placement import MemoryTable, RowFetch, fetched_rows, new_table_device
 
 
 class MemoryLlamaChapterBank(MemoryTable, nn.Embedding):
@@ -38,7 +38,8 @@ class MemoryLlamaChapterBank(MemoryTable, nn.Embedding):
 
     def __init__(self, config: MemoryLlamaConfig):
         rows = config.chapter_num_chapters * config.chapter_size
-        super().__init__(rows, config.hidden_size, sparse=True, _weight=torch.empty(rows, config.hidden_size))
+        weight = torch.empty(rows, config.hidden_size, device=new_table_device())
+        super().__init__(rows, config.hidden_size, sparse=True, _weight=weight)
 
 
 class MemoryLlamaChapterOutput(nn.Linear):

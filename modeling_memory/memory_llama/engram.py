@@ -27,7 +27,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from .configuration_memory_llama import MemoryLlamaConfig
 from .ops_engram import EngramHashing, engram_history_lengths, engram_lookup, engram_row_ids
-from .table_placement import MemoryTable, RowFetch, fetched_rows
+from .table_placement import MemoryTable, RowFetch, fetched_rows, new_table_device
 
 
 def _is_prime(n: int) -> bool:
@@ -124,7 +124,7 @@ class MemoryLlamaEngram(nn.Module):
         primes = engram_table_primes(config, layer_idx)
         offsets = [0, *itertools.accumulate(primes)][:-1]
         # Sparse row gradients (DDP all-reduces them as such because this is an nn.Embedding with sparse=True).
-        self.table = MemoryLlamaEngramTable(sum(primes), config.engram_head_dim, sparse=True)
+        self.table = MemoryLlamaEngramTable(sum(primes), config.engram_head_dim, sparse=True, device=new_table_device())
         self.register_buffer("table_primes", torch.tensor(primes, dtype=torch.int64))
         self.register_buffer("table_offsets", torch.tensor(offsets, dtype=torch.int64))
         self.register_buffer("hash_multipliers", engram_hash_multipliers(config, layer_idx))

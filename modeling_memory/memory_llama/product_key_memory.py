@@ -26,7 +26,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from .configuration_memory_llama import MemoryLlamaConfig
 from .ops_product_keys import product_key_bag, product_key_topk
-from .table_placement import MemoryTable, RowFetch, fetched_rows
+from .table_placement import MemoryTable, RowFetch, fetched_rows, new_table_device
 
 
 class MemoryLlamaProductKeyValues(MemoryTable, nn.Module):
@@ -36,7 +36,9 @@ class MemoryLlamaProductKeyValues(MemoryTable, nn.Module):
 
     def __init__(self, config: MemoryLlamaConfig):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(config.pkm_num_slots, config.pkm_effective_value_dim))
+        self.weight = nn.Parameter(
+            torch.empty(config.pkm_num_slots, config.pkm_effective_value_dim, device=new_table_device())
+        )
 
 
 class MemoryLlamaProductKeyMemory(nn.Module):

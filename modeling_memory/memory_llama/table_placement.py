@@ -18,6 +18,8 @@ Shapes: U distinct rows read, D row width.
 """
 
 import concurrent.futures
+import contextlib
+import contextvars
 import functools
 import json
 import mmap
@@ -48,6 +50,31 @@ _SAFETENSORS_DTYPES = {
     torch.bfloat16: "BF16",
 }
 _TORCH_DTYPES = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
+
+
+_DEFERRED_TABLES = contextvars.ContextVar("deferred_memory_tables", default=False)
+
+
+@contextlib.contextmanager
+def deferred_memory_tables():
+    """Build models whose memory tables have no storage yet (they sit on the `meta` device), so that
+    `set_memory_placement` then creates each table straight in its placement, filled as `_init_weights` fills it:
+    a table larger than the machine's RAM never passes through RAM. Everything else is built as usual.
+
+        with deferred_memory_tables():
+            model = MemoryLlamaForCausalLM(config)
+        model.set_memory_placement("disk", "offload")
+    """
+    token = _DEFERRED_TABLES.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRED_TABLES.reset(token)
+
+
+def new_table_device() -> str | None:
+    """The device a table module allocates its weight on when built: `meta` inside `deferred_memory_tables`."""
+    return "meta" if _DEFERRED_TABLES.get() else None
 
 
 class MemoryTable:
@@ -433,6 +460,7 @@ def fetched_rows(table: torch.Tensor, fetch: RowFetch, sparse_grad: bool = True)
 
 __all__ = [
     "MEMORY_PLACEMENTS",
+    "deferred_memory_tables",
     "MemoryTable",
     "RowFetch",
     "check_placement",

@@ -9,6 +9,7 @@ and width), the dtype, and the loaded weights (only memory may be missing).
 Tooling, not run-time code: a checkpoint exported for the Hub does not carry this file.
 """
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -26,6 +27,7 @@ from modeling_memory.tools.errors import ToolError
 from modeling_memory.tools.loading import from_pretrained
 from modeling_memory.training.memory_parameters import memory_kinds
 from modeling_memory.memory_llama.modeling_memory_llama import MemoryLlamaForCausalLM
+from modeling_memory.memory_llama.table_placement import deferred_memory_tables
 
 # Families whose checkpoints transformers loads with the Llama layout and key names.
 LLAMA_COMPATIBLE_MODEL_TYPES = ("llama", "memory_llama", "mistral")
@@ -166,7 +168,16 @@ def resolve_dtype(dtype: str, stored=None) -> torch.dtype:
 # ---- the graft ----------------------------------------------------------------------------------
 
 
-def graft(base, config: MemoryLlamaConfig, *, tokenizer=None, dtype: torch.dtype | None = None, allow_pickle: bool = False):
+def graft(
+    base,
+    config: MemoryLlamaConfig,
+    *,
+    tokenizer=None,
+    dtype: torch.dtype | None = None,
+    allow_pickle: bool = False,
+    memory_placement: str = "device",
+    memory_offload_dir: str | None = None,
+):
     """The MemoryLlamaForCausalLM of `config` holding the base's weights, its memory computing zero.
 
     Args:
@@ -177,6 +188,8 @@ def graft(base, config: MemoryLlamaConfig, *, tokenizer=None, dtype: torch.dtype
         tokenizer: builds Engram's canonical-id map (the identity without one).
         dtype: of the result; default the base model's own (for a folder: "auto", its stored dtype).
         allow_pickle: for a folder, accept pickle-only weights.
+        memory_placement, memory_offload_dir: where the memory tables live (`set_memory_placement`). Grafted onto a
+            loaded base, a table off the device is created straight in its placement, so it may be larger than RAM.
     Raises:
         GraftError: the base's weights do not have the Llama layout (only memory keys may be missing).
     """
@@ -187,7 +200,7 @@ def graft(base, config: MemoryLlamaConfig, *, tokenizer=None, dtype: torch.dtype
         try:
             model, info = from_pretrained(
                 MemoryLlamaForCausalLM, base, allow_pickle=allow_pickle, config=config, dtype=dtype or "auto",
-                output_loading_info=True,
+                output_loading_info=True, memory_placement=memory_placement, memory_offload_dir=memory_offload_dir,
             )
         finally:
             hf_logging.set_verbosity(previous)
@@ -195,7 +208,12 @@ def graft(base, config: MemoryLlamaConfig, *, tokenizer=None, dtype: torch.dtype
     else:
         parameter = next(base.parameters())
         config._attn_implementation = base.config._attn_implementation  # same attention kernels, same numbers
-        model = MemoryLlamaForCausalLM(config).to(device=parameter.device, dtype=dtype or parameter.dtype)
+        off_device = memory_placement != "device"
+        with deferred_memory_tables() if off_device else contextlib.nullcontext():
+            model = MemoryLlamaForCausalLM(config)
+        if off_device:
+            model.set_memory_placement(memory_placement, memory_offload_dir)
+        model = model.to(device=parameter.device, dtype=dtype or parameter.dtype)
         missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
         mismatched = []
         model.generation_config = base.generation_config
@@ -214,7 +232,15 @@ def graft(base, config: MemoryLlamaConfig, *, tokenizer=None, dtype: torch.dtype
     return model
 
 
-def from_llama(llama_model_or_path, tokenizer=None, *, allow_pickle: bool = False, **memory_fields) -> MemoryLlamaForCausalLM:
+def from_llama(
+    llama_model_or_path,
+    tokenizer=None,
+    *,
+    allow_pickle: bool = False,
+    memory_placement: str = "device",
+    memory_offload_dir: str | None = None,
+    **memory_fields,
+) -> MemoryLlamaForCausalLM:
     """Graft memory onto a Llama-family causal LM: a loaded model, a checkpoint folder, a Hub id or a `.gguf`
     file (dequantised by transformers; needs `gguf`).
 
@@ -222,7 +248,8 @@ def from_llama(llama_model_or_path, tokenizer=None, *, allow_pickle: bool = Fals
     With a `tokenizer`, Engram's canonical-id map is built from it (otherwise the identity).
     `memory_fields` are MemoryLlamaConfig memory fields, e.g. `engram_layers=[1], chapter_layers=[3]`;
     `memory_preset(config, "both")` gives fields sized for the base. A folder's weights load from safetensors
-    only, unless `allow_pickle=True`.
+    only, unless `allow_pickle=True`. `memory_placement` / `memory_offload_dir` say where the tables live (see
+    `graft`).
 
         model = modeling_memory.from_llama("path/to/llama", tokenizer=tokenizer, engram_layers=[2], chapter_layers=[10])
     """
@@ -230,12 +257,12 @@ def from_llama(llama_model_or_path, tokenizer=None, *, allow_pickle: bool = Fals
     if isinstance(base, (str, os.PathLike)) and str(base).lower().endswith(".gguf"):
         gguf = Path(base).expanduser().resolve()
         base = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    placement = dict(memory_placement=memory_placement, memory_offload_dir=memory_offload_dir)
     if isinstance(base, (str, os.PathLike)):
-        base_config = AutoConfig.from_pretrained(base)
-        config = memory_config_from_llama(base_config, **memory_fields)
-        return graft(base, config, tokenizer=tokenizer, allow_pickle=allow_pickle)
+        config = memory_config_from_llama(AutoConfig.from_pretrained(base), **memory_fields)
+        return graft(base, config, tokenizer=tokenizer, allow_pickle=allow_pickle, **placement)
     config = memory_config_from_llama(base.config, **memory_fields)
-    return graft(base, config, tokenizer=tokenizer)
+    return graft(base, config, tokenizer=tokenizer, **placement)
 
 
 __all__ = [

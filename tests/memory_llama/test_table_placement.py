@@ -13,7 +13,11 @@ from safetensors import safe_open
 from conftest import PAD, random_ids, tiny_config, wake_memory
 from modeling_memory import MemoryLlamaForCausalLM
 from modeling_memory.memory_llama import table_placement
-from modeling_memory.memory_llama.table_placement import map_safetensors_shared, write_safetensors_streaming
+from modeling_memory.memory_llama.table_placement import (
+    deferred_memory_tables,
+    map_safetensors_shared,
+    write_safetensors_streaming,
+)
 from modeling_memory.training.table_optimizers import LazyAdam, RowWiseAdagrad
 
 OFF_DEVICE = ["host", "disk"]
@@ -223,14 +227,38 @@ def test_a_working_copy_of_the_wrong_size_or_dtype_is_refused(tmp_path):
         map_safetensors_shared(path, "table", (6, 4), torch.float32)
 
 
-def test_a_table_built_without_values_is_initialised_in_its_working_copy(tmp_path):
-    """A model built on the meta device gets its tables created straight on disk, filled as `_init_weights` fills
-    them (zero product-key values, normal Engram rows), a block at a time."""
+@pytest.mark.parametrize("placement", OFF_DEVICE)
+def test_deferred_tables_are_created_in_their_placement_and_initialised_there(placement, tmp_path):
+    """Built inside `deferred_memory_tables`, the tables have no storage until placed, and are then filled as
+    `_init_weights` fills them (zero product-key values, normal rows elsewhere), a block at a time."""
     config = every_table_config()
-    with torch.device("meta"):
+    with deferred_memory_tables():
         model = MemoryLlamaForCausalLM(config)
-    model.set_memory_placement("disk", str(tmp_path / "offload"))
+    assert all(module.weight.is_meta for module in model.memory_tables().values())
+    assert not model.model.embed_tokens.weight.is_meta
+    model.set_memory_placement(placement, str(tmp_path / "offload") if placement == "disk" else None)
     tables = model.memory_tables()
     assert torch.count_nonzero(tables["model.pkm_values.weight"].weight) == 0
-    engram = tables["model.layers.0.engram.table.weight"].weight
-    assert engram.device.type == "cpu" and abs(engram.std().item() - config.initializer_range) < 0.005
+    for name in ("model.layers.0.engram.table.weight", "model.chapter_bank.weight"):
+        rows = tables[name].weight
+        assert rows.device.type == "cpu" and abs(rows.std().item() - config.initializer_range) < 0.005
+    ids = random_ids(2, 8, torch.Generator().manual_seed(0))
+    assert torch.isfinite(model(ids).logits).all()
+
+
+def test_graft_onto_a_loaded_base_creates_tables_on_disk(tmp_path):
+    """A graft whose tables go to disk computes exactly what the base computes, like a graft in RAM."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from modeling_memory.tools.graft import from_llama
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+    fields = dict(engram_layers=[0], engram_table_size=101, engram_dim=16, pkm_layers=[1], pkm_num_keys=8,
+                  pkm_top_k=4, pkm_heads=2, pkm_key_dim=16)
+    model = from_llama(base, memory_placement="disk", memory_offload_dir=str(tmp_path / "offload"), **fields)
+    assert model.memory_placement == "disk" and len(os.listdir(tmp_path / "offload")) == 2
+    ids = random_ids(2, 8, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base(ids).logits)
