@@ -358,6 +358,14 @@ def _write_working_copy(path: str, name: str, source: torch.Tensor, initialise) 
 
 @functools.cache
 def _fetch_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """Runs whole fetches in the background (one per Engram layer and forward)."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="memory-fetch")
+
+
+@functools.cache
+def _gather_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """Runs the parts of one fetch; a pool of its own, so that a fetch waiting on its parts never holds the workers
+    those parts need."""
     return concurrent.futures.ThreadPoolExecutor(max_workers=FETCH_THREADS, thread_name_prefix="memory-rows")
 
 
@@ -369,7 +377,7 @@ def _gather(table: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> torch
         return torch.index_select(table, 0, rows, out=out)
     bounds = [count * i // parts for i in range(parts + 1)]
     jobs = [
-        _fetch_pool().submit(torch.index_select, table, 0, rows[lo:hi], out=out[lo:hi])
+        _gather_pool().submit(torch.index_select, table, 0, rows[lo:hi], out=out[lo:hi])
         for lo, hi in zip(bounds[:-1], bounds[1:])
     ]
     for job in jobs:
