@@ -5,7 +5,14 @@ Importing the package registers `memory_llama` with AutoConfig, AutoModel and Au
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .memory_llama import MemoryLlamaConfig, MemoryLlamaForCausalLM, MemoryLlamaModel, MemoryLlamaPreTrainedModel
+from .memory_llama import (
+    MEMORY_PLACEMENTS,
+    MemoryLlamaConfig,
+    MemoryLlamaForCausalLM,
+    MemoryLlamaModel,
+    MemoryLlamaPreTrainedModel,
+    deferred_memory_tables,
+)
 
 AutoConfig.register("memory_llama", MemoryLlamaConfig)
 AutoModel.register(MemoryLlamaConfig, MemoryLlamaModel)
@@ -40,8 +47,10 @@ def __getattr__(name):
 
 __all__ = [
     *_LAZY_EXPORTS,
+    "MEMORY_PLACEMENTS",
     "MemoryLlamaConfig",
     "MemoryLlamaForCausalLM",
     "MemoryLlamaModel",
     "MemoryLlamaPreTrainedModel",
+    "deferred_memory_tables",
 ]

@@ -4,5 +4,13 @@ triton, because this folder is exactly what a Hub export ships as remote code.""
 
 from .configuration_memory_llama import MemoryLlamaConfig
 from .modeling_memory_llama import MemoryLlamaForCausalLM, MemoryLlamaModel, MemoryLlamaPreTrainedModel
+from .table_placement import MEMORY_PLACEMENTS, deferred_memory_tables
 
-__all__ = ["MemoryLlamaConfig", "MemoryLlamaForCausalLM", "MemoryLlamaModel", "MemoryLlamaPreTrainedModel"]
+__all__ = [
+    "MEMORY_PLACEMENTS",
+    "MemoryLlamaConfig",
+    "MemoryLlamaForCausalLM",
+    "MemoryLlamaModel",
+    "MemoryLlamaPreTrainedModel",
+    "deferred_memory_tables",
+]
