@@ -72,4 +72,22 @@ def gather_rows(table: torch.Tensor, row_ids: torch.Tensor, sparse_grad: bool = 
     return _GatherRowsWithSparseGradient.apply(table, row_ids)
 
 
-__all__ = ["gather_rows", "sparse_row_gradient"]
+class _DenseGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, table: torch.Tensor) -> torch.Tensor:
+        return table.view_as(table)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to_dense() if grad.is_sparse else grad
+
+
+def dense_gradient(table: torch.Tensor) -> torch.Tensor:
+    """`table` itself, whose gradient reaches the table dense: for a read whose op always returns a sparse
+    gradient (the product-key bag), when the table was asked for dense gradients."""
+    if not (table.requires_grad and torch.is_grad_enabled()):
+        return table
+    return _DenseGradient.apply(table)
+
+
+__all__ = ["dense_gradient", "gather_rows", "sparse_row_gradient"]

@@ -26,6 +26,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from .configuration_memory_llama import MemoryLlamaConfig
 from .ops_product_keys import product_key_bag, product_key_topk
+from .ops_table_rows import dense_gradient
 from .table_placement import MemoryTable, RowFetch, fetched_rows, new_table_device
 
 
@@ -39,6 +40,8 @@ class MemoryLlamaProductKeyValues(MemoryTable, nn.Module):
         self.weight = nn.Parameter(
             torch.empty(config.pkm_num_slots, config.pkm_effective_value_dim, device=new_table_device())
         )
+        # Sparse row gradients, as `nn.Embedding(sparse=True)` gives; `set_sparse_table_gradients` turns them dense.
+        self.sparse = True
 
 
 class MemoryLlamaProductKeyMemory(nn.Module):
@@ -107,7 +110,9 @@ class MemoryLlamaProductKeyMemory(nn.Module):
         if values_table.is_offloaded:
             # The distinct slots read, brought to the compute device; the bag reads them by position.
             fetch = RowFetch(values, slots, background=False)
-            values, slots = fetched_rows(values, fetch), fetch.inverse
+            values, slots = fetched_rows(values, fetch, values_table.sparse), fetch.inverse
+        elif not values_table.sparse:
+            values = dense_gradient(values)
         bag = product_key_bag(values, slots, weights.flatten(1))
         gated = (bag.float() * F.silu(self.pkm_gate(flat).float())).to(hidden_states.dtype)
         return self.pkm_output(gated).view(batch, seq_len, hidden), indices

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from modeling_memory.memory_llama.table_placement import MemoryTable
 from modeling_memory.training.memory_health import MemoryHealth
 from modeling_memory.training.memory_parameters import CHAPTER_BANK, ENGRAM_TABLE, PKM_VALUES, TABLE_KINDS, memory_kinds, memory_parameters
 from modeling_memory.training.table_optimizers import CombinedOptimizer, LazyAdam, RowWiseAdagrad
@@ -173,11 +174,11 @@ def build_memory_optimizer(
 def set_sparse_table_gradients(model: nn.Module, enabled: bool) -> None:
     """Give every memory table of `model` sparse row gradients (the default) or dense ones (`enabled=False`,
     for optimizers and tools that take only dense gradients, such as a plain `Trainer`'s AdamW). Sets `sparse`
-    on each table's embedding module, which the layers reading the table follow (and which DDP reads when it
-    wraps the model: call this before)."""
+    on each table's module, which the layers reading the table follow (and which DDP reads when it wraps the
+    model: call this before)."""
     tables = {id(param) for param in memory_parameters(model, TABLE_KINDS)}
     for module in model.modules():
-        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag, MemoryTable)):
             if any(id(param) in tables for param in module.parameters(recurse=False)):
                 module.sparse = enabled
 

@@ -269,6 +269,32 @@ def test_health_logging_can_be_switched_off_and_plain_trainer_trains(tmp_path):
     assert all(math.isfinite(p.detach().abs().sum()) for p in model.parameters())
 
 
+@pytest.mark.parametrize("placement", ["device", "host", "disk"])
+def test_dense_table_gradients_reach_every_table_kind_in_every_placement(placement, tmp_path):
+    """`set_sparse_table_gradients(model, False)` gives Engram tables, chapter banks and product-key values dense
+    gradients wherever the tables live, equal to the sparse gradients of a device model densified, so that a plain
+    AdamW steps on them."""
+    config = tiny_config(pkm_layers=[1], pkm_num_keys=8, pkm_top_k=4, pkm_heads=2, pkm_key_dim=16)
+    torch.manual_seed(0)
+    sparse = train_steps(MemoryLlamaForCausalLM(config), steps=2)  # non-zero memory outputs: tables get gradients
+    dense = MemoryLlamaForCausalLM(config)
+    dense.load_state_dict(sparse.state_dict())
+    if placement != "device":
+        dense.set_memory_placement(placement, str(tmp_path) if placement == "disk" else None)
+    set_sparse_table_gradients(dense, False)
+    ids = random_ids(2, 10, torch.Generator().manual_seed(0))
+    for model in (sparse, dense):
+        model.train()
+        model(ids, labels=ids).loss.backward()
+    tables = dense.memory_tables()
+    assert set(tables) == {"model.layers.0.engram.table.weight", "model.chapter_bank.weight", "model.pkm_values.weight"}
+    for name in tables:
+        gradient = dense.get_parameter(name).grad
+        assert gradient.layout == torch.strided and gradient.abs().sum() > 0
+        torch.testing.assert_close(gradient, sparse.get_parameter(name).grad.to_dense())
+    torch.optim.AdamW(dense.parameters(), lr=1e-3).step()
+
+
 def test_eval_loss_is_the_language_model_loss(tmp_path):
     dataset = tiny_dataset(rows=4, masked_labels=False)
     torch.manual_seed(0)
