@@ -2,7 +2,7 @@
 with a table that fits in RAM, side by side in one run on the demo backbone (SmolLM2-135M, Engram preset: layers
 2 and 15, 2 orders x 8 heads).
 
-    python -m benchmarks.tables_beyond_memory                  # a table of 2.1x the machine's RAM (~20 min here)
+    python -m benchmarks.tables_beyond_memory                  # a table of 2.1x the machine's RAM (~10 min here)
     python -m benchmarks.tables_beyond_memory --table-gib 4    # a quicker look
 
 The disk table is grafted with `memory_placement="disk"`: it is created straight in its working copy (random rows,
