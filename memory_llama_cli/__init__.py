@@ -12,7 +12,7 @@ line and status 130, after it has removed what it was writing.
 
 import sys
 
-from memory_llama_cli.parser import build_parser, command_parser, refuse_unknown_options
+from memory_llama_cli.parser import build_parser, check_memory_placement, command_parser, refuse_unknown_options
 
 INTERRUPTED_STATUS = 130  # 128 + SIGINT, as shells report an interrupted program
 # Packages that only the extras install (pyproject.toml): a command that needs one says which install adds it.
@@ -56,6 +56,7 @@ def main(argv=None) -> int:
         args.command_line = argv[argv.index("train") + 1 :]
     elif unrecognized:
         parser.error(f"unrecognized arguments: {' '.join(unrecognized)}")
+    check_memory_placement(command[1], args)
     try:
         return run_command(args)
     except KeyboardInterrupt as interrupt:

@@ -116,12 +116,26 @@ def cmd_generate(args) -> int:
     if args.sample and not args.temperature > 0:
         raise ToolError("--temperature must be > 0 with --sample.")
     kind = checkpoint_kind(args.checkpoint)
+    if kind == "gguf" and args.memory_placement is not None:
+        raise ToolError(f"{args.checkpoint} is a GGUF file, which generates with its plain base model: it has no memory "
+                        "tables to place. Drop --memory-placement, or graft memory first (`memory-llama graft`).")
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from memory_llama_cli.train_command import placement_arguments
     from modeling_memory.tools.loading import from_pretrained, load_memory_llama
 
     location, gguf = _location(args.checkpoint, kind)
+    placement = {}
+    if args.memory_placement is not None:
+        try:
+            config = AutoConfig.from_pretrained(location)
+        except (OSError, ValueError, KeyError) as error:
+            raise _load_failure(args.checkpoint, kind, "config", error) from error
+        if config.model_type != "memory_llama":
+            raise ToolError(f"{args.checkpoint} is a plain {config.model_type!r} checkpoint without memory tables to "
+                            "place: drop --memory-placement, or graft memory first (`memory-llama graft`).")
+        placement = placement_arguments(args, config)
     if kind == "gguf":
         print(f"{args.checkpoint} is a GGUF file: generating with its plain base model (no memory).", file=sys.stderr)
     try:
@@ -133,9 +147,11 @@ def cmd_generate(args) -> int:
         raise ToolError(f"{_load_failure(args.checkpoint, kind, 'tokenizer', error)}{hint}") from error
     try:
         if kind == "adapter":
-            model = load_memory_llama(args.checkpoint, allow_pickle=args.allow_pickle, dtype=torch.float32)
+            model = load_memory_llama(args.checkpoint, allow_pickle=args.allow_pickle, dtype=torch.float32, **placement)
         else:
-            model = from_pretrained(AutoModelForCausalLM, location, allow_pickle=args.allow_pickle, dtype=torch.float32, **gguf)
+            model = from_pretrained(
+                AutoModelForCausalLM, location, allow_pickle=args.allow_pickle, dtype=torch.float32, **gguf, **placement
+            )
     except (OSError, ValueError, KeyError) as error:
         if isinstance(error, ToolError):
             raise

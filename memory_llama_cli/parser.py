@@ -5,7 +5,7 @@ and argument errors answer at once. Its modules depend in one direction: this on
 package; `memory_llama_cli` (main) imports it and, when a command runs, `commands`, which imports
 `train_command`, which imports this one.
 
-The names the library accepts (training modes, graft presets, the default shard size) live once, in
+The names the library accepts (training modes, graft presets, table placements, the default shard size) live once, in
 `modeling_memory/choices.py`, which the library imports. Importing it the ordinary way would first run
 `modeling_memory/__init__.py` (torch and transformers), so `library_choices` executes that file on its own:
 it holds constants only. The parser lists them in help and refuses anything else, as argparse does.
@@ -36,7 +36,7 @@ MEMORY_KINDS = "chapter memory, Engram and product-key memory"
 
 @functools.cache
 def library_choices() -> types.ModuleType:
-    """`modeling_memory/choices.py` (TRAINING_MODES, GRAFT_PRESETS, DEFAULT_MAX_SHARD_SIZE), executed on its own,
+    """`modeling_memory/choices.py` (TRAINING_MODES, GRAFT_PRESETS, MEMORY_PLACEMENTS, ...), executed on its own,
     without running `modeling_memory/__init__.py`: finding a top-level package's folder does not import it."""
     folder = importlib.util.find_spec("modeling_memory").submodule_search_locations[0]
     spec = importlib.util.spec_from_file_location("memory_llama_cli._library_choices", os.path.join(folder, "choices.py"))
@@ -137,6 +137,29 @@ def _add_overwrite(parser) -> None:
     add_option(parser, "--overwrite", action="store_true", help="replace a non-empty OUT")
 
 
+def _add_memory_placement(parser) -> None:
+    placements = library_choices().MEMORY_PLACEMENTS
+    add_option(
+        parser, "--memory-placement", choices=placements, metavar="PLACEMENT",
+        help=f"where the memory tables live: {_choices(placements)} (default device, beside the model); host: in RAM; "
+             "disk: a working copy in --memory-offload-dir, so tables may be larger than RAM (docs/placement.md)",
+    )
+    add_option(
+        parser, "--memory-offload-dir", metavar="DIR",
+        help="with --memory-placement disk: folder for the tables' working copies (scratch, not a checkpoint; it needs "
+             "room for every table)",
+    )
+
+
+def check_memory_placement(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit with status 2 when --memory-placement and --memory-offload-dir do not go together."""
+    placement, folder = getattr(args, "memory_placement", None), getattr(args, "memory_offload_dir", None)
+    if placement == "disk" and folder is None:
+        parser.error("--memory-placement disk needs --memory-offload-dir DIR, the folder for the tables' working copies.")
+    if folder is not None and placement != "disk":
+        parser.error("--memory-offload-dir is used only with --memory-placement disk: add that, or drop --memory-offload-dir.")
+
+
 def _choices(names) -> str:
     return ", ".join(names[:-1]) + f" or {names[-1]}"
 
@@ -165,6 +188,7 @@ def _add_generate(subparsers):
     add_option(parser, "--temperature", type=float, default=1.0)
     add_option(parser, "--num-beams", type=int, default=1)
     add_option(parser, "--seed", type=int, default=0)
+    _add_memory_placement(parser)
     _add_allow_pickle(parser)
 
 
@@ -296,6 +320,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--lora-r", type=int, default=16, help="LoRA rank (lora modes)")
     add_option(parser, "--lora-alpha", type=int, default=32, help="LoRA alpha (lora modes)")
     add_option(parser, "--lora-dropout", type=float, default=0.0, help="LoRA dropout (lora modes)")
+    _add_memory_placement(parser)
     _add_allow_pickle(parser)
     add_option(parser, "--overwrite", action="store_true", help="replace a non-empty --output_dir (the previous run in it is deleted)")
     add_option(parser, "--help-training", action=_PrintTrainingArgumentsHelp, help="list every TrainingArguments field and exit")
@@ -359,6 +384,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_option(parser, "--batch-size", type=int, default=8)
     add_option(parser, "--output-json", help="also write the results to this JSON file")
+    _add_memory_placement(parser)
     _add_allow_pickle(parser)
 
 
@@ -406,6 +432,7 @@ __all__ = [
     "both_spellings",
     "build_parser",
     "build_train_parser",
+    "check_memory_placement",
     "command_parser",
     "library_choices",
     "refuse_unknown_options",

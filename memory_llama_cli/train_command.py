@@ -66,6 +66,27 @@ def _training_arguments(args):
 # ---- shared checks and loading ------------------------------------------------------------------
 
 
+def placement_arguments(args, config, process_index: int = 0, num_processes: int = 1) -> dict:
+    """`from_pretrained`'s memory_placement / memory_offload_dir from --memory-placement / --memory-offload-dir
+    (nothing when the tables stay on the device), checked against the tables that `config` describes before any
+    weights load: an offload folder that is not writable or lacks room for them, or RAM too small for host tables,
+    is refused here. Each of several processes keeps its working copies in a subfolder of its own."""
+    if args.memory_placement in (None, "device"):
+        return {}
+    from modeling_memory.memory_llama.table_placement import check_placement
+    from modeling_memory.tools.summary import build_on_meta
+
+    folder = args.memory_offload_dir
+    if folder is not None and num_processes > 1:
+        folder = os.path.join(folder, f"process-{process_index}")
+    try:
+        check_placement(args.memory_placement, folder, build_on_meta(config).memory_tables())
+    except ValueError as error:
+        raise ToolError(f"--memory-placement {args.memory_placement}: {error}") from error
+    return {"memory_placement": args.memory_placement, "memory_offload_dir": folder}
+
+
+
 def _inside(path: str, folder: str) -> bool:
     """Whether `path` is `folder` or lies inside it (symbolic links resolved)."""
     path, folder = os.path.realpath(path), os.path.realpath(folder)
@@ -345,15 +366,20 @@ def run_train(args) -> int:
             "config; for FSDP use GPUs (fsdp_gpu config)."
         )
 
+    placement = placement_arguments(args, memory_config or config, training_args.process_index, training_args.world_size)
     tokenizer = _load_tokenizer(args.model, fallback=adapter_base(args.model))
     if len(tokenizer) > config.vocab_size:
         raise ToolError(f"The tokenizer has {len(tokenizer)} tokens but the model's vocabulary only {config.vocab_size}.")
     if from_adapter:  # the adapter merged into its base, trained further as a plain model
-        model = load_memory_llama(args.model, allow_pickle=args.allow_pickle, merge=True, dtype=torch.float32)
+        model = load_memory_llama(args.model, allow_pickle=args.allow_pickle, merge=True, dtype=torch.float32, **placement)
     elif memory_config is None:
-        model = from_pretrained(MemoryLlamaForCausalLM, args.model, allow_pickle=args.allow_pickle, dtype=torch.float32)
+        model = from_pretrained(
+            MemoryLlamaForCausalLM, args.model, allow_pickle=args.allow_pickle, dtype=torch.float32, **placement
+        )
     else:
-        model = graft(args.model, memory_config, tokenizer=tokenizer, dtype=torch.float32, allow_pickle=args.allow_pickle)
+        model = graft(
+            args.model, memory_config, tokenizer=tokenizer, dtype=torch.float32, allow_pickle=args.allow_pickle, **placement
+        )
     lora_config = recommended_lora_config(model, args.mode, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
     rows = _text_rows(args, tokenizer, args.text_column, training_args.main_process_first)
     slots = _sparse_memory_slots(args, model, tokenizer, rows, training_args) if args.mode == "sparse_memory" else None
@@ -424,15 +450,16 @@ def _resolve_eval_checkpoint(checkpoint: str):
     return config
 
 
-def load_for_eval(checkpoint: str, allow_pickle: bool = False):
+def load_for_eval(checkpoint: str, allow_pickle: bool = False, placement: dict | None = None):
     """(model, tokenizer) from a full checkpoint or from an adapter folder written by `train`
-    (its base model is read from adapter_config.json; the memory from memory.safetensors)."""
+    (its base model is read from adapter_config.json; the memory from memory.safetensors); `placement`: where the
+    tables go (`placement_arguments`)."""
     import torch
 
     from modeling_memory.tools.loading import load_memory_llama
 
     _resolve_eval_checkpoint(checkpoint)
-    model = load_memory_llama(checkpoint, allow_pickle=allow_pickle, dtype=torch.float32)
+    model = load_memory_llama(checkpoint, allow_pickle=allow_pickle, dtype=torch.float32, **(placement or {}))
     return model.eval(), _load_tokenizer(checkpoint, fallback=adapter_base(checkpoint))
 
 
@@ -458,7 +485,7 @@ def run_eval(args) -> int:
         raise ToolError(
             f"--block-size {args.block_size} exceeds the model's max_position_embeddings ({config.max_position_embeddings})."
         )
-    model, tokenizer = load_for_eval(args.checkpoint, args.allow_pickle)
+    model, tokenizer = load_for_eval(args.checkpoint, args.allow_pickle, placement_arguments(args, config))
     results = {"checkpoint": os.path.abspath(args.checkpoint)}
     if args.data is not None:
         data_args = argparse.Namespace(data=args.data, knowledge_entities=None, block_size=args.block_size)
@@ -488,6 +515,7 @@ __all__ = [
     "accelerate_config_path",
     "load_for_eval",
     "parse_train_command_line",
+    "placement_arguments",
     "run_eval",
     "run_train",
 ]

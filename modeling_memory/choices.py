@@ -1,4 +1,5 @@
-"""The named choices of the library's entry points: training modes, graft presets, the default shard size.
+"""The named choices of the library's entry points: training modes, graft presets, table placements, the default
+shard size.
 
 The library reads them from here (`training.peft_modes`, `tools.graft`, `tools.safe_write`), and so does the
 command line's parser, which lists them in `--help` and refuses anything else at once. Importing this module
@@ -13,7 +14,11 @@ TRAINING_MODES = ("full", "memory_only", "lora", "lora_all", "sparse_memory")
 # `memory_preset(config, preset)` / `memory-llama graft --preset`, `memory-llama train --graft`.
 GRAFT_PRESETS = ("engram", "chapters", "both", "pkm", "all")
 
+# Where memory tables live: `model.set_memory_placement(placement)` / `--memory-placement`. The run-time module
+# `memory_llama/table_placement.py` holds the same tuple (a Hub export ships it without this file).
+MEMORY_PLACEMENTS = ("device", "host", "disk")
+
 # Largest safetensors shard the tools write (save_pretrained's max_shard_size).
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
-__all__ = ["DEFAULT_MAX_SHARD_SIZE", "GRAFT_PRESETS", "TRAINING_MODES"]
+__all__ = ["DEFAULT_MAX_SHARD_SIZE", "GRAFT_PRESETS", "MEMORY_PLACEMENTS", "TRAINING_MODES"]

@@ -133,6 +133,7 @@ def test_the_parser_reads_the_librarys_choices_file():
     """One source for the names: the library imports modeling_memory/choices.py, the parser executes the same file."""
     import modeling_memory.choices
     from memory_llama_cli.parser import library_choices
+    from modeling_memory.memory_llama import table_placement
     from modeling_memory.tools import graft, safe_write
     from modeling_memory.training import peft_modes
 
@@ -140,6 +141,8 @@ def test_the_parser_reads_the_librarys_choices_file():
     assert peft_modes.TRAINING_MODES is modeling_memory.choices.TRAINING_MODES
     assert graft.GRAFT_PRESETS is modeling_memory.choices.GRAFT_PRESETS
     assert safe_write.DEFAULT_MAX_SHARD_SIZE is modeling_memory.choices.DEFAULT_MAX_SHARD_SIZE
+    # The run-time module keeps its own copy (a Hub export ships it without choices.py): the same names.
+    assert table_placement.MEMORY_PLACEMENTS == modeling_memory.choices.MEMORY_PLACEMENTS
 
 
 @pytest.mark.parametrize(
