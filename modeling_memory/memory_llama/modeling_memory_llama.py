@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 from torch import nn
+from transformers import PretrainedConfig
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin
 from transformers.generation import GenerationMixin
@@ -247,12 +248,31 @@ class MemoryLlamaPreTrainedModel(PreTrainedModel):
         `memory_offload_dir` for "disk") the memory tables are then placed as `set_memory_placement` says. The
         loader maps the checkpoint's files, so a table goes to its working copy through the page cache, never whole
         in RAM."""
-        if memory_placement is not None:
-            check_placement(memory_placement, memory_offload_dir, {})  # the name and the folder, before loading
+        if memory_placement is not None:  # before loading: the tables the config describes, built without storage
+            check_placement(memory_placement, memory_offload_dir, cls._tables_described(*args, **kwargs))
         model = super().from_pretrained(*args, **kwargs)
         if memory_placement not in (None, "device"):
             model.set_memory_placement(memory_placement, memory_offload_dir)
         return model
+
+    @classmethod
+    def _tables_described(cls, *args, **kwargs) -> dict[str, MemoryTable]:
+        """The memory tables of the checkpoint `from_pretrained(*args, **kwargs)` names, on the `meta` device (shape
+        and dtype only); none when its config cannot be read here (loading then says why)."""
+        config = kwargs.get("config")
+        if not isinstance(config, PretrainedConfig):
+            location = config if isinstance(config, (str, os.PathLike)) else (args[0] if args else None)
+            hub_options = ("cache_dir", "revision", "subfolder", "token", "local_files_only")
+            try:
+                config = cls.config_class.from_pretrained(location, **{k: kwargs[k] for k in hub_options if k in kwargs})
+            except (OSError, ValueError, TypeError):
+                return {}
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        with torch.device("meta"):
+            model = cls(config)
+        if isinstance(dtype, torch.dtype):
+            model.to(dtype)
+        return model.memory_tables()
 
     def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
         """`PreTrainedModel.save_pretrained`, with each table that lives off the device streamed into a file of its

@@ -262,3 +262,20 @@ def test_graft_onto_a_loaded_base_creates_tables_on_disk(tmp_path):
     ids = random_ids(2, 8, torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, base(ids).logits)
+
+
+def test_from_pretrained_checks_the_offload_disk_against_the_checkpoints_tables_before_loading(tmp_path, monkeypatch):
+    """A disk without room for the tables the checkpoint's config describes is refused before any weight loads."""
+    import shutil
+
+    MemoryLlamaForCausalLM(every_table_config()).save_pretrained(tmp_path / "model")
+    from transformers import PreTrainedModel
+
+    loaded = []  # transformers' loading, which MemoryLlama's from_pretrained calls after its checks
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(lambda cls, *args, **kwargs: loaded.append(True)))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1, 1, 1024))
+    with pytest.raises(ValueError, match=r"The tables need .* but its disk has 1.00 KiB free"):
+        MemoryLlamaForCausalLM.from_pretrained(
+            tmp_path / "model", memory_placement="disk", memory_offload_dir=str(tmp_path / "offload")
+        )
+    assert not loaded and not (tmp_path / "offload").exists()
