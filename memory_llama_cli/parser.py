@@ -156,6 +156,8 @@ def check_memory_placement(parser: argparse.ArgumentParser, args: argparse.Names
     placement, folder = getattr(args, "memory_placement", None), getattr(args, "memory_offload_dir", None)
     if placement == "disk" and folder is None:
         parser.error("--memory-placement disk needs --memory-offload-dir DIR, the folder for the tables' working copies.")
+    if folder is not None and not folder.strip():
+        parser.error("--memory-offload-dir is empty: name the folder for the tables' working copies.")
     if folder is not None and placement != "disk":
         parser.error("--memory-offload-dir is used only with --memory-placement disk: add that, or drop --memory-offload-dir.")
 

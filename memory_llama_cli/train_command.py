@@ -354,6 +354,11 @@ def run_train(args) -> int:
         raise ToolError(f"Invalid training arguments: {error}")
 
     check_writable(training_args.output_dir, "--output_dir")
+    if args.memory_offload_dir is not None and _inside(args.memory_offload_dir, training_args.output_dir):
+        raise ToolError(
+            f"--memory-offload-dir {args.memory_offload_dir} lies inside --output_dir {training_args.output_dir}: the "
+            "tables' working copies are scratch, not part of the run. Choose a folder outside --output_dir."
+        )
     replace_previous_run = _check_output_dir_is_free(args, training_args.output_dir)
 
     fsdp_requested = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(training_args.fsdp)

@@ -29,6 +29,8 @@ def checkpoint(tmp_path_factory):
         (["train", "missing", "--knowledge-entities", "2", "--memory-placement", "host", "--memory-offload-dir", "scratch"],
          "used only with --memory-placement disk"),
         (["generate", "missing", "--prompt", "x", "--memory-placement", "cloud"], "invalid choice: 'cloud'"),
+        (["eval", "missing", "--knowledge-entities", "2", "--memory-placement", "disk", "--memory-offload-dir", ""],
+         "--memory-offload-dir is empty"),
     ],
 )
 def test_flags_that_do_not_go_together_are_refused_before_anything_loads(command_line, message, capsys):
@@ -70,6 +72,13 @@ def test_a_full_offload_disk_is_refused_before_loading(checkpoint, tmp_path, mon
     with pytest.raises(SystemExit, match="--memory-placement disk: The tables need .* but its disk has 0 B free"):
         main(["eval", checkpoint, "--knowledge-entities", "2", "--memory-placement", "disk",
               "--memory-offload-dir", str(tmp_path / "offload")])
+
+
+def test_train_refuses_an_offload_dir_inside_its_output_dir(checkpoint, tmp_path):
+    with pytest.raises(SystemExit, match="lies inside --output_dir"):
+        main(["train", checkpoint, "--knowledge-entities", "2", "--block-size", "32", "--output_dir", str(tmp_path / "run"),
+              "--memory-placement", "disk", "--memory-offload-dir", str(tmp_path / "run" / "offload"), *COMMON])
+    assert not (tmp_path / "run").exists()
 
 
 def test_eval_with_host_tables_gives_the_device_numbers(checkpoint, tmp_path):
