@@ -24,15 +24,16 @@ class MemoryHealth:
     """Chapter usage, Engram gates and the router aux loss of the training forwards since the last log.
 
     Args:
-        config: the model's `MemoryLlamaConfig` (its chapter layers name the usage counts).
+        config: the model's `MemoryLlamaConfig` (its chapter layers name the usage counts); the config of a model
+            without memory (a plain Llama that MemoryTrainer evaluates) records nothing.
     """
 
     # The flags a forward must be called with for `record` to see everything it logs.
     OUTPUT_FLAGS = {"output_router_logits": True, "output_engram_gates": True}
 
     def __init__(self, config):
-        self.chapter_layers = sorted(config.chapter_layers)
-        self.num_routed = config.chapter_num_routed if config.chapter_layers else 0
+        self.chapter_layers = sorted(getattr(config, "chapter_layers", None) or [])
+        self.num_routed = config.chapter_num_routed if self.chapter_layers else 0
         self.total_chapter_counts: dict[int, torch.Tensor] = {}
         self.reset()
 

@@ -308,6 +308,23 @@ def test_eval_loss_is_the_language_model_loss(tmp_path):
     assert metrics["eval_loss"] == pytest.approx(float(reference), rel=1e-5)
 
 
+def test_memory_trainer_evaluates_a_plain_llama(tmp_path):
+    """The demo scores the base model with the same evaluation as the memory models: MemoryTrainer takes a model
+    without memory (nothing to record) and its eval_loss is the language-model loss."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dataset = tiny_dataset(rows=4, masked_labels=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=tiny_config().vocab_size, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=4)).eval()
+    metrics = MemoryTrainer(model=model, args=tiny_training_args(tmp_path, per_device_eval_batch_size=4), eval_dataset=dataset).evaluate()
+    ids = torch.tensor(dataset["input_ids"])
+    with torch.no_grad():
+        logits = model(ids).logits
+    reference = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    assert metrics["eval_loss"] == pytest.approx(float(reference), rel=1e-5)
+
+
 def test_memory_trainer_refuses_optimizers_that_build_their_own_groups(tmp_path):
     model = MemoryLlamaForCausalLM(tiny_config())
     own_groups = (torch.optim.AdamW, {"lr": 1e-3, "params": [{"params": list(model.parameters())}]})
