@@ -10,10 +10,10 @@ backward (the table's gradient included) on batch 8 x 512 tokens, fp32, on the C
 To show where the difference comes from, each also runs with the other layout (ours dense, theirs with
 `sparse=True`), and theirs with `sparse=True` once more with its gradient coalesced: `nn.Embedding(sparse=True)`
 returns one gradient row per read, which every sparse optimizer (and a gradient norm) first coalesces into one row
-per distinct row; ours is coalesced in the backward. Calls interleave (A B C A B C ...) in two groups, the dense variants and the sparse ones, medians; the gradient
-is set to None after each call.
+per distinct row; ours is coalesced in the backward. Calls interleave (A B C A B C ...) in two groups, the dense
+variants and the sparse ones; medians; the gradient is set to None after each call.
 
-    python -m benchmarks.engram_lookup                # about 2 minutes on a 2-core CPU
+    python -m benchmarks.engram_lookup                # under a minute on a 2-core CPU
 """
 
 import torch
