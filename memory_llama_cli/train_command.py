@@ -66,24 +66,26 @@ def _training_arguments(args):
 # ---- shared checks and loading ------------------------------------------------------------------
 
 
-def placement_arguments(args, config, process_index: int = 0, num_processes: int = 1) -> dict:
+def placement_arguments(args, config, num_processes: int = 1) -> dict:
     """`from_pretrained`'s memory_placement / memory_offload_dir from --memory-placement / --memory-offload-dir
     (nothing when the tables stay on the device), checked against the tables that `config` describes before any
     weights load: an offload folder that is not writable or lacks room for them, or RAM too small for host tables,
-    is refused here. Each of several processes keeps its working copies in a subfolder of its own."""
+    is refused here. Each of several processes places only its block of each table (sharded by row owner), and
+    the blocks' working copies are named for their rows, so the processes may share the folder."""
     if args.memory_placement in (None, "device"):
         return {}
     from modeling_memory.memory_llama.table_placement import check_placement
+    from modeling_memory.memory_llama.table_sharding import meta_blocks
     from modeling_memory.tools.summary import build_on_meta
 
-    folder = args.memory_offload_dir
-    if folder is not None and num_processes > 1:
-        folder = os.path.join(folder, f"process-{process_index}")
+    tables = build_on_meta(config).memory_tables()
     try:
-        check_placement(args.memory_placement, folder, build_on_meta(config).memory_tables())
+        if num_processes > 1:
+            tables = meta_blocks(tables, num_processes)
+        check_placement(args.memory_placement, args.memory_offload_dir, tables)
     except ValueError as error:
         raise ToolError(f"--memory-placement {args.memory_placement}: {error}") from error
-    return {"memory_placement": args.memory_placement, "memory_offload_dir": folder}
+    return {"memory_placement": args.memory_placement, "memory_offload_dir": args.memory_offload_dir}
 
 
 
@@ -371,20 +373,32 @@ def run_train(args) -> int:
             "config; for FSDP use GPUs (fsdp_gpu config)."
         )
 
-    placement = placement_arguments(args, memory_config or config, training_args.process_index, training_args.world_size)
+    placement = placement_arguments(args, memory_config or config, training_args.world_size)
+    # Several processes shard the tables by row owner before placing them: each places only its block.
+    sharded = training_args.world_size > 1
+    if sharded and args.mode == "sparse_memory":
+        raise ToolError(
+            f"--mode sparse_memory trains chosen rows of whole tables, and these {training_args.world_size} processes "
+            "would shard the tables by row owner: run sparse memory fine-tuning in one process."
+        )
+    load_placement = {} if sharded else placement
     tokenizer = _load_tokenizer(args.model, fallback=adapter_base(args.model))
     if len(tokenizer) > config.vocab_size:
         raise ToolError(f"The tokenizer has {len(tokenizer)} tokens but the model's vocabulary only {config.vocab_size}.")
     if from_adapter:  # the adapter merged into its base, trained further as a plain model
-        model = load_memory_llama(args.model, allow_pickle=args.allow_pickle, merge=True, dtype=torch.float32, **placement)
+        model = load_memory_llama(args.model, allow_pickle=args.allow_pickle, merge=True, dtype=torch.float32, **load_placement)
     elif memory_config is None:
         model = from_pretrained(
-            MemoryLlamaForCausalLM, args.model, allow_pickle=args.allow_pickle, dtype=torch.float32, **placement
+            MemoryLlamaForCausalLM, args.model, allow_pickle=args.allow_pickle, dtype=torch.float32, **load_placement
         )
     else:
         model = graft(
-            args.model, memory_config, tokenizer=tokenizer, dtype=torch.float32, allow_pickle=args.allow_pickle, **placement
+            args.model, memory_config, tokenizer=tokenizer, dtype=torch.float32, allow_pickle=args.allow_pickle, **load_placement
         )
+    if sharded:
+        model.shard_memory_tables()
+        if placement:
+            model.set_memory_placement(placement["memory_placement"], placement["memory_offload_dir"])
     lora_config = recommended_lora_config(model, args.mode, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
     rows = _text_rows(args, tokenizer, args.text_column, training_args.main_process_first)
     slots = _sparse_memory_slots(args, model, tokenizer, rows, training_args) if args.mode == "sparse_memory" else None
@@ -411,6 +425,7 @@ def run_train(args) -> int:
             f"mode {args.mode}: {counts['total']:,} trainable parameters (adapter {counts['adapter']:,}, "
             f"memory {counts['memory']:,}{rows_note}, backbone {counts['backbone']:,}); {len(rows)} rows of "
             f"{args.block_size} tokens; {accelerator.distributed_type.value} on {accelerator.num_processes} process(es)"
+            + (f"; {len(trainer.sharded_tables)} memory tables sharded by row owner" if trainer.sharded_tables else "")
         )
     trainer.train(resume_from_checkpoint=True if args.resume_from_checkpoint == "last" else args.resume_from_checkpoint)
     trainer.save_model()

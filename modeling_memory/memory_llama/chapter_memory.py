@@ -23,7 +23,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from .configuration_memory_llama import MemoryLlamaConfig
 from .ops_chapter_attention import chapter_attention, chapter_attention_folded, chapter_attention_runs_kernels
 from .ops_table_rows import gather_rows
-from .table_placement import MemoryTable, RowFetch, fetched_rows, new_table_device
+from .table_placement import MemoryTable, new_table_device
 
 
 class MemoryLlamaChapterBank(MemoryTable, nn.Embedding):
@@ -114,8 +114,8 @@ class MemoryLlamaChapterMemory(nn.Module):
         read, local_ids = torch.unique(chapter_ids, return_inverse=True)
         offsets = torch.arange(self.chapter_size, device=read.device)
         row_ids = (read.unsqueeze(1) * self.chapter_size + offsets).flatten()
-        if bank.is_offloaded:
-            return fetched_rows(bank.weight, RowFetch(bank.weight, row_ids, background=False), bank.sparse), local_ids
+        if bank.reads_by_fetch:
+            return bank.read_fetched(bank.fetch_rows(row_ids)), local_ids
         return gather_rows(bank.weight, row_ids, sparse_grad=bank.sparse), local_ids
 
     def folding_is_cheaper(self, num_tokens: int, reads_per_token: int, num_read: int) -> bool:
@@ -191,7 +191,8 @@ class MemoryLlamaChapterMemory(nn.Module):
             )
         query = self.memory_query(flat).view(-1, self.num_heads, self.head_dim)
         scale = self.head_dim**-0.5
-        if torch.is_grad_enabled():
+        # A bank sharded across processes is read by rows in inference too: no process holds all of it.
+        if torch.is_grad_enabled() or bank_table.is_sharded:
             rows, chapter_ids = self.read_chapter_rows(bank_table, chapter_ids)
             num_read = rows.shape[0] // self.chapter_size
             # The Triton kernels attend to projected rows; folding replaces the PyTorch path when cheaper.

@@ -27,7 +27,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from .configuration_memory_llama import MemoryLlamaConfig
 from .ops_engram import EngramHashing, engram_history_lengths, engram_lookup, engram_row_ids
-from .table_placement import MemoryTable, RowFetch, fetched_rows, new_table_device
+from .table_placement import MemoryTable, RowFetch, new_table_device
 
 
 def _is_prime(n: int) -> bool:
@@ -103,7 +103,7 @@ class EngramRead:
     token_ids: torch.Tensor
     history_lengths: torch.Tensor
     row_ids: torch.Tensor | None = None
-    fetch: RowFetch | None = None
+    fetch: RowFetch | None = None  # or a ShardedRowFetch, for a table sharded across processes
 
 
 class MemoryLlamaEngram(nn.Module):
@@ -182,6 +182,11 @@ class MemoryLlamaEngram(nn.Module):
     def table_is_offloaded(self) -> bool:
         return isinstance(self.table, MemoryTable) and self.table.is_offloaded
 
+    @property
+    def table_reads_by_fetch(self) -> bool:
+        """Whether the table's rows are gathered first (a table off the device, or sharded across processes)."""
+        return isinstance(self.table, MemoryTable) and self.table.reads_by_fetch
+
     def prepare_read(
         self,
         input_ids: torch.Tensor,
@@ -193,10 +198,10 @@ class MemoryLlamaEngram(nn.Module):
         """The n-gram context of the new tokens (updating the cache's window) and, for a table off the device, the
         fetch of the rows they read, on a background thread with `background`."""
         token_ids, history_lengths = self.ngram_context(input_ids, boundaries, cache)
-        if not self.table_is_offloaded:
+        if not self.table_reads_by_fetch:
             return EngramRead(token_ids, history_lengths)
         row_ids = engram_row_ids(token_ids, history_lengths, self.hashing(canonical_map))
-        return EngramRead(token_ids, history_lengths, row_ids, RowFetch(self.table.weight, row_ids, background))
+        return EngramRead(token_ids, history_lengths, row_ids, self.table.fetch_rows(row_ids, background))
 
     def lookup(
         self,
@@ -211,11 +216,11 @@ class MemoryLlamaEngram(nn.Module):
         A table off the device gives the rows its `read` fetched; a plain table goes to the op (the fused kernel
         where it can run), which reads its weight; a table wrapped by an adapter is called as a module on the row
         ids, so that its delta is applied."""
-        if read is None and self.table_is_offloaded:
+        if read is None and self.table_reads_by_fetch:
             row_ids = engram_row_ids(token_ids, history_lengths, self.hashing(canonical_map))
-            read = EngramRead(token_ids, history_lengths, row_ids, RowFetch(self.table.weight, row_ids, False))
+            read = EngramRead(token_ids, history_lengths, row_ids, self.table.fetch_rows(row_ids))
         if read is not None and read.fetch is not None:
-            rows = fetched_rows(self.table.weight, read.fetch, self.table.sparse)
+            rows = self.table.read_fetched(read.fetch)
             embeddings = F.embedding(read.fetch.inverse, rows).flatten(-2)
             return (embeddings, read.row_ids) if return_row_ids else embeddings
         hashing = self.hashing(canonical_map)

@@ -49,6 +49,7 @@ from .table_placement import (
     place_table,
     write_safetensors_streaming,
 )
+from .table_sharding import meta_blocks, require_process_group, shard_rows, write_sharded_table
 
 
 _RECORDED_MEMORY_DOC = r"""
@@ -228,11 +229,37 @@ class MemoryLlamaPreTrainedModel(PreTrainedModel):
         Checked before any work (a writable folder with room for every table; RAM for "host"). Moving the model
         afterwards (`.to()`, `.cuda()`, `.half()`) leaves host and disk tables where they are. Returns the model.
         """
-        tables = self.memory_tables()
+        # A process's block of a sharded table gets a working copy named for its rows: processes may share a folder.
+        tables = {_block_name(name, module): module for name, module in self.memory_tables().items()}
         check_placement(placement, offload_dir, tables)
         compute_device = self.get_input_embeddings().weight.device
         for name, module in tables.items():
             place_table(module, name, placement, compute_device, offload_dir, self._table_initialiser(module))
+        return self
+
+    @property
+    def memory_tables_sharded(self) -> bool:
+        """Whether the memory tables are sharded by row owner across processes (`shard_memory_tables`)."""
+        return any(module.is_sharded for module in self.memory_tables().values())
+
+    def shard_memory_tables(self):
+        """Shard every memory table by row owner across the processes of the default `torch.distributed` process
+        group: each process keeps one contiguous block of each table's rows (1/W of them, in the table's current
+        placement) and reads the other rows from their owners; training sends each row's gradient to its owner
+        (see `table_sharding.py`). Collective: every process calls it, after `init_process_group` (torchrun,
+        accelerate launch; `MemoryTrainer` does it for a run of several processes) and before building an
+        optimizer. Every later forward is collective too. Returns the model."""
+        require_process_group()
+        tables = self.memory_tables()
+        offloaded = {module.memory_placement for module in tables.values() if module.is_offloaded}
+        if offloaded:
+            raise ValueError(
+                f"Shard the memory tables before placing them ({', '.join(sorted(offloaded))}): call "
+                "shard_memory_tables() first, then set_memory_placement(), so that each process places only its block."
+            )
+        for name, module in tables.items():
+            if not module.is_sharded:
+                shard_rows(module, name)
         return self
 
     def _table_initialiser(self, module: MemoryTable):
@@ -243,14 +270,29 @@ class MemoryLlamaPreTrainedModel(PreTrainedModel):
         return lambda rows: torch.nn.init.normal_(rows, mean=0.0, std=std)
 
     @classmethod
-    def from_pretrained(cls, *args, memory_placement: str | None = None, memory_offload_dir: str | None = None, **kwargs):
-        """`PreTrainedModel.from_pretrained`; with `memory_placement` ("device", "host" or "disk", with
-        `memory_offload_dir` for "disk") the memory tables are then placed as `set_memory_placement` says. The
-        loader maps the checkpoint's files, so a table goes to its working copy through the page cache, never whole
-        in RAM."""
+    def from_pretrained(
+        cls,
+        *args,
+        memory_placement: str | None = None,
+        memory_offload_dir: str | None = None,
+        shard_memory_tables: bool = False,
+        **kwargs,
+    ):
+        """`PreTrainedModel.from_pretrained`; with `shard_memory_tables=True` (under torch.distributed) each process
+        then keeps its block of every memory table's rows (`shard_memory_tables`); with `memory_placement`
+        ("device", "host" or "disk", with `memory_offload_dir` for "disk") the tables (or blocks) are then placed as
+        `set_memory_placement` says. The loader maps the checkpoint's files, so a table goes to its block and its
+        working copy through the page cache, never whole in RAM."""
+        if shard_memory_tables:
+            require_process_group()
         if memory_placement is not None:  # before loading: the tables the config describes, built without storage
-            check_placement(memory_placement, memory_offload_dir, cls._tables_described(*args, **kwargs))
+            tables = cls._tables_described(*args, **kwargs)
+            if shard_memory_tables:
+                tables = meta_blocks(tables, torch.distributed.get_world_size())
+            check_placement(memory_placement, memory_offload_dir, tables)
         model = super().from_pretrained(*args, **kwargs)
+        if shard_memory_tables:
+            model.shard_memory_tables()
         if memory_placement not in (None, "device"):
             model.set_memory_placement(memory_placement, memory_offload_dir)
         return model
@@ -277,15 +319,33 @@ class MemoryLlamaPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
         """`PreTrainedModel.save_pretrained`, with each table that lives off the device streamed into a file of its
         own (`memory-<key>.safetensors`, listed in the checkpoint's index) a block of rows at a time, never copied
-        whole into RAM. The checkpoint loads with plain `from_pretrained`."""
-        offloaded = [key for key, module in self.memory_tables().items() if module.is_offloaded]
-        if not offloaded:
+        whole into RAM. A table sharded across processes is written the same way, each process streaming its own
+        block into the one file: then every process calls `save_pretrained` (with `is_main_process` true on one),
+        into a folder they all see. The checkpoint is an ordinary one: it loads with plain `from_pretrained` in one
+        process or in any number."""
+        tables = self.memory_tables()
+        streamed = [key for key, module in tables.items() if module.is_offloaded or module.is_sharded]
+        if not streamed:
             return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
         state_dict = dict(state_dict if state_dict is not None else self.state_dict())
-        tables = {key: state_dict.pop(key) for key in offloaded if key in state_dict}
+        values = {key: state_dict.pop(key, None) for key in streamed}
+        is_main_process = kwargs.get("is_main_process", True)
         super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
-        if kwargs.get("is_main_process", True):
-            _add_tables_to_checkpoint(save_directory, tables)
+        written = {}
+        for key in streamed:
+            file_name = f"memory-{key.removesuffix('.weight')}.safetensors"
+            path = os.path.join(save_directory, file_name)
+            if tables[key].is_sharded:
+                write_sharded_table(path, key, tables[key], metadata={"format": "pt"})
+            elif is_main_process and values[key] is not None:
+                write_safetensors_streaming(path, {key: values[key]}, metadata={"format": "pt"})
+            else:
+                continue
+            weight = tables[key].weight
+            rows = tables[key].row_sharding.num_rows if tables[key].is_sharded else weight.shape[0]
+            written[key] = (file_name, rows * weight[0].numel() * weight.element_size())
+        if is_main_process:
+            _list_tables_in_index(save_directory, written)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -334,9 +394,18 @@ class MemoryLlamaPreTrainedModel(PreTrainedModel):
             init.copy_(module.engram_canonical_map, torch.arange(self.config.vocab_size, dtype=torch.int64))
 
 
-def _add_tables_to_checkpoint(save_directory: str, tables: dict[str, torch.Tensor]) -> None:
-    """Stream `tables` into files of their own beside a checkpoint `save_pretrained` just wrote, and list them in its
-    safetensors index (written now if the checkpoint was one file: that file is renamed into a shard)."""
+def _block_name(name: str, module: MemoryTable) -> str:
+    """The name of a table's working copy: a sharded table's block is named for the rows it holds."""
+    if not module.is_sharded:
+        return name
+    sharding = module.row_sharding
+    return f"{name}.rows-{sharding.start}-{sharding.stop}-of-{sharding.num_rows}"
+
+
+def _list_tables_in_index(save_directory: str, tables: dict[str, tuple[str, int]]) -> None:
+    """List tables written into files of their own (key: (file name, bytes)) in the safetensors index of the
+    checkpoint `save_pretrained` just wrote (written now if the checkpoint was one file: that file is renamed into a
+    shard)."""
     index_path = os.path.join(save_directory, "model.safetensors.index.json")
     single = os.path.join(save_directory, "model.safetensors")
     if os.path.exists(single):
@@ -347,11 +416,9 @@ def _add_tables_to_checkpoint(save_directory: str, tables: dict[str, torch.Tenso
     else:
         with open(index_path) as file:
             index = json.load(file)
-    for key, table in tables.items():
-        file_name = f"memory-{key.removesuffix('.weight')}.safetensors"
-        write_safetensors_streaming(os.path.join(save_directory, file_name), {key: table}, metadata={"format": "pt"})
+    for key, (file_name, nbytes) in tables.items():
         index["weight_map"][key] = file_name
-        index["metadata"]["total_size"] = index["metadata"].get("total_size", 0) + table.numel() * table.element_size()
+        index["metadata"]["total_size"] = index["metadata"].get("total_size", 0) + nbytes
     index["weight_map"] = dict(sorted(index["weight_map"].items()))
     partial = f"{index_path}.partial"
     with open(partial, "w") as file:
@@ -400,12 +467,14 @@ class MemoryLlamaModel(MemoryLlamaPreTrainedModel):
         now rather than in the layer) and its rows, fetched on a background thread while the layers before it run.
         Engram's rows depend on the token ids only, so they are known here; None when every table is on the
         device."""
-        layers = [layer for layer in self.layers if layer.engram is not None and layer.engram.table_is_offloaded]
+        layers = [layer for layer in self.layers if layer.engram is not None and layer.engram.table_reads_by_fetch]
         if not layers:
             return None
+        # A sharded table's rows come from their owners through collectives, which run here, layer by layer, in the
+        # same order on every process.
         return {
             layer.layer_idx: layer.engram.prepare_read(
-                input_ids, boundaries, self.engram_canonical_map, cache, background=True
+                input_ids, boundaries, self.engram_canonical_map, cache, background=not layer.engram.table.is_sharded
             )
             for layer in layers
         }
@@ -560,8 +629,11 @@ class MemoryLlamaModel(MemoryLlamaPreTrainedModel):
 
 class MemoryLlamaForCausalLM(MemoryLlamaPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # The backbone's parallel plans, as Llama declares them (the config carries the base model's). The memory
+    # tables are not in them: they are sharded by row owner (`shard_memory_tables`).
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+    _fsdp_plan = {"lm_head": "keep_full_weight"}
 
     def __init__(self, config: MemoryLlamaConfig):
         super().__init__(config)

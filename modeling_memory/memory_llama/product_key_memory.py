@@ -27,7 +27,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from .configuration_memory_llama import MemoryLlamaConfig
 from .ops_product_keys import product_key_bag, product_key_topk
 from .ops_table_rows import dense_gradient
-from .table_placement import MemoryTable, RowFetch, fetched_rows, new_table_device
+from .table_placement import MemoryTable, new_table_device
 
 
 class MemoryLlamaProductKeyValues(MemoryTable, nn.Module):
@@ -107,10 +107,10 @@ class MemoryLlamaProductKeyMemory(nn.Module):
         # All heads of a token in one bag: their reads are summed anyway. The table may be kept in higher
         # precision than the layer; the gate runs in fp32 either way.
         slots = indices.flatten(1)
-        if values_table.is_offloaded:
+        if values_table.reads_by_fetch:
             # The distinct slots read, brought to the compute device; the bag reads them by position.
-            fetch = RowFetch(values, slots, background=False)
-            values, slots = fetched_rows(values, fetch, values_table.sparse), fetch.inverse
+            fetch = values_table.fetch_rows(slots)
+            values, slots = values_table.read_fetched(fetch), fetch.inverse
         elif not values_table.sparse:
             values = dense_gradient(values)
         bag = product_key_bag(values, slots, weights.flatten(1))

@@ -84,10 +84,55 @@ class MemoryTable:
 
     memory_placement = "device"
     working_copy = None  # the `WorkingCopy` of a table on disk
+    row_sharding = None  # the `RowSharding` of a table sharded by row owner across processes (table_sharding.py)
 
     @property
     def is_offloaded(self) -> bool:
         return self.memory_placement != "device"
+
+    @property
+    def is_sharded(self) -> bool:
+        return self.row_sharding is not None
+
+    @property
+    def reads_by_fetch(self) -> bool:
+        """Whether a read gathers its distinct rows first (`fetch_rows`, `read_fetched`) instead of indexing the
+        weight: a table off the device, or one whose rows are spread over processes."""
+        return self.is_offloaded or self.is_sharded
+
+    def fetch_rows(self, row_ids: torch.Tensor, background: bool = False):
+        """Start bringing the distinct rows of `row_ids` to the compute device: a `RowFetch` (on a background thread
+        with `background`), or for a sharded table a `ShardedRowFetch` (from their owners, now)."""
+        if self.is_sharded:
+            from .table_sharding import ShardedRowFetch
+
+            return ShardedRowFetch(self, row_ids)
+        return RowFetch(self.weight, row_ids, background)
+
+    def read_fetched(self, fetch) -> torch.Tensor:
+        """(U, D) the rows of `fetch`, differentiable with respect to the table (sparse row gradients unless the
+        table asks for dense ones)."""
+        if self.is_sharded:
+            from .table_sharding import sharded_rows
+
+            return sharded_rows(self, fetch)
+        return fetched_rows(self.weight, fetch, self.sparse)
+
+    # A sharded table appears in state dicts as a DTensor of the whole table (table_sharding.py).
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.is_sharded:
+            from .table_sharding import as_dtensor
+
+            destination[prefix + "weight"] = as_dtensor(self, destination[prefix + "weight"])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        key = prefix + "weight"
+        if self.is_sharded and key in state_dict:
+            from .table_sharding import local_block_of
+
+            state_dict[key] = local_block_of(self, state_dict[key], key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def _apply(self, fn, recurse=True):
         if not self.is_offloaded:

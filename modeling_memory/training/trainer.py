@@ -38,11 +38,21 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from accelerate.utils import broadcast_object_list
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from modeling_memory.memory_llama.table_placement import MemoryTable
 from modeling_memory.training.memory_health import MemoryHealth
 from modeling_memory.training.memory_parameters import CHAPTER_BANK, ENGRAM_TABLE, PKM_VALUES, TABLE_KINDS, memory_kinds, memory_parameters
+from modeling_memory.training.sharded_tables import (
+    check_table_optimizer_state,
+    clip_grad_norm_with_shards,
+    keep_tables_out_of_ddp,
+    load_table_optimizer_state,
+    save_table_optimizer_state,
+    sharded_tables,
+)
 from modeling_memory.training.table_optimizers import CombinedOptimizer, LazyAdam, RowWiseAdagrad
 
 # Optimizers of the tables: both update only the rows a step read.
@@ -204,6 +214,19 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     return None
 
 
+class _TableOptimizerStateOnResume(TrainerCallback):
+    """Puts each process's own optimizer state of its table blocks in place when a run resumes, before its first
+    step (Trainer has then loaded the optimizer checkpoint the first process wrote, which holds only its blocks)."""
+
+    def __init__(self, tables: dict):
+        self.tables, self.folder = tables, None
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        if self.folder is not None:
+            load_table_optimizer_state(optimizer, self.tables, self.folder)
+            self.folder = None
+
+
 class MemoryTrainer(Trainer):
     """`Trainer` for MemoryLlama models (plain or wrapped by PEFT); see the module docstring.
 
@@ -220,10 +243,53 @@ class MemoryTrainer(Trainer):
         if kwargs.get("compute_loss_func") is None:
             kwargs["compute_loss_func"] = self.language_model_loss
         super().__init__(*args, **kwargs)
-        if self.is_fsdp_enabled:
-            # FSDP shards parameters and reduce-scatters dense gradients only (untested here: no multi-GPU machine).
-            set_sparse_table_gradients(self.model, False)
+        self.sharded_tables = self._shard_tables_across_processes()
+        if self.sharded_tables:
+            self._table_state_on_resume = _TableOptimizerStateOnResume(self.sharded_tables)
+            self.add_callback(self._table_state_on_resume)
         self.memory_health = MemoryHealth(self.accelerator.unwrap_model(self.model).config)
+
+    def _shard_tables_across_processes(self) -> dict:
+        """In a run of several processes, the memory tables sharded by row owner (`shard_memory_tables`, unless the
+        model was loaded so) and kept out of the data-parallel wrappers: DDP ignores them, FSDP2 gets them as ignored
+        modules. Returns the sharded tables by name (none in one process)."""
+        if self.accelerator.num_processes == 1:
+            return {}
+        model = self.accelerator.unwrap_model(self.model)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if not hasattr(base, "shard_memory_tables") or not base.memory_tables():
+            return {}
+        from modeling_memory.training.peft_modes import has_trainable_memory_outside_adapter
+
+        if has_trainable_memory_outside_adapter(model):
+            raise ValueError(
+                "This PEFT model trains memory tables outside its adapter, which is saved whole by one process; with "
+                f"{self.accelerator.num_processes} processes the tables are sharded across them. Train it in one "
+                "process, or in a mode whose tables are frozen (lora) or trained in full (full, memory_only)."
+            )
+        if not base.memory_tables_sharded:
+            base.shard_memory_tables()
+        tables = sharded_tables(base)
+        keep_tables_out_of_ddp(self.model, tables)
+        if self.is_fsdp_enabled:
+            self.accelerator.state.fsdp_plugin.ignored_modules = list(tables.values())
+        return tables
+
+    # ---- gradient clipping with sharded tables -----------------------------------------------
+
+    def _clip_grad_norm(self, model):
+        """Trainer's clipping, with each sharded table's gradient counted once over all its blocks, so that every
+        process clips by the factor one process on the whole batch would (Trainer's own counts only the local
+        block, which differs between processes)."""
+        if not self.sharded_tables:
+            return super()._clip_grad_norm(model)
+        self.accelerator.unscale_gradients()
+        return clip_grad_norm_with_shards(model.parameters(), self.args.max_grad_norm, self.sharded_tables)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if grad_norm is None and self.sharded_tables:
+            grad_norm = clip_grad_norm_with_shards(model.parameters(), float("inf"), self.sharded_tables)
+        return super()._get_grad_norm(model, grad_norm)
 
     def _setting(self, name: str, default):
         value = getattr(self.args, name, None)
@@ -329,18 +395,39 @@ class MemoryTrainer(Trainer):
 
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".saving-", dir=output_dir)
+        staging = tempfile.mkdtemp(prefix=".saving-", dir=output_dir) if self.args.should_save else None
+        if self.sharded_tables:  # every process writes its table blocks into the first process's staging folder
+            staging = broadcast_object_list([staging])[0]
         try:
-            super().save_model(staging, _internal_call=True)  # Trainer would push before the files are in place
             model = self.accelerator.unwrap_model(self.model)
+            if self.sharded_tables:
+                self._save_sharded(model, staging, checkpoint=_internal_call)
+            else:
+                super().save_model(staging, _internal_call=True)  # Trainer would push before the files are in place
             if self.args.should_save and has_trainable_memory_outside_adapter(model):
                 save_memory_weights(model, staging)
-            for name in sorted(os.listdir(staging)):
-                os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+            if self.sharded_tables:
+                self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                for name in sorted(os.listdir(staging)):
+                    os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save_sharded(self, model, folder: str, checkpoint: bool) -> None:
+        """What Trainer's save writes, by every process: the model (each process streams its blocks of the tables,
+        `save_pretrained`), the tokenizer and training arguments (first process), and in a checkpoint each
+        process's optimizer state of its table blocks."""
+        model.save_pretrained(folder, is_main_process=self.args.should_save)
+        if self.args.should_save:
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(folder)
+            torch.save(self.args, os.path.join(folder, TRAINING_ARGS_NAME))
+        if checkpoint and self.optimizer is not None:
+            save_table_optimizer_state(self.optimizer, self.sharded_tables, folder)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """Trainer's `train`, and for a PEFT model that trains memory outside its adapter, that memory loaded from
@@ -353,6 +440,9 @@ class MemoryTrainer(Trainer):
                 raise ValueError(f"No complete checkpoint to resume from in {self.args.output_dir}.")
         if resume_from_checkpoint:
             self._load_memory_weights(resume_from_checkpoint)
+            if self.sharded_tables:
+                check_table_optimizer_state(self.sharded_tables, resume_from_checkpoint)
+                self._table_state_on_resume.folder = resume_from_checkpoint
         result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
             self._load_memory_weights(self.state.best_model_checkpoint)

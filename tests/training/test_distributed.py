@@ -100,11 +100,14 @@ def single_process(workspace):
 def test_two_ddp_processes_match_one(workspace, single_process):
     reference_dir, reference_losses, _ = single_process
     output, losses, stdout = _train(workspace, "ddp", 2, accelerate_config_path("ddp_cpu"))
-    assert "MULTI_CPU on 2 process(es)" in stdout
+    assert "MULTI_CPU on 2 process(es); 2 memory tables sharded by row owner" in stdout
     assert losses == pytest.approx(reference_losses, rel=1e-5)
     assert reference_losses[-1] < reference_losses[0]
-    # The checkpoint is consolidated (one full state dict) and loads with from_pretrained.
-    assert os.path.isfile(output / "model.safetensors")
+    # The checkpoint is an ordinary one (each table whole, in a file of its own, written block by block by the two
+    # processes) and loads with from_pretrained in one process.
+    with open(output / "model.safetensors.index.json") as handle:
+        files = set(json.load(handle)["weight_map"].values())
+    assert files == {"model-00001-of-00001.safetensors", "memory-model.layers.0.engram.table.safetensors", "memory-model.chapter_bank.safetensors"}
     torch.testing.assert_close(_logits(output), _logits(reference_dir), rtol=0, atol=1e-4)
 
 

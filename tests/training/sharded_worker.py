@@ -1,0 +1,107 @@
+"""One process of a sharded-table training run, launched by test_sharded_tables.py under `torch.distributed.run`
+(gloo, CPU): a tiny MemoryLlama with its tables sharded by row owner, wrapped by DDP (tables ignored) or FSDP2
+(`fully_shard` per decoder layer and at the root, tables as ignored parameters), trained a few steps on this
+process's share of a fixed global batch, with clipping; then saved with `save_pretrained` and through
+torch.distributed.checkpoint. Writes what the test compares into OUT/rank-<rank>.json.
+
+    python -m torch.distributed.run --nproc_per_node 2 sharded_worker.py MODEL_DIR OUT {ddp,fsdp2}
+"""
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+torch.set_num_threads(1)
+
+STEPS, GLOBAL_BATCH, LENGTH, LEARNING_RATE, MAX_GRAD_NORM = 3, 4, 16, 1e-2, 0.5
+
+
+def global_batch(vocab_size: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(7)
+    return torch.randint(3, vocab_size, (STEPS, GLOBAL_BATCH, LENGTH), generator=generator)
+
+
+def build_optimizer(model):
+    from modeling_memory.training.trainer import build_memory_optimizer, memory_parameter_groups
+
+    decay = [name for name, _ in model.named_parameters() if "norm" not in name]
+    groups = memory_parameter_groups(model, learning_rate=LEARNING_RATE, weight_decay=0.0, decay_parameter_names=decay)
+    return build_memory_optimizer(groups, "adam", torch.optim.AdamW, {})
+
+
+def main(model_dir: str, out: str, wrapper: str) -> None:
+    dist.init_process_group("gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    from modeling_memory import MemoryLlamaForCausalLM
+    from modeling_memory.training.sharded_tables import clip_grad_norm_with_shards, keep_tables_out_of_ddp, sharded_tables
+
+    model = MemoryLlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, shard_memory_tables=True)
+    tables = sharded_tables(model)
+    blocks = {name: [module.row_sharding.start, module.row_sharding.stop, module.weight.numel()] for name, module in tables.items()}
+    optimizer = build_optimizer(model)  # on the blocks: built after sharding, before wrapping (FSDP2 swaps parameters)
+    if wrapper == "ddp":
+        keep_tables_out_of_ddp(model, tables)
+        trained = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        ignored = {module.weight for module in tables.values()}
+        for layer in model.model.layers:
+            fully_shard(layer, ignored_params=ignored)
+        fully_shard(model, ignored_params=ignored)
+        optimizer = build_optimizer(model)  # FSDP2 replaced the backbone's parameters by DTensors
+        trained = model
+    data = global_batch(model.config.vocab_size)
+    share = GLOBAL_BATCH // world_size
+    losses, norms = [], []
+    for step in range(STEPS):
+        ids = data[step, rank * share : (rank + 1) * share]
+        loss = trained(input_ids=ids, labels=ids).loss
+        loss.backward()
+        norms.append(float(clip_grad_norm_with_shards(trained.parameters(), MAX_GRAD_NORM, tables)))
+        optimizer.step()
+        optimizer.zero_grad()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        losses.append(float(mean) / world_size)
+
+    with torch.no_grad():  # every process reads the same probe batch (reads are collective)
+        probe_logits = trained(input_ids=data[0]).logits
+    if rank == 0:
+        torch.save(probe_logits, os.path.join(out, "logits.pt"))
+
+    state_dict = model.state_dict()
+    table_types = {name: type(state_dict[name]).__name__ for name in tables}
+    full = {key: value.full_tensor() if key not in tables and hasattr(value, "full_tensor") else value for key, value in state_dict.items()}
+    model.save_pretrained(os.path.join(out, "saved"), state_dict=full, is_main_process=rank == 0)
+
+    # torch.distributed.checkpoint sees each table as a DTensor of the whole table and writes each block once.
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({key: state_dict[key] for key in tables}, checkpoint_id=os.path.join(out, "dcp"))
+    reloaded = {key: torch.zeros_like(state_dict[key]) for key in tables}  # DTensors of zeros, same layout
+    dcp.load(reloaded, checkpoint_id=os.path.join(out, "dcp"))
+    dcp_round_trip = all(torch.equal(reloaded[key].to_local(), tables[key].weight.detach()) for key in tables)
+
+    with open(os.path.join(out, f"rank-{rank}.json"), "w") as handle:
+        json.dump(
+            {
+                "rank": rank,
+                "world_size": world_size,
+                "losses": losses,
+                "norms": norms,
+                "blocks": blocks,
+                "table_types": table_types,
+                "dcp_round_trip": dcp_round_trip,
+            },
+            handle,
+        )
+    dist.barrier()  # no process tears the groups down while another still uses them
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
