@@ -373,6 +373,15 @@ def run_train(args) -> int:
             "config; for FSDP use GPUs (fsdp_gpu config)."
         )
 
+    if args.resume_from_checkpoint is not None:
+        from modeling_memory.training.sharded_tables import check_table_optimizer_state
+        from modeling_memory.training.trainer import last_complete_checkpoint
+
+        resume = args.resume_from_checkpoint
+        try:  # a model with memory shards its tables over several processes
+            check_table_optimizer_state(last_complete_checkpoint(args.output_dir) if resume == "last" else resume, training_args.world_size)
+        except ValueError as error:
+            raise ToolError(f"--resume_from_checkpoint: {error}")
     placement = placement_arguments(args, memory_config or config, training_args.world_size)
     # Several processes shard the tables by row owner before placing them: each places only its block.
     sharded = training_args.world_size > 1

@@ -95,23 +95,23 @@ def save_table_optimizer_state(optimizer, tables, folder: str) -> None:
     torch.save({"world_size": sharding.world_size, "state": state}, os.path.join(folder, optimizer_state_file(sharding)))
 
 
-def check_table_optimizer_state(tables, folder: str) -> None:
-    """Refuse, before any work, to resume from `folder` with a number of processes its table optimizer state was
-    not written for."""
-    sharding = next(iter(tables.values())).row_sharding
-    if os.path.isfile(os.path.join(folder, optimizer_state_file(sharding))):
-        return
+def check_table_optimizer_state(folder: str, world_size: int) -> None:
+    """Refuse, before any work, to resume from checkpoint `folder` with a number of processes its table optimizer
+    state was not written for (`world_size`: the processes this run shards its tables over; 1 for whole tables)."""
     written = sorted(name for name in os.listdir(folder) if name.startswith("table-optimizer-"))
+    written_for = int(written[0].split("-of-")[1].removesuffix(".pt")) if written else 1
+    if written_for == world_size:
+        return
     if written:
         raise ValueError(
-            f"{folder} was written by a run of {written[0].split('-of-')[1].removesuffix('.pt')} processes; this run "
-            f"has {sharding.world_size}. The table optimizer's state is kept per process: resume on the same number "
-            "of processes, or start a new run from the checkpoint's weights (they load on any number)."
+            f"{folder} was written by a run of {written_for} processes; this run has {world_size}. The table "
+            "optimizer's state is kept per process: resume on the same number of processes, or start a new run from "
+            "the checkpoint's weights (they load on any number)."
         )
     raise ValueError(
-        f"{folder} has no table optimizer state for sharded tables ({optimizer_state_file(sharding)}): it was written "
-        "by a run whose tables were not sharded across processes. Resume with that layout, or start a new run from "
-        "the checkpoint's weights."
+        f"{folder} has no per-process table optimizer state: it was written by a run whose tables were whole (one "
+        f"process), and this run shards them over {world_size}. Resume in one process, or start a new run from the "
+        "checkpoint's weights."
     )
 
 

@@ -440,8 +440,8 @@ class MemoryTrainer(Trainer):
                 raise ValueError(f"No complete checkpoint to resume from in {self.args.output_dir}.")
         if resume_from_checkpoint:
             self._load_memory_weights(resume_from_checkpoint)
+            check_table_optimizer_state(resume_from_checkpoint, self.accelerator.num_processes if self.sharded_tables else 1)
             if self.sharded_tables:
-                check_table_optimizer_state(self.sharded_tables, resume_from_checkpoint)
                 self._table_state_on_resume.folder = resume_from_checkpoint
         result = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:

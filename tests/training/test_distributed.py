@@ -54,7 +54,7 @@ def _losses(output):
     return losses
 
 
-def _train(workspace, name, processes, config=None):
+def _train(workspace, name, processes, config=None, extra=()):
     """`memory-llama train` with the global batch split over `processes`; under `accelerate launch` with
     `config`, else in this process (the one-process reference, without start-up cost)."""
     output = workspace / name
@@ -63,9 +63,10 @@ def _train(workspace, name, processes, config=None):
         "--block-size", str(BLOCK), "--output_dir", str(output), "--max_steps", str(STEPS),
         "--per_device_train_batch_size", str(GLOBAL_BATCH // (processes * ACCUMULATION)),
         "--gradient_accumulation_steps", str(ACCUMULATION), "--learning_rate", "1e-2",
-        "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--seed", "0",
+        "--logging_steps", "1", "--report_to", "none", "--seed", "0",
+        *(() if "--save_strategy" in extra else ("--save_strategy", "no")),
         "--train_sampling_strategy", "sequential", "--disable_tqdm", "true", "--dataloader_pin_memory", "false",
-        "--use_cpu", "true",
+        "--use_cpu", "true", *extra,
     ]
     if config is None:
         from memory_llama_cli import main
@@ -110,6 +111,27 @@ def test_two_ddp_processes_match_one(workspace, single_process):
     assert files == {"model-00001-of-00001.safetensors", "memory-model.layers.0.engram.table.safetensors", "memory-model.chapter_bank.safetensors"}
     torch.testing.assert_close(_logits(output), _logits(reference_dir), rtol=0, atol=1e-4)
 
+
+def test_two_processes_resume_exactly_and_refuse_another_count(workspace):
+    """A run of 2 processes with sharded tables, checkpointed at step 2 and resumed from there in a new launch, ends
+    bit for bit where the uninterrupted run ends (weights, table optimizer state per process, data order, RNG).
+    Resuming that checkpoint in one process is refused before any step: its table optimizer state is per process."""
+    config = accelerate_config_path("ddp_cpu")
+    saving = ("--save_strategy", "steps", "--save_steps", "2")
+    whole, whole_losses, _ = _train(workspace, "ddp_whole", 2, config, saving)
+    assert {"table-optimizer-0-of-2.pt", "table-optimizer-1-of-2.pt"} <= set(os.listdir(whole / "checkpoint-2"))
+    resumed, resumed_losses, _ = _train(
+        workspace, "ddp_resumed", 2, config, (*saving, "--resume_from_checkpoint", str(whole / "checkpoint-2"))
+    )
+    assert resumed_losses == whole_losses
+    torch.testing.assert_close(_logits(resumed), _logits(whole), rtol=0, atol=0)
+
+    from memory_llama_cli import main
+
+    with pytest.raises(SystemExit, match="written by a run of 2 processes; this run has 1"):  # before loading
+        main(["train", str(workspace / "model"), "--data", str(workspace / "train.txt"), "--block-size", str(BLOCK),
+              "--output_dir", str(workspace / "one"), "--max_steps", str(STEPS), "--report_to", "none", "--use_cpu",
+              "true", "--resume_from_checkpoint", str(whole / "checkpoint-2")])
 
 
 def test_fsdp_on_cpu_processes_is_refused_not_silently_replaced(workspace, monkeypatch):
