@@ -49,7 +49,7 @@ from .table_placement import (
     place_table,
     write_safetensors_streaming,
 )
-from .table_sharding import meta_blocks, require_process_group, shard_rows, write_sharded_table
+from .table_sharding import launched_world_size, meta_blocks, require_process_group, shard_rows, write_sharded_table
 
 
 _RECORDED_MEMORY_DOC = r"""
@@ -283,12 +283,11 @@ class MemoryLlamaPreTrainedModel(PreTrainedModel):
         ("device", "host" or "disk", with `memory_offload_dir` for "disk") the tables (or blocks) are then placed as
         `set_memory_placement` says. The loader maps the checkpoint's files, so a table goes to its block and its
         working copy through the page cache, never whole in RAM."""
-        if shard_memory_tables:
-            require_process_group()
+        world_size = launched_world_size() if shard_memory_tables else 1  # checked before loading
         if memory_placement is not None:  # before loading: the tables the config describes, built without storage
             tables = cls._tables_described(*args, **kwargs)
             if shard_memory_tables:
-                tables = meta_blocks(tables, torch.distributed.get_world_size())
+                tables = meta_blocks(tables, world_size)
             check_placement(memory_placement, memory_offload_dir, tables)
         model = super().from_pretrained(*args, **kwargs)
         if shard_memory_tables:

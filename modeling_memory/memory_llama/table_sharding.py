@@ -54,12 +54,25 @@ class RowSharding:
         return (self.num_rows, *local.shape[1:])
 
 
+_NO_PROCESS_GROUP = (
+    "Sharding memory tables by row owner needs torch.distributed: launch with `torchrun` or `accelerate launch` (and "
+    "create the Trainer, or call `torch.distributed.init_process_group`, first)."
+)
+
+
 def require_process_group() -> None:
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
-            "Sharding memory tables by row owner needs torch.distributed to be initialised: launch with `torchrun` or "
-            "`accelerate launch` (and create the Trainer, or call `torch.distributed.init_process_group`, first)."
-        )
+        raise RuntimeError(_NO_PROCESS_GROUP)
+
+
+def launched_world_size() -> int:
+    """The number of processes of this run: the process group's, or before it exists (`from_pretrained` with
+    `tp_plan` creates it while loading) the launcher's WORLD_SIZE. Refuses a process that no launcher started."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    if "WORLD_SIZE" not in os.environ:
+        raise RuntimeError(_NO_PROCESS_GROUP)
+    return int(os.environ["WORLD_SIZE"])
 
 
 @functools.cache

@@ -71,6 +71,15 @@ def clip_grad_norm_with_shards(parameters, max_norm: float, tables) -> torch.Ten
     return total
 
 
+def state_dict_to_save(model, tables) -> dict:
+    """`model`'s state dict for `save_pretrained` with the backbone's FSDP-sharded parameters gathered whole and the
+    sharded tables left as they are (`save_pretrained` streams them block by block). Collective."""
+    return {
+        key: value.full_tensor() if isinstance(value, DTensor) and key not in tables else value
+        for key, value in model.state_dict().items()
+    }
+
+
 def optimizer_state_file(sharding) -> str:
     return f"table-optimizer-{sharding.rank}-of-{sharding.world_size}.pt"
 
@@ -134,6 +143,7 @@ def load_table_optimizer_state(optimizer, tables, folder: str) -> None:
 
 
 __all__ = [
+    "state_dict_to_save",
     "check_table_optimizer_state",
     "clip_grad_norm_with_shards",
     "keep_tables_out_of_ddp",

@@ -52,6 +52,7 @@ from modeling_memory.training.sharded_tables import (
     load_table_optimizer_state,
     save_table_optimizer_state,
     sharded_tables,
+    state_dict_to_save,
 )
 from modeling_memory.training.table_optimizers import CombinedOptimizer, LazyAdam, RowWiseAdagrad
 
@@ -421,7 +422,10 @@ class MemoryTrainer(Trainer):
         """What Trainer's save writes, by every process: the model (each process streams its blocks of the tables,
         `save_pretrained`), the tokenizer and training arguments (first process), and in a checkpoint each
         process's optimizer state of its table blocks."""
-        model.save_pretrained(folder, is_main_process=self.args.should_save)
+        state_dict = None
+        if self.is_fsdp_enabled:  # FSDP2's DTensors gathered whole; the tables are streamed by their owners
+            state_dict = state_dict_to_save(model, self.sharded_tables)
+        model.save_pretrained(folder, is_main_process=self.args.should_save, state_dict=state_dict)
         if self.args.should_save:
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(folder)

@@ -41,7 +41,7 @@ http_client = _http.httpx2 if hasattr(_http, "httpx2") else _http.httpx
 RUNTIME_FILES = {
     "modeling_memory_llama.py", "configuration_memory_llama.py", "engram.py", "chapter_memory.py",
     "product_key_memory.py", "ops_engram.py", "ops_chapter_attention.py", "ops_product_keys.py", "ops_table_rows.py",
-    "table_placement.py",
+    "table_placement.py", "table_sharding.py",
     "kernel_backend.py", "kernels_engram.py", "kernels_chapter_attention.py", "kernels_product_keys.py",
 }
 RUNTIME_DIR = Path(modeling_memory.memory_llama.__file__).parent

@@ -4,7 +4,12 @@
 process's share of a fixed global batch, with clipping; then saved with `save_pretrained` and through
 torch.distributed.checkpoint. Writes what the test compares into OUT/rank-<rank>.json.
 
-    python -m torch.distributed.run --nproc_per_node 2 sharded_worker.py MODEL_DIR OUT {ddp,fsdp2}
+    python -m torch.distributed.run --nproc_per_node 2 sharded_worker.py MODEL_DIR OUT {ddp,ddp-disk,fsdp2,tp}
+
+`ddp-disk` puts each process's blocks on disk (one offload folder shared by the processes).
+
+`tp` loads the model with transformers' tensor parallelism for the backbone (`tp_plan="auto"`) and the tables sharded
+by row owner, and only runs a forward.
 """
 
 import json
@@ -32,17 +37,48 @@ def build_optimizer(model):
     return build_memory_optimizer(groups, "adam", torch.optim.AdamW, {})
 
 
+def tensor_parallel_forward(model_dir: str, out: str) -> None:
+    from modeling_memory import MemoryLlamaForCausalLM
+
+    model = MemoryLlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, tp_plan="auto", shard_memory_tables=True)
+    rank = dist.get_rank()
+    q_proj = model.model.layers[0].self_attn.q_proj.weight
+    ids = global_batch(model.config.vocab_size)[0]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    # Every process generates from the same prompts, so each decode step's reads are collective.
+    generated = model.generate(ids[:2, :8], max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    if rank == 0:
+        torch.save(logits, os.path.join(out, "logits.pt"))
+        torch.save(generated, os.path.join(out, "generated.pt"))
+    model.save_pretrained(os.path.join(out, "saved"), is_main_process=rank == 0)  # TP weights gathered by transformers
+    with open(os.path.join(out, f"rank-{rank}.json"), "w") as handle:
+        json.dump({"rank": rank, "q_proj_local_rows": q_proj.to_local().shape[0], "q_proj_rows": q_proj.shape[0],
+                   "table_rows": model.model.layers[0].engram.table.weight.shape[0]}, handle)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main(model_dir: str, out: str, wrapper: str) -> None:
+    if wrapper == "tp":  # transformers initialises the process group itself
+        return tensor_parallel_forward(model_dir, out)
     dist.init_process_group("gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     from modeling_memory import MemoryLlamaForCausalLM
-    from modeling_memory.training.sharded_tables import clip_grad_norm_with_shards, keep_tables_out_of_ddp, sharded_tables
+    from modeling_memory.training.sharded_tables import (
+        clip_grad_norm_with_shards,
+        keep_tables_out_of_ddp,
+        sharded_tables,
+        state_dict_to_save,
+    )
 
     model = MemoryLlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, shard_memory_tables=True)
+    if wrapper == "ddp-disk":
+        model.set_memory_placement("disk", os.path.join(out, "offload"))
     tables = sharded_tables(model)
     blocks = {name: [module.row_sharding.start, module.row_sharding.stop, module.weight.numel()] for name, module in tables.items()}
     optimizer = build_optimizer(model)  # on the blocks: built after sharding, before wrapping (FSDP2 swaps parameters)
-    if wrapper == "ddp":
+    if wrapper.startswith("ddp"):
         keep_tables_out_of_ddp(model, tables)
         trained = torch.nn.parallel.DistributedDataParallel(model)
     else:
@@ -75,8 +111,7 @@ def main(model_dir: str, out: str, wrapper: str) -> None:
 
     state_dict = model.state_dict()
     table_types = {name: type(state_dict[name]).__name__ for name in tables}
-    full = {key: value.full_tensor() if key not in tables and hasattr(value, "full_tensor") else value for key, value in state_dict.items()}
-    model.save_pretrained(os.path.join(out, "saved"), state_dict=full, is_main_process=rank == 0)
+    model.save_pretrained(os.path.join(out, "saved"), state_dict=state_dict_to_save(model, tables), is_main_process=rank == 0)
 
     # torch.distributed.checkpoint sees each table as a DTensor of the whole table and writes each block once.
     import torch.distributed.checkpoint as dcp

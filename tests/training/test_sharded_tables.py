@@ -82,7 +82,7 @@ def _logits(path) -> torch.Tensor:
         return model(ids).logits
 
 
-@pytest.mark.parametrize("wrapper, processes", [("ddp", 2), ("fsdp2", 2), ("ddp", 4)])
+@pytest.mark.parametrize("wrapper, processes", [("ddp", 2), ("fsdp2", 2), ("ddp", 4), ("ddp-disk", 2)])
 def test_sharded_training_matches_one_process(model_dir, reference, tmp_path, wrapper, processes):
     ranks = _launch(model_dir, tmp_path, wrapper, processes)
     # The processes really are different ranks, each holding a different block of every table.
@@ -114,3 +114,22 @@ def test_sharded_training_matches_one_process(model_dir, reference, tmp_path, wr
         assert torch.equal(trained[name][~changed], before[~changed])  # rows no step read: bit-identical
         assert torch.equal((trained[name] != before).any(dim=1), changed)
     assert untouched > 0  # (the chapter bank is read whole by these steps; the Engram and value tables are not)
+
+
+def test_tensor_parallel_backbone_with_sharded_tables(model_dir, tmp_path):
+    """`from_pretrained(tp_plan="auto")` shards attention and MLP as Llama declares them (the config's
+    base_model_tp_plan) while the tables are sharded by row owner; the logits are one process's (fp32, atol 1e-5),
+    greedy generation with the cache gives its tokens, and the saved checkpoint loads whole in one process."""
+    ranks = _launch(model_dir, tmp_path, "tp", 2)
+    for report in ranks:
+        assert report["q_proj_local_rows"] * 2 == report["q_proj_rows"]
+    assert sum(report["table_rows"] for report in ranks) == _tables(model_dir)["model.layers.0.engram.table.weight"].shape[0]
+    expected = _logits(model_dir)
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(_logits(tmp_path / "saved"), expected, rtol=0, atol=1e-5)  # saved whole, loads in one
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    prompts = sharded_worker.global_batch(model.config.vocab_size)[0][:2, :8]
+    reference = model.generate(prompts, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert torch.equal(torch.load(tmp_path / "generated.pt"), reference)  # greedy decoding with the cache
