@@ -249,14 +249,15 @@ class MemoryLlamaPreTrainedModel(PreTrainedModel):
         (see `table_sharding.py`). Collective: every process calls it, after `init_process_group` (torchrun,
         accelerate launch; `MemoryTrainer` does it for a run of several processes) and before building an
         optimizer. Every later forward is collective too. Returns the model."""
-        require_process_group()
         tables = self.memory_tables()
         offloaded = {module.memory_placement for module in tables.values() if module.is_offloaded}
         if offloaded:
             raise ValueError(
                 f"Shard the memory tables before placing them ({', '.join(sorted(offloaded))}): call "
-                "shard_memory_tables() first, then set_memory_placement(), so that each process places only its block."
+                "shard_memory_tables() first, then set_memory_placement() (or pass shard_memory_tables=True with "
+                "memory_placement to from_pretrained), so that each process places only its block."
             )
+        require_process_group()
         for name, module in tables.items():
             if not module.is_sharded:
                 shard_rows(module, name)

@@ -59,6 +59,13 @@ def tensor_parallel_forward(model_dir: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+def replicated_like(table):
+    """The whole table as a DTensor replicated on the table's mesh: a layout a sharded table does not take."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    return DTensor.from_local(torch.zeros(table.shape), table.device_mesh, (Replicate(),), run_check=False)
+
+
 def main(model_dir: str, out: str, wrapper: str) -> None:
     if wrapper == "tp":  # transformers initialises the process group itself
         return tensor_parallel_forward(model_dir, out)
@@ -120,6 +127,14 @@ def main(model_dir: str, out: str, wrapper: str) -> None:
     reloaded = {key: torch.zeros_like(state_dict[key]) for key in tables}  # DTensors of zeros, same layout
     dcp.load(reloaded, checkpoint_id=os.path.join(out, "dcp"))
     dcp_round_trip = all(torch.equal(reloaded[key].to_local(), tables[key].weight.detach()) for key in tables)
+    # A table of another shape, or a DTensor laid out for another number of processes, is refused by name.
+    key = next(iter(tables))
+    refusals = []
+    for wrong in (torch.zeros(3, 3), replicated_like(state_dict[key])):
+        try:
+            model.load_state_dict({key: wrong}, strict=False)
+        except ValueError as error:
+            refusals.append(key in str(error))
 
     with open(os.path.join(out, f"rank-{rank}.json"), "w") as handle:
         json.dump(
@@ -131,6 +146,7 @@ def main(model_dir: str, out: str, wrapper: str) -> None:
                 "blocks": blocks,
                 "table_types": table_types,
                 "dcp_round_trip": dcp_round_trip,
+                "bad_layouts_refused": refusals == [True, True],
             },
             handle,
         )

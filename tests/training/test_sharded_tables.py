@@ -99,7 +99,7 @@ def test_sharded_training_matches_one_process(model_dir, reference, tmp_path, wr
     for report in ranks:
         assert report["losses"] == pytest.approx(reference["losses"], rel=1e-5)
         assert report["norms"] == pytest.approx(reference["norms"], rel=1e-5)
-        assert report["dcp_round_trip"]
+        assert report["dcp_round_trip"] and report["bad_layouts_refused"]
     assert reference["norms"][0] > sharded_worker.MAX_GRAD_NORM  # clipping bound, so its factor was compared
 
     # The sharded run's checkpoint is an ordinary one: it loads in one process and computes what the reference does.
@@ -133,3 +133,23 @@ def test_tensor_parallel_backbone_with_sharded_tables(model_dir, tmp_path):
     prompts = sharded_worker.global_batch(model.config.vocab_size)[0][:2, :8]
     reference = model.generate(prompts, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     assert torch.equal(torch.load(tmp_path / "generated.pt"), reference)  # greedy decoding with the cache
+
+
+def test_bad_sharding_requests_are_refused_before_any_work(model_dir, tmp_path, monkeypatch):
+    """No process group (and no launcher), tables already placed off the device, more processes than rows."""
+    from modeling_memory import MemoryLlamaForCausalLM
+    from modeling_memory.memory_llama.table_sharding import rows_per_process
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    model = MemoryLlamaForCausalLM.from_pretrained(model_dir)
+    with pytest.raises(RuntimeError, match="needs torch.distributed: launch with `torchrun`"):
+        model.shard_memory_tables()
+    with pytest.raises(RuntimeError, match="needs torch.distributed: launch with `torchrun`"):
+        MemoryLlamaForCausalLM.from_pretrained(model_dir, shard_memory_tables=True)
+    assert not model.memory_tables_sharded
+    model.set_memory_placement("disk", str(tmp_path / "offload"))
+    with pytest.raises(ValueError, match="Shard the memory tables before placing them"):
+        model.shard_memory_tables()
+    assert rows_per_process(10, 4, "t") == 3
+    with pytest.raises(ValueError, match="Table t has 3 rows, too few to give each of 4 processes some"):
+        rows_per_process(3, 4, "t")
