@@ -7,13 +7,15 @@
 Each launch (`torch.distributed.run`, one per process count, launches interleaved over --rounds) builds a small
 MemoryLlama (hidden 256, 4 layers, Engram at layers 0 and 2) whose tables are created straight as each process's
 block (`deferred_memory_tables` then `shard_memory_tables`: no process ever holds a whole table), wraps it in DDP
-with the tables ignored, and times training steps (LazyAdam on the tables, AdamW on the rest) on one global batch
+with the tables ignored, and times training steps (RowWiseAdagrad on the tables: one float of state per row, so a
+process needs about its block's bytes; AdamW on the rest) on one global batch
 of 8 x 128 tokens split over the processes. Replicated data parallel would need the whole table in every process:
 4 x the table, more than the machine has.
 
 Reported per process count: the median step time (over the launches' medians) and its ratio to one process, each
-process's table bytes and its peak resident memory. On 2 cores, 4 processes share 2 cores: the step time shows the
-cost of the exchange and of oversubscription, not a speed-up.
+process's table bytes and its peak resident memory. Every process computes on one thread, so one process uses one
+core of this 2-core machine, two use both, and four share them: the step times show the exchange's cost beside
+that, not a scaling law.
 """
 
 import argparse
@@ -77,7 +79,7 @@ def worker(table_gib: float, out: str) -> None:
     tables = sharded_tables(model)
     table_bytes = sum(module.weight.numel() * module.weight.element_size() for module in tables.values())
     groups = memory_parameter_groups(model, learning_rate=1e-3, weight_decay=0.0, decay_parameter_names=[])
-    optimizer = build_memory_optimizer(groups, "adam", torch.optim.AdamW, {})
+    optimizer = build_memory_optimizer(groups, "rowwise_adagrad", torch.optim.AdamW, {})
     keep_tables_out_of_ddp(model, tables)
     trained = torch.nn.parallel.DistributedDataParallel(model)
     generator = torch.Generator().manual_seed(1)
@@ -147,8 +149,10 @@ def main() -> None:
         ])
     table = markdown_table(["processes", "step (s)", "vs 1 process", "table per process", "peak RSS per process"], rows)
     body = (
-        f"An Engram table of {table_gib:.1f} GiB (more than the {share_gib:.1f} GiB share of RAM each of 4 processes "
-        f"has); global batch {GLOBAL_BATCH} x {SEQ_LEN} tokens; DDP (gloo) with the tables sharded by row owner; "
+        f"An Engram table of {table_gib:.1f} GiB; each of 4 processes has a {share_gib:.1f} GiB share of RAM, so "
+        f"replicated data parallel (the whole table in every process: {4 * table_gib:.1f} GiB) would not fit. Global "
+        f"batch {GLOBAL_BATCH} x {SEQ_LEN} tokens; DDP (gloo) with the tables sharded by row owner, RowWiseAdagrad on "
+        f"them; one thread per process ({os.cpu_count()} cores: one process uses one, two use both, four share them); "
         f"median of {args.rounds} launches per count, each the median of {STEPS} steps.\n\n{table}\n"
     )
     print(body, flush=True)

@@ -69,7 +69,7 @@ def touched_rows(param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if grad.is_sparse:
         grad = grad.coalesce()
         rows = grad.indices()[0]
-        return rows, grad.values().reshape(rows.numel(), -1)
+        return rows, grad.values().reshape(rows.numel(), param[0].numel())  # (a block may get no row: U = 0)
     dense = grad.reshape(param.shape[0], -1)
     rows = dense.ne(0).any(dim=1).nonzero().squeeze(1)
     return rows, dense.index_select(0, rows)
@@ -147,9 +147,12 @@ class LazyAdam(_Fp32StateOptimizer):
                     state["step"] = torch.tensor(0.0)
                     state["exp_avg"] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
                     state["exp_avg_sq"] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+                # A step counts whenever the table has a gradient, even one touching no row, as torch's SparseAdam
+                # counts it: a process's block of a sharded table may go untouched in a step in which the whole
+                # table (one process) was touched, and both must apply the same bias correction.
+                state["step"] += 1
                 if rows.numel() == 0:
                     continue
-                state["step"] += 1
                 step = float(state["step"])
                 row_grads = row_grads.float()
                 exp_avg = state["exp_avg"].view(param.shape[0], -1)

@@ -19,6 +19,10 @@
   router losses: `eval_loss` is the language-model loss alone.
 - Memory health in the logs (`memory_health.py`), read from the memory internals the training forward
   records: `chapter_usage_entropy`, `chapters_used_fraction`, `engram_gate_mean` and `aux_loss`.
+- Several processes (torchrun, accelerate launch): the memory tables are sharded by row owner
+  (`shard_memory_tables`) and kept out of DDP and FSDP2; clipping counts each table once over all its blocks;
+  saving is collective (each process streams its blocks) and a checkpoint holds each process's table optimizer
+  state, so that a run resumes exactly on the same number of processes (`sharded_tables.py`).
 - `save_model` (checkpoints and the final save) writes into a staging folder and moves each file into place;
   with a PEFT model whose memory is trained directly (see `peft_modes.py`) it also writes `memory.safetensors`,
   which `train` loads back when resuming and after loading the best checkpoint at the end.

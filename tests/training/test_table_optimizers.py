@@ -81,6 +81,24 @@ def test_lazy_adam_matches_sparse_adam_and_dense_adam_on_touched_rows(weight_dec
     assert not torch.allclose(lazy_table.weight.detach()[0], dense_table.weight.detach()[0])  # dense Adam moved it
 
 
+def test_lazy_adam_counts_a_step_whose_gradient_touches_no_row_as_sparse_adam_does():
+    """A block of a sharded table can receive an empty sparse gradient in a step: the step still counts, so later
+    bias corrections are those of the whole table in one process (and of torch's SparseAdam)."""
+    lazy_table, sparse_table = _sparse_table(), _sparse_table()
+    lazy = LazyAdam(lazy_table.parameters(), lr=0.05, betas=(0.8, 0.9), eps=1e-8)
+    sparse = torch.optim.SparseAdam(sparse_table.parameters(), lr=0.05, betas=(0.8, 0.9), eps=1e-8)
+    for step, (ids, grad_out) in enumerate(_batches(4)):
+        for table, optimizer in ((lazy_table, lazy), (sparse_table, sparse)):
+            if step == 1:  # a gradient that touches no row
+                table.weight.grad = torch.sparse_coo_tensor(torch.empty(1, 0, dtype=torch.long), torch.empty(0, 4), (12, 4))
+            else:
+                _backward(table, ids, grad_out)
+            optimizer.step()
+            optimizer.zero_grad()
+    assert float(lazy.state[lazy_table.weight]["step"]) == 4
+    torch.testing.assert_close(lazy_table.weight.detach(), sparse_table.weight.detach(), **TOLERANCE)
+
+
 @pytest.mark.parametrize("optimizer_cls", [LazyAdam, RowWiseAdagrad])
 def test_accumulated_sparse_gradients_equal_one_batch(optimizer_cls):
     """Gradient accumulation leaves a sparse gradient with repeated rows (uncoalesced): stepping on it equals
