@@ -280,6 +280,7 @@ def _save_sparse_memory_slots(slots: dict, output_dir: str) -> None:
 def run_train(args) -> int:
     """`memory-llama train`; see the module docstring."""
     import torch
+    from transformers import set_seed
 
     from modeling_memory.tools.graft import LLAMA_COMPATIBLE_MODEL_TYPES, GraftError, graft, memory_config_from_llama
     from modeling_memory.tools.loading import from_pretrained, load_memory_llama
@@ -391,6 +392,8 @@ def run_train(args) -> int:
             "would shard the tables by row owner: run sparse memory fine-tuning in one process."
         )
     load_placement = {} if sharded else placement
+    # --seed governs everything drawn before Trainer seeds itself too: a graft's new memory and the LoRA init.
+    set_seed(training_args.seed)
     tokenizer = _load_tokenizer(args.model, fallback=adapter_base(args.model))
     if len(tokenizer) > config.vocab_size:
         raise ToolError(f"The tokenizer has {len(tokenizer)} tokens but the model's vocabulary only {config.vocab_size}.")
@@ -462,6 +465,10 @@ def run_train(args) -> int:
             written.append(path)
         names = ", ".join(os.path.basename(p) for p in written) or "no plots"
         print(f"saved the trained model to {output_dir}; wrote {names}")
+    # Every process leaves together and tears its process groups down (the tables' own included): a process that
+    # exits while another still holds a connection can abort it.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
     return 0
 
 

@@ -31,6 +31,8 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
+from modeling_memory.memory_llama.table_sharding import write_sharded_table
+
 from modeling_memory.choices import TRAINING_MODES
 from modeling_memory.training.memory_parameters import TABLE_KINDS, memory_kinds
 from modeling_memory.tools.safe_write import atomic_file
@@ -237,14 +239,29 @@ def has_trainable_memory_outside_adapter(model) -> bool:
     return isinstance(model, PeftModel) and bool(memory_state_dict(model))
 
 
-def save_memory_weights(model, directory: str) -> str:
-    """Write the memory trained outside the adapter to `directory/memory.safetensors` (atomically)."""
-    tensors = {name: tensor.contiguous().cpu().clone() for name, tensor in memory_state_dict(model).items()}
-    if not tensors:
+def _sharded_tables(model) -> dict:
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return {key: module for key, module in base.memory_tables().items() if module.is_sharded}
+
+
+def save_memory_weights(model, directory: str, is_main_process: bool = True) -> str:
+    """Write the memory trained outside the adapter to `directory/memory.safetensors` (atomically). A table sharded
+    across processes goes to a file of its own (`memory-<key>.safetensors`, named in memory.safetensors' metadata),
+    each process streaming its block: then every process calls this, `is_main_process` true on one."""
+    state = memory_state_dict(model)
+    if not state:
         raise ValueError("This model trains no memory outside an adapter; there is nothing to save.")
+    tables = {key: module for key, module in _sharded_tables(model).items() if key in state}
+    table_files = {}
+    for key, module in tables.items():
+        table_files[key] = f"memory-{key.removesuffix('.weight')}.safetensors"
+        write_sharded_table(os.path.join(directory, table_files[key]), key, module, metadata={"format": "pt"})
     path = os.path.join(directory, MEMORY_WEIGHTS_NAME)
-    with atomic_file(path) as staging:
-        safetensors.torch.save_file(tensors, staging, metadata={"format": "pt", "names": json.dumps(sorted(tensors))})
+    if is_main_process:
+        tensors = {name: tensor.contiguous().cpu().clone() for name, tensor in state.items() if name not in tables}
+        metadata = {"format": "pt", "names": json.dumps(sorted(state)), "tables": json.dumps(table_files)}
+        with atomic_file(path) as staging:
+            safetensors.torch.save_file(tensors, staging, metadata=metadata)
     return path
 
 
@@ -256,6 +273,14 @@ def load_memory_weights(model, directory: str) -> list[str]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist: save it with save_adapter_with_memory / MemoryTrainer.")
     tensors = safetensors.torch.load_file(path)
+    with safetensors.safe_open(path, "pt") as file:
+        table_files = json.loads((file.metadata() or {}).get("tables", "{}"))
+    sharded = _sharded_tables(model)
+    for key, name in table_files.items():  # whole tables, or this process's rows of each
+        with safetensors.safe_open(os.path.join(directory, name), "pt") as file:
+            rows = file.get_slice(key)
+            sharding = sharded[key].row_sharding if key in sharded else None
+            tensors[key] = rows[sharding.start : sharding.stop] if sharding else rows[:]
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     params = dict(base.named_parameters())
     unknown = sorted(name for name in tensors if name not in params)

@@ -264,14 +264,6 @@ class MemoryTrainer(Trainer):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if not hasattr(base, "shard_memory_tables") or not base.memory_tables():
             return {}
-        from modeling_memory.training.peft_modes import has_trainable_memory_outside_adapter
-
-        if has_trainable_memory_outside_adapter(model):
-            raise ValueError(
-                "This PEFT model trains memory tables outside its adapter, which is saved whole by one process; with "
-                f"{self.accelerator.num_processes} processes the tables are sharded across them. Train it in one "
-                "process, or in a mode whose tables are frozen (lora) or trained in full (full, memory_only)."
-            )
         if not base.memory_tables_sharded:
             base.shard_memory_tables()
         tables = sharded_tables(base)
@@ -409,8 +401,8 @@ class MemoryTrainer(Trainer):
                 self._save_sharded(model, staging, checkpoint=_internal_call)
             else:
                 super().save_model(staging, _internal_call=True)  # Trainer would push before the files are in place
-            if self.args.should_save and has_trainable_memory_outside_adapter(model):
-                save_memory_weights(model, staging)
+            if (self.args.should_save or self.sharded_tables) and has_trainable_memory_outside_adapter(model):
+                save_memory_weights(model, staging, is_main_process=self.args.should_save)
             if self.sharded_tables:
                 self.accelerator.wait_for_everyone()
             if self.args.should_save:

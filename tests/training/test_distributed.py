@@ -85,9 +85,9 @@ def _train(workspace, name, processes, config=None, extra=()):
 
 
 def _logits(path):
-    from transformers import AutoModelForCausalLM
+    from modeling_memory.tools.loading import load_memory_llama
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = load_memory_llama(str(path), dtype=torch.float32).eval()  # a full checkpoint, or an adapter with its memory
     ids = torch.arange(3, 3 + 2 * BLOCK).reshape(2, BLOCK) % model.config.vocab_size
     with torch.no_grad():
         return model(ids).logits
@@ -110,6 +110,19 @@ def test_two_ddp_processes_match_one(workspace, single_process):
         files = set(json.load(handle)["weight_map"].values())
     assert files == {"model-00001-of-00001.safetensors", "memory-model.layers.0.engram.table.safetensors", "memory-model.chapter_bank.safetensors"}
     torch.testing.assert_close(_logits(output), _logits(reference_dir), rtol=0, atol=1e-4)
+
+
+def test_lora_mode_with_sharded_memory_matches_one_process(workspace):
+    """The LoRA mode trains the memory (tables included) beside the adapter: under 2 processes its tables are
+    sharded, each process streams its blocks into the adapter folder's memory files, and the folder loads in one
+    process with the one-process run's logits."""
+    lora = ("--mode", "lora", "--lora-dropout", "0")  # dropout would draw differently in one process and in two
+    reference, reference_losses, _ = _train(workspace, "lora_single", 1, extra=lora)
+    output, losses, stdout = _train(workspace, "lora_ddp", 2, accelerate_config_path("ddp_cpu"), lora)
+    assert "2 memory tables sharded by row owner" in stdout
+    assert losses == pytest.approx(reference_losses, rel=1e-5)
+    assert os.path.isfile(output / "memory-model.layers.0.engram.table.safetensors")
+    torch.testing.assert_close(_logits(output), _logits(reference), rtol=0, atol=1e-4)
 
 
 def test_two_processes_resume_exactly_and_refuse_another_count(workspace):
