@@ -21,6 +21,7 @@ that, not a scaling law.
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -30,13 +31,10 @@ import time
 import torch
 
 from benchmarks.harness import benchmark_parser, finish_run, markdown_table, start_run
+from benchmarks.tables_beyond_memory import machine_ram_bytes
 
 GLOBAL_BATCH, SEQ_LEN, STEPS, WARMUP = 8, 128, 6, 2
 PROCESS_COUNTS = (1, 2, 4)
-
-
-def machine_ram_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def config_for(table_gib: float):
@@ -49,14 +47,6 @@ def config_for(table_gib: float):
         num_key_value_heads=2, max_position_embeddings=512, engram_layers=[0, 2], engram_ngram_orders=[2, 3],
         engram_heads_per_order=4, engram_table_size=rows_per_head, engram_dim=engram_dim,
     )
-
-
-def peak_rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def worker(table_gib: float, out: str) -> None:
@@ -96,7 +86,8 @@ def worker(table_gib: float, out: str) -> None:
         dist.barrier()
         if step >= WARMUP:
             times.append(time.perf_counter() - begin)
-    report = {"step_s": statistics.median(times), "table_bytes": table_bytes, "peak_rss": peak_rss_bytes()}
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    report = {"step_s": statistics.median(times), "table_bytes": table_bytes, "peak_rss": peak_rss}
     with open(os.path.join(out, f"rank-{rank}.json"), "w") as handle:
         json.dump(report, handle)
     dist.barrier()
@@ -113,7 +104,11 @@ def launch(processes: int, table_gib: float) -> list[dict]:
         result = subprocess.run(command, capture_output=True, text=True, env=env)
         if result.returncode != 0:
             raise RuntimeError(f"{processes} processes failed:\n{result.stderr[-4000:]}")
-        return [json.load(open(os.path.join(out, f"rank-{rank}.json"))) for rank in range(processes)]
+        reports = []
+        for rank in range(processes):
+            with open(os.path.join(out, f"rank-{rank}.json")) as handle:
+                reports.append(json.load(handle))
+        return reports
 
 
 def main() -> None:

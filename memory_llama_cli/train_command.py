@@ -88,7 +88,6 @@ def placement_arguments(args, config, num_processes: int = 1) -> dict:
     return {"memory_placement": args.memory_placement, "memory_offload_dir": args.memory_offload_dir}
 
 
-
 def _inside(path: str, folder: str) -> bool:
     """Whether `path` is `folder` or lies inside it (symbolic links resolved)."""
     path, folder = os.path.realpath(path), os.path.realpath(folder)

@@ -172,6 +172,12 @@ def _row_chunks(tensor: torch.Tensor):
         yield slice(start, min(start + rows_per_chunk, tensor.shape[0]))
 
 
+def write_rows(file, tensor: torch.Tensor) -> None:
+    """Write `tensor`'s bytes at `file`'s position a block of rows at a time (never a second full copy in RAM)."""
+    for rows in _row_chunks(tensor):
+        file.write(memoryview(tensor[rows].detach().to("cpu").contiguous().view(torch.uint8).numpy()))
+
+
 def write_safetensors_streaming(path: str, tensors: dict[str, torch.Tensor], metadata=None) -> None:
     """Write `tensors` as a safetensors file, a block of rows at a time (never a second full copy in RAM: a table
     on disk or larger than RAM is read through the page cache). Written under a temporary name and renamed, so
@@ -181,9 +187,7 @@ def write_safetensors_streaming(path: str, tensors: dict[str, torch.Tensor], met
         with open(partial, "wb") as file:
             file.write(safetensors_header(tensors, metadata))
             for tensor in tensors.values():
-                for rows in _row_chunks(tensor):
-                    block = tensor[rows].detach().to("cpu").contiguous()
-                    file.write(memoryview(block.view(torch.uint8).numpy()))
+                write_rows(file, tensor)
             file.flush()
             os.fsync(file.fileno())
         os.replace(partial, path)

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from .ops_table_rows import sparse_row_gradient
-from .table_placement import _gather, safetensors_header, table_bytes, _row_chunks
+from .table_placement import _gather, safetensors_header, table_bytes, write_rows
 
 
 @dataclass(frozen=True)
@@ -126,18 +126,17 @@ def _all_to_all(tensor: torch.Tensor, send_counts: list[int], recv_counts: list[
 
 
 class ShardedRowFetch:
-    """The distinct rows of a sharded table one read needs, exchanged with their owners (the interface of
-    `RowFetch`: `unique_rows`, `inverse`, `result()`).
+    """The distinct rows of a sharded table one read needs, exchanged with their owners (read as a `RowFetch` is:
+    `inverse`, `result()`).
 
-    unique_rows: (U,) int64 ascending global row ids; inverse: positions into them of the rows asked for, on the
-    compute device, shaped as they were asked for."""
+    inverse: positions of the rows asked for among the U distinct rows (ascending global ids), on the compute
+    device, shaped as they were asked for."""
 
     def __init__(self, module, row_ids: torch.Tensor):
         sharding: RowSharding = module.row_sharding
         self.sharding = sharding
         self.device = row_ids.device
         unique_rows, self.inverse = torch.unique(row_ids, sorted=True, return_inverse=True)
-        self.unique_rows = unique_rows
         comm = sharding.comm_device
         wanted = unique_rows.to(comm)
         owners = torch.div(wanted, sharding.rows_per_rank, rounding_mode="floor")
@@ -258,8 +257,7 @@ def write_sharded_table(path: str, key: str, module, metadata: dict[str, str] | 
     row_bytes = table_bytes(block[:1]) if block.shape[0] else 0
     with open(partial, "r+b") as file:
         file.seek(len(header) + sharding.start * row_bytes)
-        for rows in _row_chunks(block):
-            file.write(memoryview(block[rows].to("cpu").contiguous().view(torch.uint8).numpy()))
+        write_rows(file, block)
         file.flush()
         os.fsync(file.fileno())
     dist.barrier(group=sharding.group)
@@ -268,4 +266,16 @@ def write_sharded_table(path: str, key: str, module, metadata: dict[str, str] | 
     dist.barrier(group=sharding.group)
 
 
-__all__ = ["RowSharding", "ShardedRowFetch", "as_dtensor", "require_process_group", "sharded_rows", "write_sharded_table"]
+__all__ = [
+    "RowSharding",
+    "ShardedRowFetch",
+    "as_dtensor",
+    "launched_world_size",
+    "local_block_of",
+    "meta_blocks",
+    "require_process_group",
+    "rows_per_process",
+    "shard_rows",
+    "sharded_rows",
+    "write_sharded_table",
+]

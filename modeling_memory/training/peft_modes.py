@@ -31,10 +31,10 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
-from modeling_memory.memory_llama.table_sharding import write_sharded_table
-
 from modeling_memory.choices import TRAINING_MODES
+from modeling_memory.memory_llama.table_sharding import write_sharded_table
 from modeling_memory.training.memory_parameters import TABLE_KINDS, memory_kinds
+from modeling_memory.training.sharded_tables import sharded_tables
 from modeling_memory.tools.safe_write import atomic_file
 
 BACKBONE_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -239,11 +239,6 @@ def has_trainable_memory_outside_adapter(model) -> bool:
     return isinstance(model, PeftModel) and bool(memory_state_dict(model))
 
 
-def _sharded_tables(model) -> dict:
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    return {key: module for key, module in base.memory_tables().items() if module.is_sharded}
-
-
 def save_memory_weights(model, directory: str, is_main_process: bool = True) -> str:
     """Write the memory trained outside the adapter to `directory/memory.safetensors` (atomically). A table sharded
     across processes goes to a file of its own (`memory-<key>.safetensors`, named in memory.safetensors' metadata),
@@ -251,7 +246,7 @@ def save_memory_weights(model, directory: str, is_main_process: bool = True) -> 
     state = memory_state_dict(model)
     if not state:
         raise ValueError("This model trains no memory outside an adapter; there is nothing to save.")
-    tables = {key: module for key, module in _sharded_tables(model).items() if key in state}
+    tables = {key: module for key, module in sharded_tables(model).items() if key in state}
     table_files = {}
     for key, module in tables.items():
         table_files[key] = f"memory-{key.removesuffix('.weight')}.safetensors"
@@ -275,7 +270,7 @@ def load_memory_weights(model, directory: str) -> list[str]:
     tensors = safetensors.torch.load_file(path)
     with safetensors.safe_open(path, "pt") as file:
         table_files = json.loads((file.metadata() or {}).get("tables", "{}"))
-    sharded = _sharded_tables(model)
+    sharded = sharded_tables(model)
     for key, name in table_files.items():  # whole tables, or this process's rows of each
         with safetensors.safe_open(os.path.join(directory, name), "pt") as file:
             rows = file.get_slice(key)

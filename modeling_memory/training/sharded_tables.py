@@ -47,27 +47,26 @@ def clip_grad_norm_with_shards(parameters, max_norm: float, tables) -> torch.Ten
     table_weights = {id(module.weight) for module in tables.values()}
     params = [p for p in parameters if p.grad is not None]
     blocks = [p for p in params if id(p) in table_weights]
+    # The other gradients by device mesh (None: plain tensors): torch takes norms of, and clips, one kind at a time.
     by_mesh = {}
     for p in params:
         if id(p) not in table_weights:
-            by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p.grad)
+            by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
     squares = []
-    for grads in by_mesh.values():
-        norm = get_total_norm(grads)
+    for group in by_mesh.values():
+        norm = get_total_norm([p.grad for p in group])
         squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).float().square())
-    group = next(iter(tables.values())).row_sharding
-    block_square = torch.zeros((), device=group.comm_device)
+    sharding = next(iter(tables.values())).row_sharding
+    block_square = torch.zeros((), device=sharding.comm_device)
     if blocks:
-        block_square = get_total_norm([p.grad for p in blocks]).float().square().to(group.comm_device)
-    dist.all_reduce(block_square, group=group.group)
+        block_square = get_total_norm([p.grad for p in blocks]).float().square().to(sharding.comm_device)
+    dist.all_reduce(block_square, group=sharding.group)
     device = squares[0].device if squares else block_square.device
     total = torch.stack([*squares, block_square.to(device)]).sum().sqrt()
     if max_norm != float("inf"):
-        # By mesh, as torch's clipping takes DTensor and plain gradients only apart.
-        plain = [p for p in params if not isinstance(p.grad, DTensor)]
-        for group in [plain, *[[p for p in params if isinstance(p.grad, DTensor) and p.grad.device_mesh == mesh] for mesh in by_mesh if mesh is not None]]:
-            if group:
-                clip_grads_with_norm_(group, max_norm, total)
+        by_mesh.setdefault(None, []).extend(blocks)  # the blocks are plain tensors
+        for group in by_mesh.values():
+            clip_grads_with_norm_(group, max_norm, total)
     return total
 
 
@@ -101,7 +100,7 @@ def save_table_optimizer_state(optimizer, tables, folder: str) -> None:
         if param_state:
             state[name] = {key: value.cpu() if torch.is_tensor(value) else value for key, value in param_state.items()}
     sharding = next(iter(tables.values())).row_sharding
-    torch.save({"world_size": sharding.world_size, "state": state}, os.path.join(folder, optimizer_state_file(sharding)))
+    torch.save(state, os.path.join(folder, optimizer_state_file(sharding)))
 
 
 def check_table_optimizer_state(folder: str, world_size: int) -> None:
@@ -128,7 +127,7 @@ def load_table_optimizer_state(optimizer, tables, folder: str) -> None:
     """Put this process's table-block optimizer state from `folder` into `optimizer` (in place of whatever the
     shared optimizer checkpoint, written by the first process, gave its tables)."""
     sharding = next(iter(tables.values())).row_sharding
-    saved = torch.load(os.path.join(folder, optimizer_state_file(sharding)), weights_only=True)["state"]
+    saved = torch.load(os.path.join(folder, optimizer_state_file(sharding)), weights_only=True)
     for name, module in tables.items():
         weight = module.weight
         state = _state_of(optimizer, weight)
@@ -143,11 +142,11 @@ def load_table_optimizer_state(optimizer, tables, folder: str) -> None:
 
 
 __all__ = [
-    "state_dict_to_save",
     "check_table_optimizer_state",
     "clip_grad_norm_with_shards",
     "keep_tables_out_of_ddp",
     "load_table_optimizer_state",
     "save_table_optimizer_state",
     "sharded_tables",
+    "state_dict_to_save",
 ]
