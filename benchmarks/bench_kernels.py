@@ -7,10 +7,12 @@ CPU (always):
   (b) Engram lookup, one fused gather over all heads (`engram_lookup_torch`) vs one `F.embedding` per
       head, gather alone and with the hashing, forward and forward+backward;
   (c) chapter attention time and peak extra memory as the bank grows from 4K to 262K memory tokens at a
-      fixed top-k and chapter size.
+      fixed top-k and chapter size;
+  (d) Memory Mosaics key scan, the chunked PyTorch path vs the naive step-by-step loop, forward and
+      forward+backward.
 GPU (when CUDA is available): Triton vs reference forward and forward+backward for the Engram lookup, chapter
-attention and the product-key bag, the Engram lookup's bytes/s as a fraction of the device-to-device copy
-bandwidth, and chapter attention FLOP/s vs dense SDPA doing the same FLOPs.
+attention, the product-key bag and the Memory Mosaics key scan, the Engram lookup's bytes/s as a fraction of the
+device-to-device copy bandwidth, and chapter attention FLOP/s vs dense SDPA doing the same FLOPs.
 
 Usage: python -m benchmarks.bench_kernels [--repeats N] [--threads N] [--no-write]
 """
@@ -25,7 +27,9 @@ from torch.utils.benchmark import Timer
 
 from benchmarks.harness import benchmark_parser, finish_run, interleaved_medians, markdown_table, start_run
 from modeling_memory.memory_llama.naive_engram import naive_primes_from
+from modeling_memory.memory_llama.naive_mosaic_keys import naive_mosaic_key_scan
 from modeling_memory.memory_llama.ops_chapter_attention import chapter_attention_torch
+from modeling_memory.memory_llama.ops_mosaic_keys import mosaic_key_scan_torch
 from modeling_memory.memory_llama.ops_product_keys import product_key_bag_torch
 from modeling_memory.memory_llama.ops_engram import (
     EngramHashing,
@@ -90,6 +94,16 @@ def engram_inputs(batch, new_len, orders, heads_per_order, head_dim, table_size,
     )
     table = torch.nn.Embedding(int(primes.sum()), head_dim).to(device=device, dtype=dtype)
     return inputs, table
+
+
+def mosaic_key_inputs(batch, heads, length, width, *, device="cpu", dtype=torch.float32, seed=0):
+    """u (B, H, T, D), log gates and log decays (B, H, T) as the associative memory makes them: log g = W_g x,
+    log lambda = -|W_lambda x|."""
+    generator = torch.Generator().manual_seed(seed)
+    projected = torch.randn(batch, heads, length, width, generator=generator)
+    log_gate = torch.randn(batch, heads, length, generator=generator)
+    log_decay = -torch.randn(batch, heads, length, generator=generator).abs()
+    return [tensor.to(device=device, dtype=dtype) for tensor in (projected, log_gate, log_decay)]
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -302,6 +316,34 @@ def bench_bank_growth(repeats: int) -> str:
     )
 
 
+def bench_mosaic_key_scan(repeats: int) -> str:
+    batch, heads, length, width = 4, 8, 2048, 64
+    repeats = min(repeats, 3)  # the naive loop's forward+backward takes about half a second
+    inputs = mosaic_key_inputs(batch, heads, length, width)
+    chunked = mosaic_key_scan_torch(*inputs)[0]
+    torch.testing.assert_close(chunked.double(), naive_mosaic_key_scan(*inputs)[0], atol=1e-5, rtol=1e-5)
+    timings = interleaved_medians(
+        {
+            "chunked fwd": no_grad(lambda: mosaic_key_scan_torch(*inputs)),
+            "naive fwd": no_grad(lambda: naive_mosaic_key_scan(*inputs)),
+            "chunked fwd+bwd": forward_backward(lambda: mosaic_key_scan_torch(*inputs)[0], inputs),
+            "naive fwd+bwd": forward_backward(lambda: naive_mosaic_key_scan(*inputs)[0], inputs),
+        },
+        repeats,
+    )
+    rows = []
+    for mode in ("fwd", "fwd+bwd"):
+        chunked_s, naive_s = timings[f"chunked {mode}"], timings[f"naive {mode}"]
+        rows.append([mode, ms(chunked_s), ms(naive_s), f"{naive_s / chunked_s:.1f}x"])
+    table = markdown_table(["pass", "chunked PyTorch path, fp32 (ms)", "naive loop, float64 (ms)",
+                            "naive / chunked"], rows)
+    return (
+        f"**(d) Memory Mosaics key scan: chunked PyTorch path vs the naive step-by-step loop.** B={batch}, H={heads}, "
+        f"T={length}, D={width}, gradients to u, log gates and log decays in fwd+bwd; median of {repeats}.\n\n"
+        f"{table}\n"
+    )
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 
 
@@ -408,6 +450,7 @@ def bench_gpu() -> str:
         + "\n"
     )
     sections.append(bench_gpu_product_key_bag())
+    sections.append(bench_gpu_mosaic_key_scan())
     return "\n".join(sections)
 
 
@@ -444,6 +487,32 @@ def bench_gpu_product_key_bag() -> str:
     )
 
 
+def bench_gpu_mosaic_key_scan() -> str:
+    """The Memory Mosaics key scan: Triton vs the chunked PyTorch path, forward and forward+backward (gradients to
+    u, log gates and log decays)."""
+    from modeling_memory.memory_llama.kernels_mosaic_keys import mosaic_key_scan_triton
+
+    rows = []
+    for batch, heads, length, width, dtype in ((4, 8, 2048, 64, torch.bfloat16), (4, 8, 2048, 64, torch.float32),
+                                               (8, 16, 4096, 128, torch.bfloat16)):
+        inputs = mosaic_key_inputs(batch, heads, length, width, device="cuda", dtype=dtype)
+        trained = [tensor.clone() for tensor in inputs]  # forward_backward makes them leaves
+        timings = {}
+        for name, op in (("Triton", mosaic_key_scan_triton), ("reference", mosaic_key_scan_torch)):
+            timings[f"{name} fwd"] = cuda_time(no_grad(lambda op=op: op(*inputs)))
+            timings[f"{name} fwd+bwd"] = cuda_time(forward_backward(lambda op=op: op(*trained)[0], trained))
+        shape = f"B={batch}, H={heads}, T={length}, D={width}, {str(dtype).removeprefix('torch.')}"
+        for mode in ("fwd", "fwd+bwd"):
+            triton_s, reference_s = timings[f"Triton {mode}"], timings[f"reference {mode}"]
+            rows.append([shape, mode, ms_fine(triton_s), ms_fine(reference_s), f"{reference_s / triton_s:.2f}x"])
+    return (
+        "**Memory Mosaics key scan, Triton vs reference** (the chunked PyTorch path; one program per sequence and "
+        "head walks its tiles of time steps).\n\n"
+        + markdown_table(["shape", "pass", "Triton (ms)", "reference (ms)", "reference / Triton"], rows)
+        + "\n"
+    )
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -456,7 +525,7 @@ def main() -> None:
     return_freed_memory_at_once()
 
     parts = []
-    for bench in (bench_dense_vs_gathered, bench_fused_vs_per_head_gather, bench_bank_growth):
+    for bench in (bench_dense_vs_gathered, bench_fused_vs_per_head_gather, bench_bank_growth, bench_mosaic_key_scan):
         part = bench(args.repeats)
         print(part, flush=True)
         parts.append(part)

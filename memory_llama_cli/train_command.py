@@ -328,7 +328,7 @@ def run_train(args) -> int:
     max_positions = config.max_position_embeddings
     if not 2 <= args.block_size <= max_positions:
         raise ToolError(f"--block-size must be between 2 and the model's max_position_embeddings ({max_positions}), got {args.block_size}.")
-    has_memory = config.model_type == "memory_llama" and (config.chapter_layers or config.engram_layers or config.pkm_layers)
+    has_memory = config.model_type == "memory_llama" and config.has_memory
     if args.mode != "full" and config.model_type == "memory_llama" and not has_memory:
         raise ToolError(f"--mode {args.mode} trains the memory, but {args.model} has none; use --mode full or --graft.")
     sparse_options = {"--sparse-memory-top-t": args.sparse_memory_top_t, "--background-data": args.background_data,

@@ -12,7 +12,7 @@ imports nothing and holds nothing but constants.
 TRAINING_MODES = ("full", "memory_only", "lora", "lora_all", "sparse_memory")
 
 # `memory_preset(config, preset)` / `memory-llama graft --preset`, `memory-llama train --graft`.
-GRAFT_PRESETS = ("engram", "chapters", "both", "pkm", "all")
+GRAFT_PRESETS = ("engram", "chapters", "both", "pkm", "all", "mosaic")
 
 # Where memory tables live: `model.set_memory_placement(placement)` / `--memory-placement`. The run-time module
 # `memory_llama/table_placement.py` holds the same tuple (a Hub export ships it without this file).

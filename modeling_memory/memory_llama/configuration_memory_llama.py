@@ -1,8 +1,8 @@
-"""Configuration of MemoryLlama: a Llama whose decoder layers carry chapter memory, Engram and
-product-key memory.
+"""Configuration of MemoryLlama: a Llama whose decoder layers carry chapter memory, Engram, product-key
+memory and associative memory.
 
 Memory settings are flat, prefixed fields (the Mixtral / Qwen-MoE convention). With `chapter_layers`,
-`engram_layers` and `pkm_layers` empty the model is exactly a Llama.
+`engram_layers`, `pkm_layers` and `mosaic_layers` empty the model is exactly a Llama.
 """
 
 import dataclasses
@@ -40,16 +40,20 @@ def _check_int_list(name: str, values, minimum: int, maximum: int | None = None)
     _check(not duplicates, f"`{name}` lists {duplicates} more than once; each entry must be unique.")
 
 
-# The prefixes of the memory kinds' fields ("mosaic_" for associative memory, the next kind). A keyword argument
+# The prefixes of the memory kinds' fields. A keyword argument
 # with one of them that is no field is a misspelling: refused (`validate_memory_field_names`), since
 # PretrainedConfig would keep it as an attribute and build the model without that setting.
 MEMORY_FIELD_PREFIXES = ("chapter_", "engram_", "pkm_", "router_", "mosaic_")
+# The fields listing each memory kind's layers.
+MEMORY_LAYER_FIELDS = ("engram_layers", "chapter_layers", "pkm_layers", "mosaic_layers")
+# Where an associative memory sits in its layer (see `mosaic_placement`).
+MOSAIC_PLACEMENTS = ("replace", "parallel")
 
 
 @strict
 class MemoryLlamaConfig(LlamaConfig):
     r"""
-    A [`LlamaConfig`] plus the settings of the three memory kinds.
+    A [`LlamaConfig`] plus the settings of the four memory kinds.
 
     Chapter memory (read by cross-attention after self-attention, at `chapter_layers`):
         chapter_layers (`list[int]`): decoder layers that read the chapter bank; empty for none.
@@ -85,6 +89,21 @@ class MemoryLlamaConfig(LlamaConfig):
         pkm_query_norm (`bool`): RMSNorm on each head's query.
         pkm_share_values (`bool`): one values table for all product-key layers (each keeps its keys and
             query), as in Memory+.
+
+    Associative memory (Memory Mosaics v2, at `mosaic_layers`):
+        mosaic_layers (`list[int]`): decoder layers with an associative memory; empty for none.
+        mosaic_placement (`str`): "replace": the layer's self-attention becomes short- and long-term associative
+            memory (a model whose every layer does so is a Memory Mosaics v2 model, trained from scratch);
+            "parallel": a long-term associative memory beside the self-attention, on the same normed input, its
+            output projection zero at birth (a graft computes what the base computed).
+        mosaic_num_heads (`int`, *optional*): heads of each memory (short- and long-term alike); defaults to half
+            of `num_attention_heads` (at least 1).
+        mosaic_head_dim (`int`, *optional*): width of a head's keys and values; defaults to the attention's
+            `head_dim`.
+        mosaic_short_window (`int`): h: the short-term memory of token t reads the pairs t-h+1 .. t-1.
+        mosaic_min_delay (`int`), mosaic_max_delay (`int`): m: the long-term memory of token t reads the pairs
+            1 .. t-m; m is drawn uniformly in [min, max] per training sequence and is `mosaic_min_delay` at
+            inference.
     """
 
     model_type = "memory_llama"
@@ -123,6 +142,14 @@ class MemoryLlamaConfig(LlamaConfig):
     pkm_query_norm: bool = True
     pkm_share_values: bool = True
 
+    mosaic_layers: list[int] | None = None
+    mosaic_placement: str = "replace"
+    mosaic_num_heads: int | None = None
+    mosaic_head_dim: int | None = None
+    mosaic_short_window: int = 256
+    mosaic_min_delay: int = 64
+    mosaic_max_delay: int = 256
+
     def __post_init__(self, **kwargs):
         # Training settings that older checkpoints stored here; they are MemoryTrainingArguments fields now.
         for legacy in ("engram_lr_multiplier", "chapter_bank_lr_multiplier"):
@@ -130,6 +157,7 @@ class MemoryLlamaConfig(LlamaConfig):
         self.chapter_layers = list(self.chapter_layers) if self.chapter_layers is not None else []
         self.engram_layers = list(self.engram_layers) if self.engram_layers is not None else []
         self.pkm_layers = list(self.pkm_layers) if self.pkm_layers is not None else []
+        self.mosaic_layers = list(self.mosaic_layers) if self.mosaic_layers is not None else []
         orders = self.engram_ngram_orders
         self.engram_ngram_orders = list(orders) if orders is not None else [2, 3]
         super().__post_init__(**kwargs)
@@ -142,6 +170,7 @@ class MemoryLlamaConfig(LlamaConfig):
         _check_int_list("chapter_layers", self.chapter_layers, 0, n_layers - 1)
         _check_int_list("engram_layers", self.engram_layers, 0, n_layers - 1)
         _check_int_list("pkm_layers", self.pkm_layers, 0, n_layers - 1)
+        _check_int_list("mosaic_layers", self.mosaic_layers, 0, n_layers - 1)
         for name in ("router_aux_loss_coef", "router_z_loss_coef"):
             value = getattr(self, name)
             _check(value >= 0, f"`{name}` must be >= 0, got {value!r}.")
@@ -151,6 +180,8 @@ class MemoryLlamaConfig(LlamaConfig):
             self._validate_engram()
         if self.pkm_layers:
             self._validate_product_keys()
+        if self.mosaic_layers:
+            self._validate_associative_memory()
 
     def _validate_chapter_memory(self):
         for name in ("chapter_num_chapters", "chapter_size", "chapter_top_k", "chapter_num_heads"):
@@ -209,6 +240,39 @@ class MemoryLlamaConfig(LlamaConfig):
         for name in ("pkm_query_norm", "pkm_share_values"):
             _check(isinstance(getattr(self, name), bool), f"`{name}` must be a bool, got {getattr(self, name)!r}.")
 
+    def _validate_associative_memory(self):
+        _check(
+            self.mosaic_placement in MOSAIC_PLACEMENTS,
+            f"`mosaic_placement` must be one of {', '.join(map(repr, MOSAIC_PLACEMENTS))}, got {self.mosaic_placement!r}.",
+        )
+        for name in ("mosaic_num_heads", "mosaic_head_dim"):
+            if getattr(self, name) is not None:
+                _check_positive_int(name, getattr(self, name))
+        for name in ("mosaic_short_window", "mosaic_min_delay", "mosaic_max_delay"):
+            _check_positive_int(name, getattr(self, name))
+        _check(
+            self.mosaic_short_window >= 2,
+            f"`mosaic_short_window` ({self.mosaic_short_window}) must be >= 2: token t reads the pairs t-h+1 .. t-1.",
+        )
+        _check(
+            self.mosaic_min_delay <= self.mosaic_max_delay,
+            f"`mosaic_min_delay` ({self.mosaic_min_delay}) must not exceed `mosaic_max_delay` ({self.mosaic_max_delay}).",
+        )
+        context = self.max_position_embeddings
+        # The short-term memory exists only with "replace".
+        limited = ("mosaic_short_window", "mosaic_max_delay") if self.mosaic_placement == "replace" else ("mosaic_max_delay",)
+        for name in limited:
+            _check(
+                getattr(self, name) < context,
+                f"`{name}` ({getattr(self, name)}) must be shorter than the context (max_position_embeddings = "
+                f"{context}): the memory would never read a pair. Lower it or raise max_position_embeddings.",
+            )
+
+    def validate_layer_type(self):
+        """transformers checks `layer_types` against the attention kinds it knows. Here it is derived from the memory
+        fields (see the property) and also names the associative memory's cache layer kinds, registered with
+        transformers' caches by `associative_memory.py`: there is nothing a user could set wrong."""
+
     def validate_memory_field_names(self):
         """Refuse an attribute with a memory prefix that is no field (`engram_layer=[1]` for `engram_layers`),
         naming the closest field. Fields that older checkpoints carried are dropped in `__post_init__` first."""
@@ -225,14 +289,26 @@ class MemoryLlamaConfig(LlamaConfig):
     def layer_types(self) -> list[str]:
         """Cache layout read by transformers' caches: an Engram layer keeps, besides its key/value states, two
         bounded windows ("hybrid" layers, as hybrid attention/convolution models do): its last max_order - 1
-        token ids and its convolution's last (kernel - 1) * dilation inputs."""
-        engram_layers = set(self.engram_layers)
-        return ["hybrid" if i in engram_layers else "full_attention" for i in range(self.num_hidden_layers)]
+        token ids and its convolution's last (kernel - 1) * dilation inputs. An associative-memory layer keeps its
+        pairs in a cache layer kind of its own ("associative_memory", "hybrid_associative_memory" with Engram;
+        see `associative_memory.py`)."""
+        types = []
+        for i in range(self.num_hidden_layers):
+            kind = "hybrid" if i in self.engram_layers else "full_attention"
+            if i in self.mosaic_layers:
+                kind = "hybrid_associative_memory" if kind == "hybrid" else "associative_memory"
+            types.append(kind)
+        return types
 
     @property
     def number_of_conv_states(self) -> int:
         """Windows an Engram layer keeps in the cache: token context (0) and convolution inputs (1)."""
         return 2
+
+    @property
+    def has_memory(self) -> bool:
+        """Whether any layer carries memory (otherwise the model is exactly a Llama)."""
+        return any(getattr(self, name) for name in MEMORY_LAYER_FIELDS)
 
     @property
     def chapter_num_routed(self) -> int:
@@ -257,6 +333,16 @@ class MemoryLlamaConfig(LlamaConfig):
     @property
     def pkm_effective_value_dim(self) -> int:
         return self.pkm_value_dim if self.pkm_value_dim is not None else self.hidden_size
+
+    @property
+    def mosaic_effective_num_heads(self) -> int:
+        return self.mosaic_num_heads if self.mosaic_num_heads is not None else max(1, self.num_attention_heads // 2)
+
+    @property
+    def mosaic_effective_head_dim(self) -> int:
+        if self.mosaic_head_dim is not None:
+            return self.mosaic_head_dim
+        return getattr(self, "head_dim", None) or self.hidden_size // self.num_attention_heads
 
     @property
     def engram_effective_dilation(self) -> int:

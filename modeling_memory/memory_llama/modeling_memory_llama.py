@@ -1,9 +1,12 @@
-"""MemoryLlama: a Llama whose decoder layers carry Engram, chapter memory and product-key memory.
+"""MemoryLlama: a Llama whose decoder layers carry Engram, chapter memory, product-key memory and associative
+memory.
 
 Order inside a decoder layer (every Llama parameter keeps its key name):
 
     h = h + Engram(h, n-gram ids)                 # at config.engram_layers, before attention
-    h = h + SelfAttention(input_layernorm(h))     # Llama, unchanged
+    x = input_layernorm(h)
+    h = h + SelfAttention(x) [+ Mosaic(x)]        # Llama, unchanged; at config.mosaic_layers an associative
+                                                  # memory beside it ("parallel") or instead of it ("replace")
     h = h + ChapterMemory(memory_layernorm(h))    # at config.chapter_layers, before the MLP
     x = post_attention_layernorm(h)
     h = h + MLP(x) + ProductKeyMemory(x)          # MLP: Llama, unchanged; PKM at config.pkm_layers
@@ -39,6 +42,13 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
+from .associative_memory import (
+    MemoryLlamaAssociativeMemory,
+    MemoryLlamaAssociativeMemoryLevel,
+    MemoryLlamaAssociativeMemoryOutput,
+    MosaicPairsCacheMixin,
+    check_read_implementation,
+)
 from .chapter_memory import MemoryLlamaChapterBank, MemoryLlamaChapterMemory, MemoryLlamaChapterOutput, router_losses
 from .configuration_memory_llama import MemoryLlamaConfig
 from .engram import EngramRead, MemoryLlamaEngram, engram_hash_multipliers, engram_table_primes
@@ -124,6 +134,10 @@ class MemoryLlamaDecoderLayer(LlamaDecoderLayer):
             self.memory_layernorm = self.chapter_memory = None
         in_pkm_layers = layer_idx in config.pkm_layers
         self.product_key_memory = MemoryLlamaProductKeyMemory(config, layer_idx) if in_pkm_layers else None
+        in_mosaic_layers = layer_idx in config.mosaic_layers
+        self.associative_memory = MemoryLlamaAssociativeMemory(config, layer_idx) if in_mosaic_layers else None
+        if in_mosaic_layers and config.mosaic_placement == "replace":
+            self.self_attn = None  # the associative memory stands in for it
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -152,17 +166,21 @@ class MemoryLlamaDecoderLayer(LlamaDecoderLayer):
             hidden_states = hidden_states + update
 
         residual = hidden_states
-        hidden_states = self.input_layernorm(hidden_states)
-        hidden_states, _ = self.self_attn(
-            hidden_states=hidden_states,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=use_cache,
-            position_embeddings=position_embeddings,
-            **kwargs,
-        )
-        hidden_states = residual + hidden_states
+        normed = self.input_layernorm(hidden_states)
+        hidden_states = residual
+        if self.self_attn is not None:
+            attended, _ = self.self_attn(
+                hidden_states=normed,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+            hidden_states = hidden_states + attended
+        if self.associative_memory is not None:
+            hidden_states = hidden_states + self.associative_memory(normed, memory_inputs.token_mask, cache)
 
         if self.chapter_memory is not None:
             update, _, _ = self.chapter_memory(self.memory_layernorm(hidden_states), memory_inputs.chapter_bank)
@@ -390,6 +408,25 @@ class MemoryLlamaPreTrainedModel(PreTrainedModel):
             # Uniform in +-1/sqrt(K / 2), as the product-key code draws its sub-keys (nn.Linear's bound).
             bound = (module.key_dim // 2) ** -0.5
             init.uniform_(module.pkm_keys, -bound, bound)
+        elif isinstance(module, MemoryLlamaAssociativeMemoryLevel):
+            # The v2 paper's initialisation: truncated normal (+-3 sigma), sigma = 1 / sqrt(2 d (l + 1)) for the
+            # block at index l; gamma ~ U(0, 1); beta0 = beta1 = exp(1.5); alpha = 1/3; the value scale
+            # a = exp(min(|theta|, 15)) at theta = 0, which |.| would pin there (no gradient at 0): it starts just
+            # off it.
+            sigma = (2 * self.config.hidden_size * (module.layer_idx + 1)) ** -0.5
+            for linear in (module.mosaic_key, module.mosaic_key_gate, module.mosaic_key_decay, module.mosaic_value):
+                init.trunc_normal_(linear.weight, mean=0.0, std=sigma, a=-3 * sigma, b=3 * sigma)
+            init.uniform_(module.value_mix, 0.0, 1.0)
+            init.constant_(module.value_log_scale, 1e-3)
+            init.constant_(module.bandwidth_log_base, 1.5)
+            init.constant_(module.bandwidth_log_slope, 1.5)
+            init.constant_(module.bandwidth_exponent, 1 / 3)
+        elif isinstance(module, MemoryLlamaAssociativeMemoryOutput):
+            if self.config.mosaic_placement == "parallel":
+                init.zeros_(module.weight)  # function-preserving at birth: the branch adds exactly zero
+            else:
+                sigma = (2 * self.config.hidden_size * (module.layer_idx + 1)) ** -0.5
+                init.trunc_normal_(module.weight, mean=0.0, std=sigma, a=-3 * sigma, b=3 * sigma)
         elif isinstance(module, MemoryLlamaModel) and module.engram_canonical_map is not None:
             init.copy_(module.engram_canonical_map, torch.arange(self.config.vocab_size, dtype=torch.int64))
 
@@ -505,7 +542,9 @@ class MemoryLlamaModel(MemoryLlamaPreTrainedModel):
             )
         if input_ids is not None and input_ids.dtype.is_floating_point:
             raise ValueError(f"`input_ids` must be integer token ids, got dtype {input_ids.dtype}.")
-        if self.config.engram_layers and cache is not None:
+        if self.config.mosaic_layers:
+            check_read_implementation(self.config._attn_implementation)
+        if (self.config.engram_layers or self.config.mosaic_layers) and cache is not None:
             self._check_cache_layout(cache)
 
         vocab = self.config.vocab_size
@@ -536,9 +575,18 @@ class MemoryLlamaModel(MemoryLlamaPreTrainedModel):
             )
 
     def _check_cache_layout(self, cache: Cache) -> None:
-        """Engram keeps bounded windows in the cache's "hybrid" layers, which a cache built without the
-        model's config does not have."""
+        """Engram keeps bounded windows in the cache's "hybrid" layers, and the associative memory its pairs in
+        layers of its own kind, which a cache built without the model's config does not have."""
         layers = getattr(cache, "layers", [])
+        if self.config.mosaic_layers and not all(
+            layer_idx < len(layers) and isinstance(layers[layer_idx], MosaicPairsCacheMixin)
+            for layer_idx in self.config.mosaic_layers
+        ):
+            raise ValueError(
+                f"Associative-memory layers {self.config.mosaic_layers} keep their (key, value) pairs in the cache, so "
+                f"the cache must be built from the model's config: `DynamicCache(config=model.config)` or "
+                f"`StaticCache(config=model.config, max_cache_len=...)`; got a {type(cache).__name__} without them."
+            )
         if not all(
             layer_idx < len(layers) and isinstance(layers[layer_idx], LinearAttentionCacheLayerMixin)
             for layer_idx in self.config.engram_layers

@@ -22,7 +22,7 @@ from transformers.utils import logging as hf_logging
 
 from modeling_memory.choices import GRAFT_PRESETS
 from modeling_memory.tools.canonical_ids import build_canonical_map
-from modeling_memory.memory_llama.configuration_memory_llama import MemoryLlamaConfig
+from modeling_memory.memory_llama.configuration_memory_llama import MEMORY_LAYER_FIELDS, MemoryLlamaConfig
 from modeling_memory.tools.errors import ToolError
 from modeling_memory.tools.loading import from_pretrained
 from modeling_memory.training.memory_parameters import memory_kinds
@@ -34,7 +34,6 @@ LLAMA_COMPATIBLE_MODEL_TYPES = ("llama", "memory_llama", "mistral")
 
 _LLAMA_FIELDS = {f.name for f in dataclasses.fields(LlamaConfig)}
 MEMORY_FIELDS = tuple(f.name for f in dataclasses.fields(MemoryLlamaConfig) if f.name not in _LLAMA_FIELDS)
-_MEMORY_LAYER_FIELDS = ("engram_layers", "chapter_layers", "pkm_layers")
 # Config entries describing the source checkpoint rather than the architecture.
 _SOURCE_ONLY_KEYS = ("model_type", "architectures", "quantization_config", "transformers_version", "auto_map")
 
@@ -73,7 +72,7 @@ def check_base_config(config: PretrainedConfig, where: str = "The base model") -
     check_base_family(
         config.model_type,
         where,
-        has_memory_layers=any(getattr(config, name, None) for name in _MEMORY_LAYER_FIELDS),
+        has_memory_layers=any(getattr(config, name, None) for name in MEMORY_LAYER_FIELDS),
         sliding_window=getattr(config, "sliding_window", None),
     )
 
@@ -99,11 +98,16 @@ def memory_preset(base_config: PretrainedConfig, preset: str = "both") -> dict:
     than the paper's 32 because a grafted memory's keys are random: sharper reads let each slot serve fewer
     contexts (on SmolLM2, sparse memory fine-tuning learnt more facts with 8 than with 32, and with three
     layers than with one).
+
+    "mosaic" puts a long-term associative memory (Memory Mosaics v2) beside the self-attention at 2/3 and 5/6 of
+    the depth ("parallel": its output projection starts at zero), half the attention's heads at its head width,
+    reading every pair at least 64 tokens back (64 to 256 while training; less for a base whose context is under
+    1,024 tokens).
     """
     if preset not in GRAFT_PRESETS:
         raise GraftError(f"Unknown preset {preset!r}; choose one of {', '.join(GRAFT_PRESETS)}.")
     depth, hidden = base_config.num_hidden_layers, base_config.hidden_size
-    fields: dict = {"engram_layers": [], "chapter_layers": [], "pkm_layers": []}
+    fields: dict = {name: [] for name in MEMORY_LAYER_FIELDS}
     if preset in ("engram", "both", "all"):
         early = max(1, depth // 15) if depth > 2 else 0
         fields.update(
@@ -127,6 +131,16 @@ def memory_preset(base_config: PretrainedConfig, preset: str = "both") -> dict:
             pkm_layers=sorted({depth // 4, depth // 2, (3 * depth) // 4}), pkm_num_keys=256, pkm_top_k=8, pkm_heads=4,
             pkm_key_dim=256,
         )
+    if preset == "mosaic":
+        fields.update(
+            mosaic_layers=sorted({(2 * depth) // 3, (5 * depth) // 6}),
+            mosaic_placement="parallel",
+            mosaic_num_heads=max(1, base_config.num_attention_heads // 2),
+            mosaic_head_dim=getattr(base_config, "head_dim", None) or hidden // base_config.num_attention_heads,
+            # 64..256 tokens as in the paper, within a short context
+            mosaic_min_delay=min(64, base_config.max_position_embeddings // 4),
+            mosaic_max_delay=min(256, base_config.max_position_embeddings // 2),
+        )
     return fields
 
 
@@ -141,6 +155,12 @@ def memory_config_from_llama(base_config: PretrainedConfig, preset: str | None =
     fields = {k: v for k, v in base_config.to_dict().items() if k in _LLAMA_FIELDS and k not in _SOURCE_ONLY_KEYS}
     fields.update(memory_preset(base_config, preset) if preset is not None else {})
     fields.update(memory_fields)
+    if fields.get("mosaic_layers") and fields.get("mosaic_placement", "replace") == "replace":
+        raise GraftError(
+            "mosaic_placement='replace' swaps a layer's self-attention for an associative memory, discarding what the "
+            "base's attention learnt (the graft would no longer compute what the base computes); graft with "
+            "mosaic_placement='parallel' (the 'mosaic' preset), or train a 'replace' model from scratch."
+        )
     try:
         return MemoryLlamaConfig(**fields)
     except (ValueError, TypeError, StrictDataclassError) as error:

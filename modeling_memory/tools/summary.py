@@ -7,13 +7,13 @@ from modeling_memory.training.memory_parameters import CHAPTER_BANK, ENGRAM_TABL
 
 
 # The layer strip's mark of each memory kind, by the config field listing its layers.
-LAYER_MARKS = {"engram_layers": "E", "chapter_layers": "C", "pkm_layers": "P"}
+LAYER_MARKS = {"engram_layers": "E", "chapter_layers": "C", "pkm_layers": "P", "mosaic_layers": "A"}
 SEVERAL_KINDS_MARK = "+"
 
 
 def layer_strip(config: MemoryLlamaConfig) -> str:
-    """One character per decoder layer: E Engram, C chapter memory, P product-key memory, + more than one kind
-    (the lines of `memory_layout` say which), . none (a plain Llama layer)."""
+    """One character per decoder layer: E Engram, C chapter memory, P product-key memory, A associative memory,
+    + more than one kind (the lines of `memory_layout` say which), . none (a plain Llama layer)."""
     def mark(layer: int) -> str:
         kinds = [letter for field, letter in LAYER_MARKS.items() if layer in getattr(config, field)]
         return kinds[0] if len(kinds) == 1 else SEVERAL_KINDS_MARK if kinds else "."
@@ -25,7 +25,7 @@ def memory_layout(config: MemoryLlamaConfig) -> str:
     """The layer strip (`layer_strip`) and one line per memory kind present."""
     lines = [
         f"layers ({config.num_hidden_layers}): {layer_strip(config)}   "
-        f"(E Engram, C chapter memory, P product-key memory, {SEVERAL_KINDS_MARK} several)"
+        f"(E Engram, C chapter memory, P product-key memory, A associative memory, {SEVERAL_KINDS_MARK} several)"
     ]
     if config.engram_layers:
         lines.append(
@@ -47,7 +47,17 @@ def memory_layout(config: MemoryLlamaConfig) -> str:
             f" ({'one table shared by all layers' if config.pkm_share_values else 'one table per layer'}); "
             f"{config.pkm_heads} heads each read the top {config.pkm_top_k}"
         )
-    if not (config.engram_layers or config.chapter_layers or config.pkm_layers):
+    if config.mosaic_layers:
+        replace = config.mosaic_placement == "replace"
+        lines.append(
+            f"associative memory at {config.mosaic_layers} ({'instead of' if replace else 'beside'} self-attention): "
+            f"{'short- and long-term' if replace else 'long-term'}, {config.mosaic_effective_num_heads} heads of "
+            f"{config.mosaic_effective_head_dim}; "
+            + (f"short-term window {config.mosaic_short_window}, " if replace else "")
+            + f"long-term delay {config.mosaic_min_delay}..{config.mosaic_max_delay} tokens in training, "
+            f"{config.mosaic_min_delay} at inference"
+        )
+    if not config.has_memory:
         lines.append("no memory: this model is a plain Llama")
     return "\n".join(lines)
 

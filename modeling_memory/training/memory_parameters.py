@@ -7,6 +7,7 @@ wrapper around it: PEFT, DDP) names them, so they match `named_parameters()` and
 
 from torch import nn
 
+from modeling_memory.memory_llama.associative_memory import MemoryLlamaAssociativeMemory
 from modeling_memory.memory_llama.chapter_memory import MemoryLlamaChapterBank, MemoryLlamaChapterMemory
 from modeling_memory.memory_llama.engram import MemoryLlamaEngram
 from modeling_memory.memory_llama.modeling_memory_llama import MemoryLlamaDecoderLayer, MemoryLlamaModel
@@ -19,7 +20,8 @@ ENGRAM = "engram"  # the rest of an Engram: key/value projections, norms, convol
 CHAPTER_MEMORY = "chapter_memory"  # the rest of a chapter memory: router, projections, norms
 PKM_VALUES = "pkm_values"
 PRODUCT_KEY_MEMORY = "product_key_memory"  # the rest of a product-key memory: query, sub-keys, gate, output
-MEMORY_KINDS = (ENGRAM_TABLE, CHAPTER_BANK, PKM_VALUES, ENGRAM, CHAPTER_MEMORY, PRODUCT_KEY_MEMORY)
+ASSOCIATIVE_MEMORY = "associative_memory"  # featurisers, bandwidths and output of an associative memory
+MEMORY_KINDS = (ENGRAM_TABLE, CHAPTER_BANK, PKM_VALUES, ENGRAM, CHAPTER_MEMORY, PRODUCT_KEY_MEMORY, ASSOCIATIVE_MEMORY)
 TABLE_KINDS = (ENGRAM_TABLE, CHAPTER_BANK, PKM_VALUES)
 
 
@@ -54,6 +56,9 @@ def memory_kinds(model: nn.Module) -> dict[str, str]:
         elif isinstance(module, MemoryLlamaProductKeyMemory):
             for name, _ in _owned_tensors(module, prefix):
                 kinds.setdefault(name, PRODUCT_KEY_MEMORY)  # its own values table is set to PKM_VALUES when visited
+        elif isinstance(module, MemoryLlamaAssociativeMemory):
+            for name, _ in _owned_tensors(module, prefix):
+                kinds[name] = ASSOCIATIVE_MEMORY
         elif isinstance(module, MemoryLlamaDecoderLayer) and module.memory_layernorm is not None:
             for name, _ in _owned_tensors(module.memory_layernorm, f"{dot}memory_layernorm"):
                 kinds[name] = CHAPTER_MEMORY
@@ -74,6 +79,7 @@ def memory_parameters(model: nn.Module, kinds=MEMORY_KINDS) -> list[nn.Parameter
 
 
 __all__ = [
+    "ASSOCIATIVE_MEMORY",
     "CHAPTER_BANK",
     "CHAPTER_MEMORY",
     "ENGRAM",

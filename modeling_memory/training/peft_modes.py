@@ -188,8 +188,8 @@ def prepare_model_for_mode(
     memory = _memory_names(model)
     if mode != "full" and not any(name in memory for name, _ in model.named_parameters()):
         raise ValueError(
-            f"Mode {mode!r} trains the memory, but this model has none (chapter_layers, engram_layers and pkm_layers "
-            "are empty). Use mode 'full' or graft memory first."
+            f"Mode {mode!r} trains the memory, but this model has none (chapter_layers, engram_layers, pkm_layers and "
+            "mosaic_layers are empty). Use mode 'full' or graft memory first."
         )
     if mode == "full":
         for param in model.parameters():

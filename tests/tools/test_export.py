@@ -40,9 +40,10 @@ http_client = _http.httpx2 if hasattr(_http, "httpx2") else _http.httpx
 # and the kernel switch. Tooling (grafting, canonical ids, export, the command line, ...) never travels.
 RUNTIME_FILES = {
     "modeling_memory_llama.py", "configuration_memory_llama.py", "engram.py", "chapter_memory.py",
-    "product_key_memory.py", "ops_engram.py", "ops_chapter_attention.py", "ops_product_keys.py", "ops_table_rows.py",
-    "table_placement.py", "table_sharding.py",
+    "product_key_memory.py", "associative_memory.py", "ops_engram.py", "ops_chapter_attention.py",
+    "ops_product_keys.py", "ops_mosaic_keys.py", "ops_table_rows.py", "table_placement.py", "table_sharding.py",
     "kernel_backend.py", "kernels_engram.py", "kernels_chapter_attention.py", "kernels_product_keys.py",
+    "kernels_mosaic_keys.py",
 }
 RUNTIME_DIR = Path(modeling_memory.memory_llama.__file__).parent
 
@@ -161,6 +162,11 @@ def fake_hub(monkeypatch, tmp_path):
     _http.set_client_factory(_http.default_client_factory)
 
 
+# An associative memory beside attention at layer 1 too, so the remote code carries all its files.
+MOSAIC_BESIDE = dict(mosaic_layers=[1], mosaic_placement="parallel", mosaic_short_window=8, mosaic_min_delay=2,
+                     mosaic_max_delay=4)
+
+
 def memory_vocab_config(**overrides) -> MemoryLlamaConfig:
     return tiny_config(vocab_size=112, **overrides)  # room for the 101-token test tokenizer
 
@@ -169,7 +175,7 @@ def memory_vocab_config(**overrides) -> MemoryLlamaConfig:
 def trained(tmp_path_factory):
     """A trained tiny MemoryLlama (memory outputs non-zero) saved as a checkpoint with its tokenizer."""
     torch.manual_seed(0)
-    model = train_steps(MemoryLlamaForCausalLM(memory_vocab_config()))
+    model = train_steps(MemoryLlamaForCausalLM(memory_vocab_config(**MOSAIC_BESIDE)))
     checkpoint = tmp_path_factory.mktemp("trained") / "tiny-memory"
     model.save_pretrained(checkpoint)
     char_tokenizer().save_pretrained(checkpoint)

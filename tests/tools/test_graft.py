@@ -127,6 +127,20 @@ def test_graft_directory_end_to_end(base_dir, tmp_path, capsys):
     assert "{{" not in card and "base_model_name: tiny-llama" in card
 
 
+def test_graft_mosaic_preset_computes_what_the_base_computes(base_dir, tmp_path, capsys):
+    """The associative memory beside attention (preset "mosaic"): the graft is checked against the base on the
+    command line and again here with padding and cached greedy decoding; the card describes it."""
+    out = tmp_path / "tiny-mosaic"
+    assert main(["graft", str(base_dir), str(out), "--preset", "mosaic"]) == 0
+    assert "max |logit difference| vs the base on 4 prompts: 0" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["mosaic_layers"] == [2, 3] and config["mosaic_placement"] == "parallel"
+    assert config["engram_layers"] == config["chapter_layers"] == config["pkm_layers"] == []
+    grafted = assert_same_as_base(base_dir, out)
+    assert grafted.model.layers[2].associative_memory.mosaic_output.weight.abs().max() == 0
+    assert "layers (4): ..AA" in (out / "README.md").read_text()
+
+
 def test_woken_memory_agrees_across_graft_paths_padding_and_the_cache(base_dir, tmp_path):
     """With the memory's zero-initialised projections made non-zero the memory changes the output, so a wrong
     buffer (hash multipliers, table offsets, the canonical-id map), n-gram history that reaches across padding,
@@ -288,6 +302,8 @@ def _already_memory(path):
         (None, {"overrides": ["chapter_topk=2"]}, r"unknown memory field\(s\) \['chapter_topk'\]; valid fields are: chapter_layers"),
         (None, {"overrides": ["chapter_top_k"]}, r"expected FIELD=VALUE"),
         (None, {"preset": "huge"}, r"Unknown preset 'huge'; choose one of engram, chapters, both"),
+        (None, {"preset": "mosaic", "overrides": ["mosaic_placement=\"replace\""]}, r"mosaic_placement='replace' swaps"),
+        (None, {"preset": "mosaic", "overrides": ["mosaic_max_delay=300"]}, r"mosaic_max_delay.*shorter than the context"),
         (None, {"dtype": "float64"}, r"Unknown dtype 'float64'"),
         (None, {"max_shard_size": "lots"}, r"--max-shard-size 'lots'"),
     ],
