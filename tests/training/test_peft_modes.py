@@ -202,3 +202,31 @@ def test_trainable_reload_and_memory_file_checks(tmp_path):
         load_memory_weights(bigger, str(tmp_path / "adapter"))
     with pytest.raises(FileNotFoundError, match="not a PEFT adapter folder"):
         load_adapter_with_memory(tiny_model(vocab_size=97), str(tmp_path))
+
+
+@pytest.mark.parametrize("mode", ["memory_only", "lora", "lora_all"])
+def test_associative_memory_trains_and_reloads_in_every_mode(tmp_path, mode):
+    """A graft-style associative memory beside attention (output projection zero at birth) learns in each mode: the
+    whole memory directly in memory_only and lora, its projections through LoRA in lora_all; what was trained
+    comes back from the saved folder."""
+    mosaic = dict(engram_layers=[], chapter_layers=[], mosaic_layers=[1], mosaic_placement="parallel",
+                  mosaic_short_window=8, mosaic_min_delay=2, mosaic_max_delay=4)
+    tiny_model(vocab_size=97, **mosaic).save_pretrained(tmp_path / "base")
+    base = MemoryLlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    output = base.model.layers[1].associative_memory.mosaic_output
+    assert output.weight.abs().max() == 0
+    model = prepare_model_for_mode(base, mode)
+    if mode == "lora_all":
+        assert {"mosaic_key", "mosaic_value", "mosaic_output"} <= _wrapped_leaf_names(model)
+    trainer = _train(model, tmp_path)
+    trained_logits = _logits(model)
+    trainer.save_model(str(tmp_path / "saved"))
+    if mode == "memory_only":
+        assert output.weight.abs().max() > 0
+        reloaded = MemoryLlamaForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    else:
+        fresh = MemoryLlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+        reloaded = load_adapter_with_memory(fresh, str(tmp_path / "saved"))
+    untrained = _logits(MemoryLlamaForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32))
+    assert not torch.allclose(trained_logits, untrained, atol=1e-4)
+    torch.testing.assert_close(_logits(reloaded), trained_logits, rtol=0, atol=1e-6)
