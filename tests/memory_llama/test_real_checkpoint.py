@@ -78,3 +78,23 @@ def test_readme_quick_start_runs_as_written(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().startswith("The capital of France is")
     assert (tmp_path / "my-memory-llama" / "model.safetensors").is_file()
+
+
+def test_readme_associative_memory_block_runs_as_written(tmp_path):
+    """The README's associative-memory block, run as pasted; then the graft it builds computes what the base does."""
+    import re
+    from pathlib import Path
+
+    from modeling_memory.tools.offline_checkpoints import load_smollm2
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("\n## Associative memory (Memory Mosaics v2)\n", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    model, grafted = namespace["model"], namespace["grafted"]
+    assert all(layer.self_attn is None for layer in model.model.layers)
+    base, tokenizer = load_smollm2()
+    ids = tokenizer(["The capital of France is"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(grafted(ids).logits, base(ids).logits, rtol=0, atol=1e-5)
