@@ -262,10 +262,14 @@ def test_layer_strip_marks_every_memory_kind():
     from modeling_memory.tools.summary import memory_layout
 
     config = tiny_config(num_hidden_layers=6, engram_layers=[0, 3], chapter_layers=[1, 3], pkm_layers=[2, 4],
-                         pkm_num_keys=4, pkm_top_k=2, pkm_heads=2, pkm_key_dim=8)
+                         pkm_num_keys=4, pkm_top_k=2, pkm_heads=2, pkm_key_dim=8, mosaic_layers=[5],
+                         mosaic_placement="parallel", mosaic_min_delay=8, mosaic_max_delay=16)
     first_line = memory_layout(config).splitlines()[0]
-    assert first_line == "layers (6): ECP+P.   (E Engram, C chapter memory, P product-key memory, + several)"
+    assert first_line == (
+        "layers (6): ECP+PA   (E Engram, C chapter memory, P product-key memory, A associative memory, + several)"
+    )
     assert "product-key memory at [2, 4]" in memory_layout(config)
+    assert "associative memory at [5] (beside self-attention): long-term, 2 heads of 8;" in memory_layout(config)
 
 
 def test_info_on_a_gguf_file_says_graft_it_first(tmp_path):
