@@ -1,6 +1,7 @@
-"""The associative memory (Memory Mosaics v2) in the model: against the naive per-token reference, causality,
-padding, every generation mode with the cache against uncached decoding, static caches and compile, and the
-placements' promises (a "parallel" graft computes what Llama computes; "replace" has no self-attention)."""
+"""The associative memory (Memory Mosaics v2) in the model: against the naive per-token reference, every generation
+mode with the cache against uncached decoding, static caches and compile, and the placements' promises (a
+"parallel" graft computes what Llama computes; "replace" has no self-attention). Causality, padding, chunked
+prefill and rows ending early are test_modeling.py's tests, run on these layouts too."""
 
 import pytest
 import torch
@@ -10,17 +11,10 @@ import modeling_memory
 from modeling_memory import MemoryLlamaConfig, MemoryLlamaForCausalLM
 from modeling_memory.memory_llama.naive_associative_memory import naive_associative_memory
 from conftest import PAD, random_ids, tiny_config, train_steps, wake_memory
-from test_modeling import an_eos_that_ends_one_row_early, left_padded_batch, llama_config_of, positions_of
+from test_modeling import MOSAIC, MOSAIC_PARALLEL, MOSAIC_REPLACE, left_padded_batch, llama_config_of, positions_of
 
 FP32_ATOL = 1e-5
-# Windows and delays short enough that 16-token sequences exercise every bound.
-MOSAIC = dict(mosaic_short_window=5, mosaic_min_delay=3, mosaic_max_delay=6, mosaic_num_heads=2, mosaic_head_dim=8)
-LAYOUTS = {
-    # Every layer replaced: a Memory Mosaics v2 model (Engram in layer 0 shares its cache layer).
-    "replace": dict(mosaic_layers=[0, 1, 2], mosaic_placement="replace", chapter_layers=[], **MOSAIC),
-    # A long-term branch beside attention in two layers, chapter memory in another.
-    "parallel": dict(mosaic_layers=[0, 1], mosaic_placement="parallel", **MOSAIC),
-}
+LAYOUTS = {"replace": MOSAIC_REPLACE, "parallel": MOSAIC_PARALLEL}
 
 
 def trained(layout: str, seed: int = 0):
@@ -72,40 +66,12 @@ def test_layer_matches_naive_reference_with_padding(model, training):
     torch.testing.assert_close(output[token_mask].double(), reference[token_mask], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("seed", range(3))
-def test_causality(layout, seed):
-    model = trained(layout, seed)
-    generator = torch.Generator().manual_seed(100 + seed)
-    ids = random_ids(2, 16, generator)
-    cut = int(torch.randint(1, 15, (1,), generator=generator))
-    changed = ids.clone()
-    changed[:, cut + 1 :] = random_ids(2, 16 - cut - 1, generator)
-    with torch.no_grad():
-        before, after = model(ids).logits, model(changed).logits
-    torch.testing.assert_close(before[:, : cut + 1], after[:, : cut + 1], rtol=0, atol=FP32_ATOL)
-    assert not torch.allclose(before[:, cut + 1 :], after[:, cut + 1 :])
-
-
-def test_padding_invariance(model):
-    ids, mask = left_padded_batch(torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        batch_logits = model(ids, attention_mask=mask, position_ids=positions_of(mask)).logits
-        for row in range(ids.shape[0]):
-            alone = model(ids[row][mask[row].bool()].unsqueeze(0)).logits[0]
-            torch.testing.assert_close(batch_logits[row][mask[row].bool()], alone, rtol=1e-4, atol=FP32_ATOL)
-
-
-@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
-def test_chunked_prefill_equals_full_forward(model, cache_kind):
+def test_chunked_prefill_into_a_static_cache_equals_full_forward(model):
     ids, mask = left_padded_batch(torch.Generator().manual_seed(5), lengths=(16, 12, 9))
     positions = positions_of(mask)
     with torch.no_grad():
         full = model(ids, attention_mask=mask, position_ids=positions).logits
-        if cache_kind == "dynamic":
-            cache = DynamicCache(config=model.config)
-        else:
-            cache = StaticCache(config=model.config, max_cache_len=24)
+        cache = StaticCache(config=model.config, max_cache_len=24)
         chunks = []
         for start in range(0, 16, 4):
             end = start + 4
@@ -114,18 +80,6 @@ def test_chunked_prefill_equals_full_forward(model, cache_kind):
             chunks.append(out.logits)
     valid = mask.bool()
     torch.testing.assert_close(torch.cat(chunks, dim=1)[valid], full[valid], rtol=1e-4, atol=FP32_ATOL)
-
-
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_cached_greedy_generation_equals_uncached_with_rows_ending_early(layout):
-    model = trained(layout)
-    ids, mask = left_padded_batch(torch.Generator().manual_seed(4))
-    eos = an_eos_that_ends_one_row_early(model, ids, mask, 24)
-    kwargs = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=PAD, eos_token_id=eos)
-    cached = model.generate(ids, use_cache=True, **kwargs)
-    finished_early = (cached[:, ids.shape[1] :] == eos).any(dim=1)
-    assert finished_early.any() and not finished_early.all()
-    assert torch.equal(cached, model.generate(ids, use_cache=False, **kwargs))
 
 
 def test_beam_search_sampling_and_static_cache_equal_uncached(model):

@@ -14,6 +14,11 @@ from conftest import EOS, PAD, VOCAB, random_ids, tiny_config, train_steps, wake
 FP32_ATOL = 1e-5
 # A small product-key memory: 36 slots, 2 heads reading 3 each.
 PKM = dict(pkm_layers=[1], pkm_num_keys=6, pkm_top_k=3, pkm_heads=2, pkm_key_dim=8)
+# Associative memory with windows and delays short enough that 16-token rows exercise every bound: every layer
+# replaced (Engram shares layer 0's cache layer), or a long-term branch beside attention in two layers.
+MOSAIC = dict(mosaic_short_window=5, mosaic_min_delay=3, mosaic_max_delay=6, mosaic_num_heads=2, mosaic_head_dim=8)
+MOSAIC_REPLACE = dict(mosaic_layers=[0, 1, 2], mosaic_placement="replace", chapter_layers=[], **MOSAIC)
+MOSAIC_PARALLEL = dict(mosaic_layers=[0, 1], mosaic_placement="parallel", **MOSAIC)
 
 
 def llama_config_of(config) -> LlamaConfig:
@@ -97,6 +102,8 @@ CAUSALITY_LAYOUTS = {
     "engram": dict(engram_layers=[0, 1], chapter_layers=[]),
     "chapters": dict(engram_layers=[], chapter_layers=[0, 2]),
     "product keys": dict(engram_layers=[], chapter_layers=[], **PKM),
+    "associative, replace": MOSAIC_REPLACE,
+    "associative, parallel": dict(engram_layers=[], chapter_layers=[], **MOSAIC_PARALLEL),
 }
 
 
@@ -138,12 +145,15 @@ def positions_of(mask):
     return (mask.cumsum(-1) - 1).clamp_min(0)
 
 
-@pytest.fixture(params=["engram+chapters", "all three"])
+TRAINED_LAYOUTS = {"all three": PKM, "associative, replace": MOSAIC_REPLACE, "associative, parallel": MOSAIC_PARALLEL}
+
+
+@pytest.fixture(params=["engram+chapters", *TRAINED_LAYOUTS])
 def each_trained_layout(request, trained_model):
     if request.param == "engram+chapters":
         return trained_model
     torch.manual_seed(0)
-    return train_steps(MemoryLlamaForCausalLM(tiny_config(**PKM)))
+    return train_steps(MemoryLlamaForCausalLM(tiny_config(**TRAINED_LAYOUTS[request.param])))
 
 
 def test_padding_invariance(each_trained_layout):
@@ -186,6 +196,8 @@ MEMORY_LAYOUTS = {
     "no memory": dict(engram_layers=[], chapter_layers=[]),
     "engram only": dict(chapter_layers=[], engram_layers=[0, 2]),
     "all three": PKM,
+    "associative, replace": MOSAIC_REPLACE,
+    "associative, parallel": MOSAIC_PARALLEL,
 }
 
 
