@@ -1,6 +1,6 @@
-"""What the two benchmarks that train small models from scratch (`iso_flop`, `forgetting`) share: their options,
-the data (natural text through a reduced vocabulary, knowledge-set rows mixed into each batch), the models, the
-training loop and the recall of the knowledge set.
+"""What the benchmarks that train small models from scratch (`iso_flop`, `forgetting`; `length_extrapolation` and
+`associative_recall` use parts) share: their options, the data (natural text through a reduced vocabulary,
+knowledge-set rows mixed into each batch), the models, the training loop and the recall of the knowledge set.
 
 Training uses the library's pieces: the optimizer MemoryTrainer builds (`memory_parameter_groups`,
 `build_memory_optimizer`), transformers' learning-rate schedule and the clipping that counts sparse table
@@ -135,25 +135,33 @@ def mixed_batches(rng, text_rows: torch.Tensor, fact_rows: torch.Tensor, batch: 
 # ---------------------------------------------------------------------------------------------- models
 
 
-SMALL_MODEL_KINDS = ("dense", "baseline", "engram", "chapters", "both", "pkm")
+SMALL_MODEL_KINDS = ("dense", "baseline", "engram", "chapters", "both", "pkm", "mosaic")
 # Product-key memory sized for hidden 64: 32 x 32 = 1,024 value slots, 4 heads x top-8 reads, 32-wide queries.
 SMALL_PKM_FIELDS = dict(pkm_num_keys=32, pkm_top_k=8, pkm_heads=4, pkm_key_dim=32)
+# Memory Mosaics v2 scaled to 64-token rows, keeping the paper's proportions (h = 256, m ~ U[64, 256] at 4k tokens):
+# the short-term memory reads the last 31 pairs, the long-term one the pairs at least 8..16 tokens back (8 at
+# inference), so the two overlap as in the paper. Heads: the config's default (2 per memory, 16 wide).
+SMALL_MOSAIC_FIELDS = dict(mosaic_placement="replace", mosaic_short_window=32, mosaic_min_delay=8, mosaic_max_delay=16)
 
 
-def small_model(args, vocab_size: int, kind: str, seed: int = 0, intermediate: int | None = None):
+def small_model(
+    args, vocab_size: int, kind: str, seed: int = 0, intermediate: int | None = None, context: int | None = None
+):
     """A small model trained from scratch (tied embeddings, 4 heads): "dense" is a LlamaForCausalLM (of MLP width
     `intermediate`), the other kinds a MemoryLlama with "baseline" (no memory), "engram" (layer 0), "chapters" (the
-    last layer), "both" (Engram and chapters) or "pkm" (product-key memory at the last layer, `SMALL_PKM_FIELDS`:
+    last layer), "both" (Engram and chapters), "pkm" (product-key memory at the last layer, `SMALL_PKM_FIELDS`:
     1,024 value slots of width `hidden`, 4 heads reading the top 8 each; the values start at zero, as when
-    grafted, and learn from the first step)."""
+    grafted, and learn from the first step) or "mosaic" (Memory Mosaics v2: every layer's self-attention replaced
+    by short- and long-term associative memory, `SMALL_MOSAIC_FIELDS`; no positional encoding). `context`: the
+    longest sequence the model will see (max_position_embeddings; default the training rows' length)."""
     if kind not in SMALL_MODEL_KINDS:
         raise ValueError(f"kind must be one of {SMALL_MODEL_KINDS}, got {kind!r}.")
     torch.manual_seed(seed)
     fields = dict(
         vocab_size=vocab_size, hidden_size=args.hidden, intermediate_size=intermediate or args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
-        max_position_embeddings=args.block_size, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
-        pad_token_id=None,
+        max_position_embeddings=context or args.block_size, tie_word_embeddings=True, bos_token_id=None,
+        eos_token_id=None, pad_token_id=None,
     )
     if kind == "dense":
         return LlamaForCausalLM(LlamaConfig(**fields))
@@ -166,7 +174,20 @@ def small_model(args, vocab_size: int, kind: str, seed: int = 0, intermediate: i
         )
     if kind == "pkm":
         fields.update(pkm_layers=[args.layers - 1], **SMALL_PKM_FIELDS)
+    if kind == "mosaic":
+        fields.update(mosaic_layers=list(range(args.layers)), **SMALL_MOSAIC_FIELDS)
     return MemoryLlamaForCausalLM(MemoryLlamaConfig(**fields))
+
+
+def mosaic_description(args) -> str:
+    """The "mosaic" kind of small_model in a sentence: its memories' windows, delays and heads."""
+    mosaic = SMALL_MOSAIC_FIELDS
+    return (
+        f"Memory Mosaics v2: all {args.layers} layers' self-attention replaced by short-term (window "
+        f"h = {mosaic['mosaic_short_window']}) and long-term (delay m ~ U[{mosaic['mosaic_min_delay']}, "
+        f"{mosaic['mosaic_max_delay']}] per training row, {mosaic['mosaic_min_delay']} at inference) associative "
+        f"memory, 2 heads x {args.hidden // 4} wide each, no positional encoding; the Llama MLP is its persistent memory."
+    )
 
 
 def small_memory_description(args, kinds) -> str:
@@ -181,8 +202,9 @@ def small_memory_description(args, kinds) -> str:
             f"top {pkm['pkm_top_k']} each, {pkm['pkm_key_dim']}-wide queries; values zero at birth (they learn from "
             f"the first step), on LazyAdam at lr x 10."
         ),
+        "mosaic": mosaic_description(args),
     }
-    holds = {"engram": {"engram", "both"}, "chapters": {"chapters", "both"}, "pkm": {"pkm"}}
+    holds = {"engram": {"engram", "both"}, "chapters": {"chapters", "both"}, "pkm": {"pkm"}, "mosaic": {"mosaic"}}
     return " ".join(text for memory, text in sentences.items() if holds[memory] & set(kinds))
 
 
@@ -196,14 +218,20 @@ def training_loss(model, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids, labels=input_ids, **router).loss
 
 
-def train(model, next_batch, steps: int, lr: float, warmup_steps: int, trainable=None) -> None:
+def train(
+    model, next_batch, steps: int, lr: float, warmup_steps: int, trainable=None, loss=training_loss, after_step=None
+) -> None:
     """A plain training loop, left in eval mode. The optimizer MemoryTrainer builds (the tables at their
     learning-rate multipliers on LazyAdam, the rest on AdamW with betas (0.9, 0.95), no weight decay), transformers'
     linear warm-up then cosine decay to 0.1 x lr ("cosine_with_min_lr"), gradients clipped at norm 1.
 
     Args:
-        next_batch: callable(step) -> (B, S) int64 token ids (labels are the ids, shifted inside).
+        next_batch: callable(step) -> (B, S) int64 token ids (labels are the ids, shifted inside), or whatever
+            `loss` takes.
         trainable: callable(parameter name) -> bool, the parameters to train (default: all).
+        loss: callable(model, batch) -> scalar loss (default: `training_loss`).
+        after_step: callable(number of steps done), called after each optimizer step (evaluation along training;
+            it leaves the model in train mode).
     """
     for name, param in model.named_parameters():
         param.requires_grad_(trainable is None or trainable(name))
@@ -216,11 +244,13 @@ def train(model, next_batch, steps: int, lr: float, warmup_steps: int, trainable
     trained = [param for group in optimizer.param_groups for param in group["params"]]
     model.train()
     for step in range(steps):
-        training_loss(model, next_batch(step)).backward()
+        loss(model, next_batch(step)).backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)  # sparse table gradients included (table_optimizers)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step(step + 1)
     model.eval()
 
 
