@@ -9,7 +9,9 @@ document ends with EOS (Engram's n-gram history and the loss see the boundary), 
 concatenated and the stream is cut into rows of `block_size` tokens; or each document starts a row of
 its own. `tokenize_and_pack` runs it over a dataset: the last, shorter row of each map batch is padded
 (attention_mask 0, label -100) rather than dropped, so no document is lost: a small knowledge set fits
-in a few rows.
+in a few rows. With `separate_documents=True` the rows also carry `position_ids` that restart after each
+EOS (`document_position_ids`): the model then keeps attention and memory inside each document
+(`MemoryLlamaModel.packed_documents`), so short documents packed together train as they would alone.
 """
 
 import os
@@ -133,10 +135,28 @@ def pack_documents(
     return rows[:max_rows], masks[:max_rows]
 
 
+def document_position_ids(row: list[int], eos_id: int) -> list[int]:
+    """Position ids of a packed row that restart at 0 after every EOS: the packed-sequence convention of
+    transformers (`DataCollatorWithFlattening`), which tells the model where each document starts. A document
+    continued from the previous row starts at 0 too (rotary attention depends on relative positions only)."""
+    positions, position = [], 0
+    for token in row:
+        positions.append(position)
+        position = 0 if token == eos_id else position + 1
+    return positions
+
+
 def tokenize_and_pack(
-    dataset: datasets.Dataset, tokenizer, block_size: int, text_column: str = "text", num_proc: int | None = None
+    dataset: datasets.Dataset,
+    tokenizer,
+    block_size: int,
+    text_column: str = "text",
+    num_proc: int | None = None,
+    separate_documents: bool = False,
 ) -> datasets.Dataset:
-    """Rows of exactly `block_size` tokens: `input_ids`, `attention_mask`, `labels` (-100 at padding).
+    """Rows of exactly `block_size` tokens: `input_ids`, `attention_mask`, `labels` (-100 at padding), and with
+    `separate_documents` `position_ids` restarting at each document (`document_position_ids`), so that no
+    token attends to, or is remembered with, the documents packed before it.
 
     Each document is tokenised without special tokens and followed by EOS; documents are packed
     back to back in dataset order (deterministic; `pack_documents` per map batch)."""
@@ -152,7 +172,10 @@ def tokenize_and_pack(
         documents = tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]
         rows, masks = pack_documents(documents, block_size, eos, pad)
         labels = [[t if m else -100 for t, m in zip(row, mask)] for row, mask in zip(rows, masks)]
-        return {"input_ids": rows, "attention_mask": masks, "labels": labels}
+        packed = {"input_ids": rows, "attention_mask": masks, "labels": labels}
+        if separate_documents:
+            packed["position_ids"] = [document_position_ids(row, eos) for row in rows]
+        return packed
 
     return dataset.map(
         pack,
@@ -164,4 +187,12 @@ def tokenize_and_pack(
     )
 
 
-__all__ = ["BUILDERS", "knowledge_dataset", "load_text_dataset", "pack_documents", "pad_id_of", "tokenize_and_pack"]
+__all__ = [
+    "BUILDERS",
+    "document_position_ids",
+    "knowledge_dataset",
+    "load_text_dataset",
+    "pack_documents",
+    "pad_id_of",
+    "tokenize_and_pack",
+]

@@ -287,12 +287,14 @@ class MemoryLlamaAssociativeMemory(nn.Module):
     def levels(self) -> list[MemoryLlamaAssociativeMemoryLevel]:
         return [level for level in (self.short_term, self.long_term) if level is not None]
 
-    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor, cache=None, documents=None) -> torch.Tensor:
         """
         Args:
             hidden_states: (B, S, d) the layer's normed input (new tokens only when decoding with a cache).
             token_mask: (B, S) bool, False at padding.
             cache: transformers' cache built from the model's config (its layer `layer_idx` keeps the pairs), or None.
+            documents: (B, S) the document of each token in packed rows (nothing cached before), or None: a token
+                then reads only its own document's pairs, and each document's key recurrence starts from zero.
         Returns:
             (B, S, d) the update to add to the residual.
         """
@@ -322,7 +324,11 @@ class MemoryLlamaAssociativeMemory(nn.Module):
                 values = finished[:, :, 1:]
             else:
                 values = level.finish_values(projection)
-            keys, log_norms = mosaic_key_scan(*level.key_inputs(hidden_states, token_mask), *initial)
+            key_inputs = level.key_inputs(hidden_states, token_mask)
+            if documents is None:
+                keys, log_norms = mosaic_key_scan(*key_inputs, *initial)
+            else:
+                keys, log_norms = _key_scan_within_documents(*key_inputs, documents)
             new_keys.append(torch.cat([keys, real.expand(batch, level.num_heads, seq_len, 1).to(keys.dtype)], dim=-1))
             new_log_norms.append(log_norms[..., None])
             values = torch.cat([values, values.new_zeros(batch, level.num_heads, 1, self.head_dim)], dim=2)
@@ -344,7 +350,7 @@ class MemoryLlamaAssociativeMemory(nn.Module):
             queries = self._head_slice(states[0], heads, index)[..., : self.head_dim]
             level_keys = self._head_slice(keys, heads, index)
             level_values = self._head_slice(values, heads, index)[..., : self.head_dim]
-            outputs.append(self._read(level, queries, level_keys, level_values, start, level is self.short_term))
+            outputs.append(self._read(level, queries, level_keys, level_values, start, level is self.short_term, documents))
         return self.mosaic_output(torch.cat(outputs, dim=-1))
 
     @staticmethod
@@ -352,7 +358,7 @@ class MemoryLlamaAssociativeMemory(nn.Module):
         start = sum(heads[:index])
         return tensor[:, start : start + heads[index]]
 
-    def _read(self, level, queries, keys, values, start, short_term: bool) -> torch.Tensor:
+    def _read(self, level, queries, keys, values, start, short_term: bool, documents=None) -> torch.Tensor:
         """Kernel regression of the new tokens' queries over the pairs they may read: (B, S, H * D)."""
         batch, num_heads, seq_len, head_dim = queries.shape
         query_positions = torch.arange(seq_len, device=queries.device) + start  # (S,)
@@ -365,6 +371,8 @@ class MemoryLlamaAssociativeMemory(nn.Module):
         else:
             delay = self._long_term_delay(batch, queries.device)  # (B,)
             readable = (lag[None] >= delay[:, None, None]) & real_keys[:, None, :]
+        if documents is not None:  # packed rows, nothing cached before: queries and keys are the same positions
+            readable = readable & (documents[:, :, None] == documents[:, None, :])
         pairs_read = readable.sum(-1)  # (B, S)
         beta = level.bandwidth(pairs_read)  # (B, H, S)
         scaled_queries = (queries.float() * beta[..., None]).to(queries.dtype)
@@ -411,6 +419,33 @@ def check_read_implementation(implementation: str) -> None:
             f"which {implementation} cannot take: load the model with attn_implementation='sdpa', 'eager' or "
             "'flex_attention'."
         )
+
+
+def _key_scan_within_documents(projected, log_gate, log_decay, documents: torch.Tensor):
+    """`mosaic_key_scan` restarted at every document of packed rows: each document is gathered into a row of its own
+    (positions past its end are padding, which leaves a state unchanged), scanned from a zero state, and scattered
+    back. Inputs (B, H, S, D) and twice (B, H, S), `documents` (B, S); returns what `mosaic_key_scan` returns."""
+    batch, heads, length, width = projected.shape
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    starts = starts.flatten()  # (B * S,) a new document (or row) begins here
+    segment = starts.cumsum(0) - 1
+    first = torch.nonzero(starts).flatten()
+    offset = torch.arange(batch * length, device=documents.device) - first[segment]
+    source = torch.full((first.numel(), int(offset.max()) + 1), -1, dtype=torch.long, device=documents.device)
+    source[segment, offset] = torch.arange(batch * length, device=documents.device)  # (N, L) flat position or -1
+    present = source >= 0
+
+    def to_documents(tensor):  # (B, H, S, ...) -> (N, H, L, ...), zero past each document's end
+        flat = tensor.transpose(1, 2).reshape(batch * length, heads, *tensor.shape[3:])
+        gathered = flat[source.clamp_min(0)]  # (N, L, H, ...)
+        gathered = torch.where(present.view(*present.shape, *[1] * (gathered.dim() - 2)), gathered, 0)
+        return gathered.transpose(1, 2)
+
+    keys, log_norms = mosaic_key_scan(to_documents(projected), to_documents(log_gate), to_documents(log_decay))
+    keys = keys[segment, :, offset].view(batch, length, heads, width).transpose(1, 2)
+    log_norms = log_norms[segment, :, offset].view(batch, length, heads).transpose(1, 2)
+    return keys, log_norms
 
 
 def _last_index(past_len, tensor: torch.Tensor) -> torch.Tensor:

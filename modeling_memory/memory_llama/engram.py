@@ -238,16 +238,35 @@ class MemoryLlamaEngram(nn.Module):
         score = score.sign() * score.abs().clamp_min(1e-6).sqrt()
         return torch.sigmoid(score)
 
-    def short_conv(self, conv_inputs: torch.Tensor, cache: Cache | None) -> torch.Tensor:
+    def short_conv(self, conv_inputs: torch.Tensor, cache: Cache | None, documents: torch.Tensor | None = None) -> torch.Tensor:
         """SiLU of the depthwise causal convolution; (B, S, d) -> (B, S, d). The cache keeps this layer's
-        last (kernel - 1) * dilation inputs as conv state 1."""
+        last (kernel - 1) * dilation inputs as conv state 1. With `documents` (B, S) (packed rows, nothing cached
+        before), a tap never reaches into an earlier document."""
         seq_len = conv_inputs.shape[1]
         window = conv_inputs.transpose(1, 2)  # (B, d, S)
         if cache is not None and self.conv_history > 0:
             window = cache.update_conv_state(window, self.layer_idx, state_idx=1, conv_kernel_size=self.conv_history)
+        if documents is not None:
+            return F.silu(self._conv_within_documents(conv_inputs, documents))
         # Zeros stand for inputs before the sequence start (or a crop that removed them).
         window = F.pad(window, (self.conv_history, 0))[..., -(self.conv_history + seq_len) :]
         return F.silu(self.conv(window)).transpose(1, 2)
+
+    def _conv_within_documents(self, conv_inputs: torch.Tensor, documents: torch.Tensor) -> torch.Tensor:
+        """The depthwise causal convolution tap by tap, each tap's input zeroed where it lies in another document
+        than the output token: what the convolution gives each document alone. (B, S, d) -> (B, S, d)."""
+        seq_len = conv_inputs.shape[1]
+        kernel = self.conv.weight.shape[-1]
+        dilation = self.conv.dilation[0]
+        output = torch.zeros_like(conv_inputs)
+        for tap in range(kernel):
+            shift = (kernel - 1 - tap) * dilation  # how far back this tap reads
+            if shift >= seq_len:
+                continue
+            shifted = F.pad(conv_inputs, (0, 0, shift, 0))[:, :seq_len]
+            same_document = documents == F.pad(documents, (shift, 0), value=-1)[:, :seq_len]
+            output = output + shifted * same_document.unsqueeze(-1).to(shifted.dtype) * self.conv.weight[:, 0, tap]
+        return output
 
     def forward(
         self,
@@ -257,6 +276,7 @@ class MemoryLlamaEngram(nn.Module):
         token_mask: torch.Tensor,
         canonical_map: torch.Tensor,
         cache: Cache | None = None,
+        documents: torch.Tensor | None = None,
         return_row_ids: bool = False,
         read: EngramRead | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -264,10 +284,12 @@ class MemoryLlamaEngram(nn.Module):
         Args:
             hidden_states: (B, S, d) residual stream entering the layer.
             input_ids: (B, S) raw token ids of the new tokens.
-            boundaries: (B, S) bool, True at EOS and padding: n-gram history never reaches across them.
+            boundaries: (B, S) bool, True at EOS, padding and document ends: n-gram history never reaches across them.
             token_mask: (B, S) bool, False at padding.
             canonical_map: (V,) raw id -> canonical id.
             cache: transformers' cache whose layer `layer_idx` keeps conv states ("hybrid" layer), or None.
+            documents: (B, S) the document of each token in packed rows (nothing cached before), or None: the
+                convolution then stays inside each document.
             return_row_ids: also return the rows read (the fused kernel writes them only when asked or training).
             read: this forward's `prepare_read`, when the model prepared it ahead (a table off the device).
         Returns:
@@ -290,5 +312,5 @@ class MemoryLlamaEngram(nn.Module):
         gated_values = (alpha * self.engram_value(embeddings).float()).to(hidden_states.dtype)
         # Padding must not leak into later tokens through the convolution.
         conv_inputs = self.conv_norm(gated_values) * token_mask.unsqueeze(-1).to(gated_values.dtype)
-        update = gated_values + self.short_conv(conv_inputs, cache)
+        update = gated_values + self.short_conv(conv_inputs, cache, documents)
         return update, alpha.flatten(), None if row_ids is None else row_ids.flatten(0, 1)

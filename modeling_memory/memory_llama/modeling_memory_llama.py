@@ -27,7 +27,7 @@ from transformers import PretrainedConfig
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, find_packed_sequence_indices, packed_sequence_mask_function
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.models.llama.modeling_llama import (
@@ -111,7 +111,10 @@ class MemoryLlamaLayerInputs:
 
     input_ids: torch.Tensor | None  # (B, S)
     token_mask: torch.Tensor  # (B, S) bool, False at padding
-    boundaries: torch.Tensor | None  # (B, S) bool, True at EOS and padding (Engram's n-grams stop there)
+    boundaries: torch.Tensor | None  # (B, S) bool, True at EOS, padding and document ends (Engram's n-grams stop there)
+    # (B, S) int, the document each token belongs to in rows packed with several (None: one per row); see
+    # `MemoryLlamaModel.packed_documents`.
+    documents: torch.Tensor | None
     canonical_map: torch.Tensor | None  # (V,) raw id -> canonical id, for Engram
     # Tables shared between layers, owned by the model (None when each layer owns its own).
     chapter_bank: MemoryLlamaChapterBank | None
@@ -160,6 +163,7 @@ class MemoryLlamaDecoderLayer(LlamaDecoderLayer):
                 memory_inputs.token_mask,
                 memory_inputs.canonical_map,
                 cache,
+                documents=memory_inputs.documents,
                 return_row_ids=memory_inputs.output_engram_row_ids,
                 read=(memory_inputs.engram_reads or {}).get(self.layer_idx),
             )
@@ -180,7 +184,7 @@ class MemoryLlamaDecoderLayer(LlamaDecoderLayer):
             )
             hidden_states = hidden_states + attended
         if self.associative_memory is not None:
-            hidden_states = hidden_states + self.associative_memory(normed, memory_inputs.token_mask, cache)
+            hidden_states = hidden_states + self.associative_memory(normed, memory_inputs.token_mask, cache, memory_inputs.documents)
 
         if self.chapter_memory is not None:
             update, _, _ = self.chapter_memory(self.memory_layernorm(hidden_states), memory_inputs.chapter_bank)
@@ -492,12 +496,34 @@ class MemoryLlamaModel(MemoryLlamaPreTrainedModel):
         self._eos_token_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         self.post_init()
 
-    def engram_boundaries(self, input_ids: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-        """(B, S) bool, True at EOS and padding: Engram's n-gram history never reaches across them."""
+    def engram_boundaries(
+        self, input_ids: torch.Tensor, token_mask: torch.Tensor, documents: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, S) bool, True at EOS, padding and the last token of each packed document: Engram's n-gram history
+        never reaches across them."""
         boundaries = ~token_mask
         for eos in self._eos_token_ids:
             boundaries = boundaries | (input_ids == eos)
+        if documents is not None:
+            boundaries[:, :-1] |= documents[:, 1:] != documents[:, :-1]
         return boundaries
+
+    @staticmethod
+    def packed_documents(position_ids: torch.Tensor, batch: int, cache: Cache | None) -> torch.Tensor | None:
+        """(B, S) document index of each token when the rows pack several documents, else None.
+
+        A packed row says where its documents start the way transformers' `DataCollatorWithFlattening` and
+        `data.packing.tokenize_and_pack(..., separate_documents=True)` do: its position ids restart at 0. In a
+        forward that starts from nothing cached (training, scoring, a prompt's prefill), attention, Engram's n-grams
+        and convolution and the associative memory then stay inside each document, so that what a document teaches
+        does not depend on the unrelated text packed before it. (transformers' own masks do this only without a
+        cache and without an attention mask; a plain forward builds an empty cache, and packed rows may be padded.)
+        A forward that continues cached tokens never splits them, nor one that fills a fixed-size (static) cache."""
+        if position_ids is None or position_ids.shape[-1] < 2:
+            return None
+        if cache is not None and (cache.is_compileable or cache.get_seq_length() != 0):
+            return None
+        return find_packed_sequence_indices(position_ids.expand(batch, -1))
 
     def prefetch_engram_rows(self, input_ids, boundaries, cache) -> dict[int, EngramRead] | None:
         """For every Engram layer whose table is off the device: its n-gram context (the cache's window updated
@@ -628,6 +654,7 @@ class MemoryLlamaModel(MemoryLlamaPreTrainedModel):
             position_ids = position_ids.unsqueeze(0)
 
         batch, seq_len = inputs_embeds.shape[:2]
+        documents = self.packed_documents(position_ids, batch, cache)
         if isinstance(attention_mask, dict):
             # Prepared by `generate` for a compilable cache, one mask per layer kind: the attention mask, and
             # the (B, S) padding mask of the layers' windows (None without padding).
@@ -639,17 +666,19 @@ class MemoryLlamaModel(MemoryLlamaPreTrainedModel):
                 attention_mask=attention_mask,
                 cache=cache,
                 position_ids=position_ids,
+                and_mask_function=None if documents is None else packed_sequence_mask_function(documents),
             )
             padding_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         if padding_mask is not None:
             token_mask = padding_mask[:, -seq_len:].bool()
         else:
             token_mask = torch.ones(batch, seq_len, dtype=torch.bool, device=inputs_embeds.device)
-        boundaries = self.engram_boundaries(input_ids, token_mask) if self.config.engram_layers else None
+        boundaries = self.engram_boundaries(input_ids, token_mask, documents) if self.config.engram_layers else None
         memory_inputs = MemoryLlamaLayerInputs(
             input_ids=input_ids,
             token_mask=token_mask,
             boundaries=boundaries,
+            documents=documents,
             canonical_map=self.engram_canonical_map,
             chapter_bank=self.chapter_bank,
             pkm_values=self.pkm_values,

@@ -7,7 +7,13 @@ import math
 import datasets
 import pytest
 
-from modeling_memory.data.packing import knowledge_dataset, load_text_dataset, pack_documents, tokenize_and_pack
+from modeling_memory.data.packing import (
+    document_position_ids,
+    knowledge_dataset,
+    load_text_dataset,
+    pack_documents,
+    tokenize_and_pack,
+)
 from modeling_memory.data.knowledge import ATTRIBUTES, KnowledgeSet, answer_recalled, general_knowledge_probes
 from modeling_memory.tools.metrics import load_metric, metric_path
 from training_helpers import tiny_tokenizer
@@ -70,6 +76,21 @@ def test_packing_matches_a_plain_python_reference():
         assert row["attention_mask"] == [1] * len(chunk) + [0] * padding
         assert row["labels"] == chunk + [-100] * padding
     assert sum(sum(row["attention_mask"]) for row in rows) == len(stream)  # nothing dropped
+
+
+def test_separate_documents_restart_positions_after_every_eos():
+    assert document_position_ids([5, 6, 2, 7, 2, 2, 8, 9], eos_id=2) == [0, 1, 2, 0, 1, 0, 0, 1]
+    tokenizer = tiny_tokenizer()
+    dataset = datasets.Dataset.from_dict({"text": DOCUMENTS * 3})
+    plain = tokenize_and_pack(dataset, tokenizer, 16)
+    separate = tokenize_and_pack(dataset, tokenizer, 16, separate_documents=True)
+    assert "position_ids" not in plain.column_names
+    assert separate.remove_columns("position_ids").to_dict() == plain.to_dict()  # the rows themselves are the same
+    for row in separate:
+        position = 0
+        for token, given in zip(row["input_ids"], row["position_ids"]):  # counted here from the EOS positions
+            assert given == position
+            position = 0 if token == tokenizer.eos_token_id else position + 1
 
 
 def test_pack_documents_one_row_per_document_and_dropping_the_rest():

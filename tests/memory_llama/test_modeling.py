@@ -8,6 +8,7 @@ from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForC
 from transformers import DynamicCache
 
 import modeling_memory
+from modeling_memory.data.packing import document_position_ids
 from modeling_memory import MemoryLlamaForCausalLM, MemoryLlamaModel
 from conftest import EOS, PAD, VOCAB, random_ids, tiny_config, train_steps, wake_memory
 
@@ -176,6 +177,37 @@ def test_padding_invariance(each_trained_layout):
         for row in range(ids.shape[0]):
             n = int(mask[row].sum())
             torch.testing.assert_close(right_logits[row, :n], batch_logits[row][mask[row].bool()], rtol=1e-4, atol=FP32_ATOL)
+
+
+def test_packed_documents_compute_what_each_document_computes_alone(each_trained_layout):
+    """Rows packing several documents, with position ids restarting at each (as `tokenize_and_pack(...,
+    separate_documents=True)` writes them) and padding at the end: every document gets the logits it gets alone.
+    Attention, Engram's n-grams and convolution and the associative memory stay inside documents."""
+    model = each_trained_layout
+    generator = torch.Generator().manual_seed(5)
+    width, packed_rows = 24, []
+    for lengths in ((5, 9, 4), (12, 3, 7)):
+        documents = [torch.randint(3, VOCAB, (n,), generator=generator) for n in lengths]
+        for document in documents:
+            document[-1] = EOS  # the packer ends every document with EOS
+        packed_rows.append(documents)
+    ids = torch.full((len(packed_rows), width), PAD)
+    mask = torch.zeros_like(ids)
+    for row, documents in enumerate(packed_rows):
+        tokens = torch.cat(documents)
+        ids[row, : tokens.numel()], mask[row, : tokens.numel()] = tokens, 1
+    positions = torch.tensor([document_position_ids(row.tolist(), EOS) for row in ids])
+    with torch.no_grad():
+        packed_logits = model(ids, attention_mask=mask, position_ids=positions).logits
+        for row, documents in enumerate(packed_rows):
+            start = 0
+            for document in documents:
+                alone = model(document[None]).logits[0]
+                torch.testing.assert_close(packed_logits[row, start : start + document.numel()], alone, rtol=1e-4, atol=FP32_ATOL)
+                start += document.numel()
+        # Without the restarting positions the documents do read each other: the test can fail.
+        plain_logits = model(ids, attention_mask=mask).logits
+    assert not torch.allclose(plain_logits[0, 5:14], packed_logits[0, 5:14], rtol=1e-4, atol=FP32_ATOL)
 
 
 def an_eos_that_ends_one_row_early(model, ids, mask, max_new_tokens):
