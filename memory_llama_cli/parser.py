@@ -66,6 +66,12 @@ def both_spellings(*option_strings: str) -> list[str]:
     return spellings
 
 
+def given_options(arguments: list[str]) -> set[str]:
+    """The options a command line gives, by destination name (`--learning-rate 1` and `--learning_rate=1` give
+    "learning_rate")."""
+    return {_spelling_key(a.split("=", 1)[0]) for a in arguments if a.startswith("--")}
+
+
 def add_option(container, *option_strings: str, **kwargs) -> argparse.Action:
     """`container.add_argument`, accepting both spellings of each option of several words."""
     return container.add_argument(*both_spellings(*option_strings), **kwargs)
@@ -309,12 +315,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--data", help="training text: a .txt/.json/.jsonl/.parquet file or folder, or a Hub dataset name")
     add_option(parser, "--text-column", default="text", help="column holding the documents (json/parquet)")
     _add_knowledge_arguments(parser, "train on")
-    add_option(parser, "--knowledge-statements", type=int, default=3, choices=[1, 2, 3], help="training phrasings per fact")
-    add_option(parser, "--block-size", type=int, default=256, help="tokens per packed training row")
+    add_option(parser, "--knowledge-statements", type=int, default=3, choices=[1, 2, 3], help="training statements per fact")
+    add_option(parser, "--knowledge-questions", type=int, default=2, choices=[0, 1, 2],
+               help="training question-answer pairs per fact (worded unlike the held-out probes)")
+    add_option(parser, "--block-size", type=int, default=256,
+               help="tokens per packed training row (documents packed together never read each other; "
+                    "default 256, 64 with --mode sparse_memory)")
     add_option(parser, "--mode", choices=choices.TRAINING_MODES, default="full", metavar="MODE",
                help=f"training mode: {_choices(choices.TRAINING_MODES)} (default full; see README, 'Training modes')")
     add_option(parser, "--sparse-memory-top-t", type=int, metavar="T",
-               help="sparse_memory mode: rows trained per memory table, the top T by TF-IDF (default 16000)")
+               help="sparse_memory mode: rows trained per memory table, the top T by TF-IDF (default 16000); the mode also "
+                    "changes the defaults of --learning_rate (0.3), --num_train_epochs (10), --per_device_train_batch_size "
+                    "(8), --lr_scheduler_type (constant_with_warmup, 5 steps) and --block-size (64)")
     add_option(parser, "--background-data", metavar="PATH",
                help="sparse_memory mode: background text the slots are ranked against (default: the offline natural text)")
     add_option(parser, "--background-rows", type=int, metavar="N",

@@ -53,7 +53,23 @@ def parse_train_command_line(arguments: list[str]) -> argparse.Namespace:
     line naming the closest valid one)."""
     parser = build_train_parser()
     refuse_unknown_options(parser, arguments)
-    return parser.parse_args(arguments)
+    args = parser.parse_args(arguments)
+    if args.mode == "sparse_memory":
+        apply_sparse_memory_defaults(args, arguments)
+    return args
+
+
+def apply_sparse_memory_defaults(args, arguments: list[str]) -> None:
+    """--mode sparse_memory: every setting of `RECOMMENDED_TRAINING_ARGUMENTS` the command line does not give
+    replaces the generic default (Trainer's learning rate of 5e-5 and 3 epochs teach the zero-initialised value
+    rows nothing)."""
+    from memory_llama_cli.parser import given_options
+    from modeling_memory.training.sparse_memory_finetuning import RECOMMENDED_TRAINING_ARGUMENTS
+
+    given = given_options(arguments)
+    for name, value in RECOMMENDED_TRAINING_ARGUMENTS.items():
+        if name not in given:
+            setattr(args, name, value)
 
 
 def _training_arguments(args):
@@ -193,11 +209,13 @@ def _load_tokenizer(path: str, fallback: str | None = None):
     return tokenizer
 
 
-def _text_rows(args, tokenizer, text_column: str, main_process_first=None):
-    """Packed training/eval rows from --data or the knowledge set."""
+def _text_rows(args, tokenizer, text_column: str, main_process_first=None, separate_documents: bool = True):
+    """Packed training/eval rows from --data or the knowledge set; training keeps the documents apart."""
     import contextlib
 
-    from modeling_memory.data.packing import knowledge_dataset, load_text_dataset, tokenize_and_pack
+    import datasets
+
+    from modeling_memory.data.packing import load_text_dataset, tokenize_and_pack
     from modeling_memory.data.knowledge import KnowledgeSet
 
     context = main_process_first(desc="tokenising") if main_process_first else contextlib.nullcontext()
@@ -208,9 +226,12 @@ def _text_rows(args, tokenizer, text_column: str, main_process_first=None):
             except (ValueError, FileNotFoundError) as error:
                 raise ToolError(str(error))
         else:
-            knowledge = KnowledgeSet.generate(args.knowledge_entities, args.knowledge_seed, getattr(args, "knowledge_statements", 3))
-            dataset, text_column = knowledge_dataset(knowledge), "text"
-        return tokenize_and_pack(dataset, tokenizer, args.block_size, text_column=text_column)
+            knowledge = KnowledgeSet.generate(args.knowledge_entities, args.knowledge_seed, args.knowledge_statements,
+                                              args.knowledge_questions)
+            dataset, text_column = datasets.Dataset.from_dict({"text": knowledge.fact_documents()}), "text"
+        # Training: documents packed into one row never read each other (per-document attention and memory), so a
+        # fact is learnt in the context a question about it gives, not after whatever text the packer put before it.
+        return tokenize_and_pack(dataset, tokenizer, args.block_size, text_column=text_column, separate_documents=separate_documents)
 
 
 SPARSE_MEMORY_SLOTS_NAME = "sparse_memory_slots.safetensors"
@@ -457,7 +478,9 @@ def run_train(args) -> int:
         if args.knowledge_entities is not None:
             from modeling_memory.data.knowledge import KnowledgeSet
 
-            knowledge = KnowledgeSet.generate(args.knowledge_entities, args.knowledge_seed, args.knowledge_statements)
+            knowledge = KnowledgeSet.generate(
+                args.knowledge_entities, args.knowledge_seed, args.knowledge_statements, args.knowledge_questions
+            )
             path = os.path.join(output_dir, "knowledge.json")
             with open(path, "w") as handle:
                 handle.write(knowledge.to_json())
@@ -524,7 +547,7 @@ def run_eval(args) -> int:
     results = {"checkpoint": os.path.abspath(args.checkpoint)}
     if args.data is not None:
         data_args = argparse.Namespace(data=args.data, knowledge_entities=None, block_size=args.block_size)
-        rows = _text_rows(data_args, tokenizer, args.text_column)
+        rows = _text_rows(data_args, tokenizer, args.text_column, separate_documents=False)
         results["perplexity"] = {**evaluate_perplexity(model, tokenizer, rows, args.batch_size), "data": args.data}
     if args.knowledge_entities is not None:
         knowledge = KnowledgeSet.generate(args.knowledge_entities, args.knowledge_seed)

@@ -5,8 +5,10 @@ with an invented name (syllables combined so that the full name belongs to nobod
 attributes: birth year, home city, employer, profession, instrument and pet. From them it writes
 
 - `training_statements()`: natural sentences stating each fact (the text to fine-tune on);
+- `training_questions()`: with `questions_per_fact` > 0, question-answer pairs stating each fact in
+  the held-out probes' format but other words; `fact_documents()`: every phrasing as a document;
 - `probes()`: held-out prompts that ask for each fact in a *different* phrasing from every
-  training statement, with the answer string. A model recalls a fact when its greedy
+  training statement and question, with the answer string. A model recalls a fact when its greedy
   continuation of the prompt starts with the answer (see `Probe.is_recalled`);
 - `probes(held_out=False)`: the training phrasings cut just before the answer (memorisation
   rather than recall).
@@ -82,6 +84,16 @@ _TRAINING_TEMPLATES = {
     "instrument": ["{name} plays the {v}.", "In the evenings {name} practises the {v}.", "{name}'s instrument is the {v}."],
     "pet": ["{name} has a pet {v}.", "{name} shares a flat with a pet {v}.", "{name} looks after {a} {v}."],
 }
+# Training questions with their answers: the facts asked in the question-answer format the held-out probes use,
+# in other words than those probes (so that a held-out probe tests a new wording, not a new format).
+_TRAINING_QUESTIONS = {
+    "birth_year": ["Question: When was {name} born?\nAnswer: {v}.", "Question: What is the birth year of {name}?\nAnswer: {v}."],
+    "city": ["Question: Where does {name} live?\nAnswer: {v}.", "Question: In what city has {name} settled?\nAnswer: {v}."],
+    "employer": ["Question: Who does {name} work for?\nAnswer: {v}.", "Question: What company is {name} employed by?\nAnswer: {v}."],
+    "profession": ["Question: What does {name} do for a living?\nAnswer: {a} {v}.", "Question: What is {name}'s profession?\nAnswer: {a} {v}."],
+    "instrument": ["Question: What does {name} play?\nAnswer: the {v}.", "Question: Which instrument does {name} practise?\nAnswer: the {v}."],
+    "pet": ["Question: What pet does {name} have?\nAnswer: {a} {v}.", "Question: Which animal does {name} look after?\nAnswer: {a} {v}."],
+}
 # Held-out phrasings: the question is worded differently from every training sentence and
 # ends right where the answer should start.
 _PROBE_TEMPLATES = {
@@ -148,7 +160,7 @@ def answer_recalled(continuation: str, answer: str) -> bool:
 class KnowledgeSet:
     """Deterministic facts about fictional people; see the module docstring."""
 
-    def __init__(self, entities: list[Entity], seed: int, statements_per_fact: int = 3):
+    def __init__(self, entities: list[Entity], seed: int, statements_per_fact: int = 3, questions_per_fact: int = 0):
         if not entities:
             raise ValueError("a KnowledgeSet needs at least one entity.")
         names = [e.name for e in entities]
@@ -156,15 +168,19 @@ class KnowledgeSet:
             raise ValueError("entity names must be unique.")
         if not 1 <= statements_per_fact <= 3:
             raise ValueError(f"statements_per_fact must be 1, 2 or 3 (the training phrasings), got {statements_per_fact}.")
+        if not 0 <= questions_per_fact <= 2:
+            raise ValueError(f"questions_per_fact must be 0, 1 or 2 (the training questions), got {questions_per_fact}.")
         self.entities = entities
         self.seed = seed
         self.statements_per_fact = statements_per_fact
+        self.questions_per_fact = questions_per_fact
 
     @classmethod
-    def generate(cls, num_entities: int, seed: int = 0, statements_per_fact: int = 3) -> KnowledgeSet:
+    def generate(cls, num_entities: int, seed: int = 0, statements_per_fact: int = 3, questions_per_fact: int = 0) -> KnowledgeSet:
         """Make `num_entities` fictional people; the same `(num_entities, seed)` always gives the
         same people and facts. `statements_per_fact` (1-3) is how many training phrasings of each
-        fact `training_statements` writes."""
+        fact `training_statements` writes, `questions_per_fact` (0-2) how many question-answer pairs
+        `training_questions` writes (in other words than the held-out probes)."""
         if not isinstance(num_entities, int) or not 1 <= num_entities <= 100_000:
             raise ValueError(f"num_entities must be an integer between 1 and 100000, got {num_entities!r}.")
         rng = random.Random(f"modeling_memory.data.knowledge:{seed}")
@@ -189,7 +205,7 @@ class KnowledgeSet:
                     pet=rng.choice(_PETS),
                 )
             )
-        return cls(entities, seed=seed, statements_per_fact=statements_per_fact)
+        return cls(entities, seed=seed, statements_per_fact=statements_per_fact, questions_per_fact=questions_per_fact)
 
     def __len__(self) -> int:
         return len(self.entities)
@@ -204,6 +220,23 @@ class KnowledgeSet:
                     value = entity.value(attribute)
                     statements.append(template.format(name=entity.name, v=value, a=_article(value)))
         return statements
+
+    def training_questions(self) -> list[str]:
+        """One question with its answer per (entity, attribute, question), `questions_per_fact` each, in the
+        order of `training_statements`; empty when `questions_per_fact` is 0."""
+        questions = []
+        for entity in self.entities:
+            for attribute in ATTRIBUTES:
+                for template in _TRAINING_QUESTIONS[attribute][: self.questions_per_fact]:
+                    value = entity.value(attribute)
+                    questions.append(template.format(name=entity.name, v=value, a=_article(value)))
+        return questions
+
+    def fact_documents(self) -> list[str]:
+        """Every training phrasing of every fact as a document of its own: the statements, then the questions.
+        Trained with documents kept apart (`tokenize_and_pack(..., separate_documents=True)`), each fact is learnt
+        in the context a probe gives it: none."""
+        return self.training_statements() + self.training_questions()
 
     def training_documents(self) -> list[str]:
         """One short biography per entity (its statements joined by spaces): a natural unit for
@@ -233,7 +266,10 @@ class KnowledgeSet:
     def to_json(self) -> str:
         """The set as JSON (entities and settings); `from_json` reads it back."""
         return json.dumps(
-            {"seed": self.seed, "statements_per_fact": self.statements_per_fact, "entities": [asdict(e) for e in self.entities]},
+            {
+                "seed": self.seed, "statements_per_fact": self.statements_per_fact,
+                "questions_per_fact": self.questions_per_fact, "entities": [asdict(e) for e in self.entities],
+            },
             indent=1,
         )
 
@@ -241,7 +277,10 @@ class KnowledgeSet:
     def from_json(cls, text: str) -> KnowledgeSet:
         """Inverse of `to_json`."""
         data = json.loads(text)
-        return cls([Entity(**e) for e in data["entities"]], seed=data["seed"], statements_per_fact=data["statements_per_fact"])
+        return cls(
+            [Entity(**e) for e in data["entities"]], seed=data["seed"], statements_per_fact=data["statements_per_fact"],
+            questions_per_fact=data.get("questions_per_fact", 0),
+        )
 
 
 # Facts a pretrained model knows, asked as completions: the forgetting probe. Only those the base model

@@ -30,6 +30,19 @@ RANKED_KINDS = (PKM_VALUES, ENGRAM_TABLE)
 # demo learnt the most facts while keeping general knowledge (500 and 1,000 rows, the paper's order for a
 # pretrained memory of 1M slots, learnt almost nothing on a fresh graft).
 DEFAULT_TOP_T = 16000
+# The training settings `memory-llama train --mode sparse_memory` uses unless told otherwise: near the best point of
+# the learning–forgetting frontier (benchmarks/knowledge_frontier.py; README, "Teaching a model facts"). The chosen
+# value rows start at zero, so they need a learning rate far above a backbone's (the values train at x
+# pkm_values_lr_multiplier of it), short rows (one fact a document, documents kept apart) and many passes.
+RECOMMENDED_TRAINING_ARGUMENTS = {
+    "learning_rate": 0.3,
+    "lr_scheduler_type": "constant_with_warmup",
+    "warmup_steps": 5,
+    "weight_decay": 0.0,
+    "per_device_train_batch_size": 8,
+    "num_train_epochs": 10,
+    "block_size": 64,
+}
 
 
 @dataclass
@@ -200,6 +213,7 @@ def describe_selection(selected: dict[str, torch.Tensor], model: nn.Module) -> s
 __all__ = [
     "DEFAULT_TOP_T",
     "RANKED_KINDS",
+    "RECOMMENDED_TRAINING_ARGUMENTS",
     "SlotReads",
     "count_slot_reads",
     "describe_selection",

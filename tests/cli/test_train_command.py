@@ -419,3 +419,17 @@ def test_every_command_that_reads_a_model_accepts_an_adapter_folder(base, adapte
     assert (trained / "config.json").is_file()
     with pytest.raises(SystemExit, match=f"is itself an adapter: merge it first \\(`memory-llama merge {adapter} OUT`\\)"):
         main(["train", str(adapter), "--knowledge-entities", "2", "--mode", "lora", *COMMON, "--output_dir", str(tmp_path / "x")])
+
+
+def test_sparse_memory_mode_has_defaults_of_its_own_that_the_command_line_overrides():
+    from memory_llama_cli.train_command import parse_train_command_line
+    from modeling_memory.training.sparse_memory_finetuning import RECOMMENDED_TRAINING_ARGUMENTS
+
+    plain = parse_train_command_line(["MODEL", "--data", "facts.txt", "--output_dir", "out"])
+    assert plain.learning_rate == 5e-5 and plain.block_size == 256  # Trainer's and the command's own defaults
+    sparse = parse_train_command_line(["MODEL", "--data", "facts.txt", "--output_dir", "out", "--mode", "sparse_memory"])
+    for name, value in RECOMMENDED_TRAINING_ARGUMENTS.items():
+        assert getattr(sparse, name) == value
+    given = parse_train_command_line(["MODEL", "--data", "facts.txt", "--output_dir", "out", "--mode", "sparse_memory",
+                                      "--learning-rate", "0.01", "--block_size=32"])
+    assert given.learning_rate == 0.01 and given.block_size == 32 and given.num_train_epochs == 10

@@ -181,3 +181,18 @@ def test_general_knowledge_probes_are_well_formed_and_not_taught():
     # The forgetting probe must not be something the new facts teach.
     taught = " ".join(KnowledgeSet.generate(200, seed=0).training_statements())
     assert not any(p.prompt in taught for p in probes)
+
+
+def test_training_questions_state_each_fact_in_other_words_than_the_held_out_probes():
+    knowledge = KnowledgeSet.generate(5, seed=2, questions_per_fact=2)
+    questions = knowledge.training_questions()
+    assert len(questions) == 5 * len(ATTRIBUTES) * 2
+    assert knowledge.fact_documents() == knowledge.training_statements() + questions
+    for probe in knowledge.probes(held_out=True):
+        asked = [q for q in questions if probe.entity in q]
+        assert not any(q.startswith(probe.prompt) for q in asked)  # never the held-out wording
+        assert any(probe.answer in q for q in asked)  # but the fact itself is asked
+    assert KnowledgeSet.generate(5, seed=2).training_questions() == []
+    assert KnowledgeSet.from_json(knowledge.to_json()).fact_documents() == knowledge.fact_documents()
+    with pytest.raises(ValueError, match="questions_per_fact"):
+        KnowledgeSet.generate(2, questions_per_fact=3)
