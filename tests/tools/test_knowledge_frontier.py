@@ -1,0 +1,26 @@
+"""The frontier's bookkeeping against hand-worked examples: which point of a run counts, and the envelope drawn."""
+
+from modeling_memory.tools.knowledge_frontier import _unrelated_passages, _upper_envelope, best_point
+
+
+def point(step, recall, kept, held_out=0.0):
+    return {"step": step, "training phrasing": recall, "held-out phrasing": held_out, "general knowledge kept": kept}
+
+
+def test_best_point_is_the_most_recall_that_keeps_enough():
+    run = {"points": [point(0, 0.0, 1.0), point(20, 0.4, 1.0), point(40, 0.9, 0.96), point(60, 1.0, 0.9)]}
+    assert best_point(run)["step"] == 40  # step 60 recalls more but keeps under 95 %
+    assert best_point(run, min_kept=0.99)["step"] == 20
+    assert best_point({"points": [point(0, 0.0, 1.0), point(20, 1.0, 0.5)]}) is None  # the untrained point never counts
+
+
+def test_upper_envelope_is_the_best_recall_at_each_level_of_knowledge_kept():
+    points = [(1.0, 0.2), (0.96, 0.5), (0.96, 0.4), (0.9, 0.45), (0.8, 0.9)]
+    assert _upper_envelope(points) == [(1.0, 0.2), (0.96, 0.5), (0.8, 0.9)]
+
+
+def test_unrelated_passages_end_at_a_sentence_and_repeat_when_few():
+    texts = ["short.", "One sentence here. " * 30]
+    passages = _unrelated_passages(texts, 3)
+    assert len(passages) == 3 and len(set(passages)) == 1
+    assert passages[0].endswith(".") and len(passages[0]) <= 300
