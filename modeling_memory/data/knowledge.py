@@ -210,27 +210,25 @@ class KnowledgeSet:
     def __len__(self) -> int:
         return len(self.entities)
 
+    def _written(self, templates: dict[str, list[str]], per_fact: int) -> list[str]:
+        """Every fact written with the first `per_fact` templates of its attribute: entity by entity, attribute by
+        attribute."""
+        texts = []
+        for entity in self.entities:
+            for attribute in ATTRIBUTES:
+                value = entity.value(attribute)
+                texts += [template.format(name=entity.name, v=value, a=_article(value)) for template in templates[attribute][:per_fact]]
+        return texts
+
     def training_statements(self) -> list[str]:
         """One sentence per (entity, attribute, phrasing), in a fixed order: entity by entity,
         attribute by attribute, `statements_per_fact` phrasings each."""
-        statements = []
-        for entity in self.entities:
-            for attribute in ATTRIBUTES:
-                for template in _TRAINING_TEMPLATES[attribute][: self.statements_per_fact]:
-                    value = entity.value(attribute)
-                    statements.append(template.format(name=entity.name, v=value, a=_article(value)))
-        return statements
+        return self._written(_TRAINING_TEMPLATES, self.statements_per_fact)
 
     def training_questions(self) -> list[str]:
         """One question with its answer per (entity, attribute, question), `questions_per_fact` each, in the
         order of `training_statements`; empty when `questions_per_fact` is 0."""
-        questions = []
-        for entity in self.entities:
-            for attribute in ATTRIBUTES:
-                for template in _TRAINING_QUESTIONS[attribute][: self.questions_per_fact]:
-                    value = entity.value(attribute)
-                    questions.append(template.format(name=entity.name, v=value, a=_article(value)))
-        return questions
+        return self._written(_TRAINING_QUESTIONS, self.questions_per_fact)
 
     def fact_documents(self) -> list[str]:
         """Every training phrasing of every fact as a document of its own: the statements, then the questions.
