@@ -226,9 +226,10 @@ def plot_frontier(runs: list[dict], path: str, title: str) -> str:
     from modeling_memory.tools.plots import _pyplot, _save_atomically
 
     plt = _pyplot()
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    panels = [replay for replay in (False, True) if any(run["replay"] == replay for run in runs)]
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 0.5, 5), sharey=True, squeeze=False)
     colours = dict(zip(METHODS, ("tab:red", "tab:purple", "tab:blue", "tab:gray")))
-    for axis, replay in zip(axes, (False, True)):
+    for axis, replay in zip(axes[0], panels):
         for method in METHODS:
             points = [p for run in runs if run["method"] == method and run["replay"] == replay for p in run["points"][1:]]
             if not points:
@@ -241,11 +242,17 @@ def plot_frontier(runs: list[dict], path: str, title: str) -> str:
         axis.axvline(MIN_KEPT, color="black", linestyle=":", linewidth=1)
         axis.set_xlabel("general knowledge kept (share of what the base answered)")
         axis.set_title("with natural-text replay" if replay else "facts alone (no replay)")
-        axis.invert_xaxis()
-    axes[0].set_ylabel("recall of the new facts (dots: training phrasing, x: held-out)")
-    axes[0].legend(fontsize=8, loc="upper left")
+        axis.set_xlim(1.03, -0.03)  # more kept to the left
+        axis.set_ylim(-0.03, 1.03)
+    axes[0][0].set_ylabel("recall of the new facts (dots: training phrasing, x: held-out)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=2 * len(panels), fontsize=8)  # below the axes, over no point
     figure.suptitle(title, fontsize=10)
-    return _save_atomically(figure, path)
+    figure.tight_layout(rect=(0, 0.07, 1, 1))
+    try:
+        return _save_atomically(figure, path)
+    finally:
+        plt.close(figure)
 
 
 def _upper_envelope(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
