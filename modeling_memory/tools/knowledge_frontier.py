@@ -21,6 +21,8 @@ gives it. `benchmarks/knowledge_frontier.py` runs the grid and `memory-llama dem
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -186,21 +188,23 @@ def summarise(point: dict) -> str:
 
 def train_and_trace(data: FrontierData, method: str, learning_rate: float, replay: bool, max_steps: int = 120,
                     every: int = 20, patience: int = 2, batch_size: int = 8, seed: int = 0) -> dict:
-    """One run: returns {"method", "learning_rate", "replay", "points": [{"step", measures...}], "seconds"}; the
-    first point (step 0) is the model before training."""
+    """One run: returns {"method", "learning_rate", "replay", "points": [{"step", measures...}],
+    "trainable_parameters", "seconds", "model"}; the first point (step 0) is the model before training."""
     from datasets import concatenate_datasets
     from transformers import default_data_collator, set_seed
 
+    from modeling_memory.training.peft_modes import trainable_parameter_counts
     from modeling_memory.training.trainer import MemoryTrainingArguments
 
     started = time.perf_counter()
     set_seed(seed)
     model, trainer_class = build_model(data, method)
+    trainable = trainable_parameter_counts(model)["total"]  # of a sparse memory table, only its chosen rows
     rows = concatenate_datasets([data.fact_rows, data.replay_rows]) if replay else data.fact_rows
     label = f"{method} lr={learning_rate:g}{' +replay' if replay else ''}"
     points = [{"step": 0, **evaluate_point(model, data)}]
     args = MemoryTrainingArguments(
-        output_dir="/tmp/memory_llama_frontier", max_steps=max_steps, per_device_train_batch_size=batch_size,
+        output_dir=os.path.join(tempfile.gettempdir(), "memory_llama_frontier"), max_steps=max_steps, per_device_train_batch_size=batch_size,
         learning_rate=learning_rate, lr_scheduler_type="constant_with_warmup", warmup_steps=min(5, max_steps // 4),
         weight_decay=0.0, logging_steps=every,
         save_strategy="no", report_to="none", seed=seed, dataloader_pin_memory=False, disable_tqdm=True,
@@ -210,22 +214,42 @@ def train_and_trace(data: FrontierData, method: str, learning_rate: float, repla
                             callbacks=[_evaluation_callback(data, every, patience, points, started, label)])
     trainer.train()
     return {"method": method, "learning_rate": learning_rate, "replay": replay, "points": points,
-            "seconds": time.perf_counter() - started, "model": model}
+            "trainable_parameters": trainable, "seconds": time.perf_counter() - started, "model": model}
 
 
-def best_point(run: dict, min_kept: float = MIN_KEPT) -> dict | None:
-    """The point of a run with the most recall in the training phrasing among those keeping at least `min_kept`
-    of general knowledge (ties: the later one is not preferred); None if none does."""
+def best_point(run: dict, min_kept: float = MIN_KEPT, measure: str = "training phrasing") -> dict | None:
+    """The point of a run with the most recall by `measure` (a probe set's name; ties: the other phrasing decides)
+    among those keeping at least `min_kept` of general knowledge; None if none does."""
     points = [p for p in run["points"][1:] if p["general knowledge kept"] >= min_kept]
-    return max(points, key=lambda p: (p["training phrasing"], p["held-out phrasing"]), default=None)
+    return max(points, key=lambda p: (p[measure], p["held-out phrasing"] + p["training phrasing"]), default=None)
+
+
+def most_recall_point(points: list[dict]) -> dict:
+    """The point recalling the most in the training phrasing (ties: the one keeping more general knowledge)."""
+    return max(points, key=lambda p: (p["training phrasing"], p["general knowledge kept"]))
+
+
+def kept_at_recall(points: list[dict], recall: float) -> float | None:
+    """The most general knowledge kept by any of `points` recalling at least `recall` in the training phrasing;
+    None if none recalls that much."""
+    return max((p["general knowledge kept"] for p in points if p["training phrasing"] >= recall), default=None)
+
+
+def compare_at_best_recall(points: list[dict], other_points: list[dict]) -> dict:
+    """The frontier's comparison of two methods: at the most recall the other reaches (its best point), how much
+    general knowledge each keeps. {"recall", "kept", "other_kept"}; "kept" is None if `points` never recall as
+    much. Points are any evaluated points of a method (every learning rate, every step after the first)."""
+    other_best = most_recall_point(other_points)
+    return {"recall": other_best["training phrasing"], "kept": kept_at_recall(points, other_best["training phrasing"]),
+            "other_kept": other_best["general knowledge kept"]}
 
 
 def plot_frontier(runs: list[dict], path: str, title: str) -> str:
     """Recall (training phrasing, and held-out dashed) against general knowledge kept: one colour per method, every
     evaluated point of every learning rate, and each method's upper envelope."""
-    from modeling_memory.tools.plots import _pyplot, _save_atomically
+    from modeling_memory.tools.plots import agg_pyplot, save_figure
 
-    plt = _pyplot()
+    plt = agg_pyplot()
     panels = [replay for replay in (False, True) if any(run["replay"] == replay for run in runs)]
     figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 0.5, 5), sharey=True, squeeze=False)
     colours = dict(zip(METHODS, ("tab:red", "tab:purple", "tab:blue", "tab:gray")))
@@ -250,7 +274,7 @@ def plot_frontier(runs: list[dict], path: str, title: str) -> str:
     figure.suptitle(title, fontsize=10)
     figure.tight_layout(rect=(0, 0.07, 1, 1))
     try:
-        return _save_atomically(figure, path)
+        return save_figure(figure, path)
     finally:
         plt.close(figure)
 
@@ -273,7 +297,10 @@ __all__ = [
     "FrontierData",
     "best_point",
     "build_model",
+    "compare_at_best_recall",
     "evaluate_point",
+    "kept_at_recall",
+    "most_recall_point",
     "plot_frontier",
     "prepare_data",
     "summarise",

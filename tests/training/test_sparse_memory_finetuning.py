@@ -124,3 +124,14 @@ def test_models_without_ranked_tables_are_refused():
     model = MemoryLlamaForCausalLM(tiny_config(engram_layers=[]))
     with pytest.raises(ValueError, match="no product-key memory or Engram tables"):
         count_slot_reads(model, batches(0, 1))
+
+
+def test_trainable_weights_of_sparse_memory_fine_tuning_count_only_the_chosen_rows():
+    from modeling_memory.training.peft_modes import trainable_parameter_counts
+
+    model = MemoryLlamaForCausalLM(tiny_config(chapter_layers=[], engram_layers=[], pkm_layers=[1], pkm_num_keys=6,
+                                               pkm_top_k=3, pkm_heads=2, pkm_key_dim=8))
+    everything = sum(p.numel() for p in model.parameters())
+    assert trainable_parameter_counts(model)["total"] == everything
+    prepare_sparse_memory_finetuning(model, {"model.pkm_values.weight": torch.tensor([0, 5, 7])})
+    assert trainable_parameter_counts(model)["total"] == 3 * model.model.pkm_values.weight.shape[1]
