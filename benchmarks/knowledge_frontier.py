@@ -25,6 +25,7 @@ from modeling_memory.tools.knowledge_frontier import (
     METHODS,
     MIN_KEPT,
     best_point,
+    compare_at_best_recall,
     plot_frontier,
     prepare_data,
     train_and_trace,
@@ -76,6 +77,24 @@ def frontier_summary(runs: list[dict]) -> list[str]:
                 f"(training phrasing), {point['held-out phrasing']:.0%} (held-out) at {point['general knowledge kept']:.0%} "
                 f"kept (lr {run['learning_rate']:g}, step {point['step']})"
             )
+        lines += _comparisons(runs, replay)
+    return lines
+
+
+def _comparisons(runs: list[dict], replay: bool) -> list[str]:
+    """Sparse memory fine-tuning against LoRA and full fine-tuning at the most recall each reaches (any learning
+    rate, any step): the general knowledge each keeps there."""
+    def points(method):
+        return [p for run in runs if run["method"] == method and run["replay"] == replay for p in run["points"][1:]]
+
+    ours, lines = points("sparse_memory"), []
+    for other in ("lora", "full"):
+        if not ours or not points(other):
+            continue
+        comparison = compare_at_best_recall(ours, points(other))
+        kept = "never recalls as much" if comparison["kept"] is None else f"keeps {comparison['kept']:.0%}"
+        lines.append(f"- at the most {METHOD_LABELS[other]} recalls ({comparison['recall']:.0%}, keeping "
+                     f"{comparison['other_kept']:.0%}), {METHOD_LABELS['sparse_memory']} {kept}")
     return lines
 
 

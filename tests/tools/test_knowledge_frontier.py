@@ -39,3 +39,20 @@ def test_unrelated_passages_end_at_a_sentence_and_repeat_when_few():
     passages = _unrelated_passages(texts, 3)
     assert len(passages) == 3 and len(set(passages)) == 1
     assert passages[0].endswith(".") and len(passages[0]) <= 300
+
+
+def test_benchmark_summary_names_each_methods_best_point_and_the_comparisons():
+    from benchmarks.knowledge_frontier import frontier_summary
+
+    def run(method, learning_rate, points):
+        return {"method": method, "learning_rate": learning_rate, "replay": False, "points": [point(0, 0.0, 1.0)] + points}
+
+    runs = [run("sparse_memory", 0.3, [point(20, 0.8, 0.96, held_out=0.5)]), run("sparse_memory", 1.0, [point(20, 0.9, 0.8)]),
+            run("lora", 1e-3, [point(20, 0.6, 0.2)]), run("full", 1e-4, [point(20, 0.95, 0.5)])]
+    assert frontier_summary(runs) == [
+        "- sparse memory FT (product keys), facts alone: 80% (training phrasing), 50% (held-out) at 96% kept (lr 0.3, step 20)",
+        "- LoRA r=16, facts alone: no point keeps 95%",
+        "- full fine-tuning, facts alone: no point keeps 95%",
+        "- at the most LoRA r=16 recalls (60%, keeping 20%), sparse memory FT (product keys) keeps 96%",
+        "- at the most full fine-tuning recalls (95%, keeping 50%), sparse memory FT (product keys) never recalls as much",
+    ]
