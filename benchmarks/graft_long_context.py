@@ -119,6 +119,7 @@ def main() -> None:
     results["base"].append(accuracy_by_document(base, tokenizer, samples, args.documents))
     print(f"base: {results['base'][0]}", flush=True)
     config = memory_config_from_llama(base.config, preset="mosaic")
+    trained_params = {}
     for seed in range(args.seeds):
         for kind in ("lora", "mosaic"):
             start = time.perf_counter()
@@ -126,6 +127,7 @@ def main() -> None:
             if kind == "mosaic":
                 model = graft(copy.deepcopy(base), config)
                 trainable = lambda name: "associative_memory" in name  # noqa: E731
+                trained_params["mosaic"] = sum(p.numel() for n, p in model.named_parameters() if trainable(n))
             else:
                 lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
                 model = get_peft_model(copy.deepcopy(base), lora)
@@ -147,9 +149,6 @@ def main() -> None:
         per_seed = results[kind]
         row = [cell([run[d] for run in per_seed]) for d in range(args.documents)]
         rows.append([label] + row + [cell([statistics.mean(run) for run in per_seed])])
-    trained_params = {
-        "mosaic": sum(p.numel() for n, p in graft(copy.deepcopy(base), config).named_parameters() if "associative_memory" in n),
-    }
     table = markdown_table(header, rows)
     print(table)
     body = (

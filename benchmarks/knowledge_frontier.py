@@ -11,11 +11,13 @@ training phrasing stops rising (`--patience` evaluations) or `--max-steps`: reca
 held-out phrasings (questions worded unlike any trained one) and in the training phrasing after unrelated text;
 general knowledge kept (the package's probe, and at the end lm-evaluation-harness on the same facts as 4-way
 multiple choice); natural-text perplexity. The figure plots recall against knowledge kept, one curve per method;
-the table gives each run's best point at >= 95 % kept and its last point.
+the table gives each run's best point at >= 95 % kept and its last point. Every run's points are also written, as
+each run ends, to outputs/knowledge_frontier/runs.json.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from benchmarks.harness import benchmark_parser, finish_run, markdown_table, start_run
@@ -32,6 +34,7 @@ from modeling_memory.tools.knowledge_frontier import (
 )
 
 FIGURE = Path(__file__).resolve().parent / "figures" / "knowledge_frontier.png"
+RUNS_FILE = Path("outputs") / "knowledge_frontier" / "runs.json"  # every run's points, written as each run ends
 
 
 def _percent(value) -> str:
@@ -98,6 +101,14 @@ def _comparisons(runs: list[dict], replay: bool) -> list[str]:
     return lines
 
 
+def save_runs(runs: list[dict], path: Path) -> None:
+    """Every run so far, as JSON (written whole, atomically): the figures and tables can be redrawn from it."""
+    from modeling_memory.tools.safe_write import atomic_file
+
+    with atomic_file(path) as staging:
+        staging.write_text(json.dumps(runs, indent=1))
+
+
 def main(argv=None) -> None:
     parser = benchmark_parser(__doc__)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -132,11 +143,14 @@ def main(argv=None) -> None:
                 if not args.no_harness:
                     acc = next(iter(evaluate_with_harness(model, data.tokenizer).values()))["acc"]
                     run["harness_acc"] = acc / base_acc  # share of the base's accuracy
+                    print(f"      lm-eval acc {acc:.3f} ({run['harness_acc']:.0%} of the base's)", flush=True)
                 del model
                 runs.append(run)
+                save_runs(runs, RUNS_FILE)
 
     base = runs[0]["points"][0]
-    figure = plot_frontier(runs, str(FIGURE), f"SmolLM2-135M, {len(data.probes['training phrasing'])} new facts")
+    figure_path = RUNS_FILE.parent / FIGURE.name if args.no_write else FIGURE  # --no-write leaves the repository alone
+    figure = plot_frontier(runs, str(figure_path), f"SmolLM2-135M, {len(data.probes['training phrasing'])} new facts")
     table = markdown_table(HEADER, run_rows(runs))
     summary = "\n".join(frontier_summary(runs))
     print(table, summary, sep="\n\n")

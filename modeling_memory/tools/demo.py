@@ -175,6 +175,7 @@ def run_demo() -> int:
     print(f"      {len(data.knowledge)} fictional people, {len(data.probes['training phrasing'])} facts, each stated 3 "
           f"ways and asked 2 ways: {len(data.fact_rows)} rows of 64 tokens, every phrasing a document of its own; the "
           f"base answers {len(data.known_general)} general-knowledge questions correctly")
+    print(f"      the base: {summarise(data.before_training)}")
 
     progress("grafting product-key memory, and Engram + chapter memory; checking both compute exactly what the base computes")
     if not all(graft_checked(data.base, data.tokenizer, preset) for preset in ("pkm", "both")):
@@ -188,8 +189,6 @@ def run_demo() -> int:
         run = train_and_trace(data, method, LEARNING_RATES[method], replay=False, max_steps=TRAIN_STEPS,
                               every=EVALUATE_EVERY)
         del run["model"]
-        if not runs:
-            print(f"      before training (the base): {summarise(run['points'][0])}")
         runs.append(run)
 
     progress(f"results (also in {OUTPUT_DIR}/results.md, results.json, frontier.png)")

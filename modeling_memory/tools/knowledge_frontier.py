@@ -63,6 +63,10 @@ class FrontierData:
     perplexity_rows: object  # held-out natural text
     known_general: list  # general-knowledge probes the base answers correctly
     probes: dict = field(default_factory=dict)  # name -> probes
+    # The base's scores: every run's first point. Every way starts out computing exactly what the base computes (a
+    # graft's memory adds zero until trained, which the demo checks on these presets; LoRA's B matrices start at
+    # zero), so it is scored once.
+    before_training: dict = field(default_factory=dict)
 
 
 def prepare_data(entities: int = 16, seed: int = 0, block_size: int = 64, questions_per_fact: int = 2,
@@ -98,8 +102,10 @@ def prepare_data(entities: int = 16, seed: int = 0, block_size: int = 64, questi
             for probe, passage in zip(training_phrasing, passages)
         ],
     }
-    return FrontierData(base, tokenizer, knowledge, fact_rows, replay_rows, background_rows,
+    data = FrontierData(base, tokenizer, knowledge, fact_rows, replay_rows, background_rows,
                         held_out_text.select(range(min(perplexity_rows, len(held_out_text)))), known_general, probes)
+    data.before_training = evaluate_point(base, data)
+    return data
 
 
 def _unrelated_passages(texts: list[str], count: int) -> list[str]:
@@ -189,7 +195,7 @@ def summarise(point: dict) -> str:
 def train_and_trace(data: FrontierData, method: str, learning_rate: float, replay: bool, max_steps: int = 120,
                     every: int = 20, patience: int = 2, batch_size: int = 8, seed: int = 0) -> dict:
     """One run: returns {"method", "learning_rate", "replay", "points": [{"step", measures...}],
-    "trainable_parameters", "seconds", "model"}; the first point (step 0) is the model before training."""
+    "trainable_parameters", "seconds", "model"}; the first point (step 0) is `data.before_training`."""
     from datasets import concatenate_datasets
     from transformers import default_data_collator, set_seed
 
@@ -202,7 +208,7 @@ def train_and_trace(data: FrontierData, method: str, learning_rate: float, repla
     trainable = trainable_parameter_counts(model)["total"]  # of a sparse memory table, only its chosen rows
     rows = concatenate_datasets([data.fact_rows, data.replay_rows]) if replay else data.fact_rows
     label = f"{method} lr={learning_rate:g}{' +replay' if replay else ''}"
-    points = [{"step": 0, **evaluate_point(model, data)}]
+    points = [{"step": 0, **data.before_training}]
     args = MemoryTrainingArguments(
         output_dir=os.path.join(tempfile.gettempdir(), "memory_llama_frontier"), max_steps=max_steps, per_device_train_batch_size=batch_size,
         learning_rate=learning_rate, lr_scheduler_type="constant_with_warmup", warmup_steps=min(5, max_steps // 4),

@@ -1,7 +1,8 @@
 """The associative memory (Memory Mosaics v2) in the model: against the naive per-token reference, every generation
-mode with the cache against uncached decoding, static caches and compile, and the placements' promises (a
-"parallel" graft computes what Llama computes; "replace" has no self-attention). Causality, padding, chunked
-prefill and rows ending early are test_modeling.py's tests, run on these layouts too."""
+mode with the cache against uncached decoding, chunked prefill into a static cache, flex attention, and the
+placements' promises (a "parallel" graft computes what Llama computes; "replace" has no self-attention). Causality,
+padding, chunked prefill, rows ending early, beam search, sampling, static caches, compiled decoding, cache
+cropping and prompt-lookup decoding are test_modeling.py's tests, run on these layouts too (`trained_model`)."""
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from transformers import DynamicCache, LlamaForCausalLM, StaticCache
 import modeling_memory
 from modeling_memory import MemoryLlamaConfig, MemoryLlamaForCausalLM
 from modeling_memory.memory_llama.naive_associative_memory import naive_associative_memory
-from conftest import PAD, random_ids, tiny_config, train_steps, wake_memory
+from conftest import random_ids, tiny_config, train_steps, wake_memory
 from test_modeling import MOSAIC, MOSAIC_PARALLEL, MOSAIC_REPLACE, left_padded_batch, llama_config_of, positions_of
 
 FP32_ATOL = 1e-5
@@ -82,70 +83,21 @@ def test_chunked_prefill_into_a_static_cache_equals_full_forward(model):
     torch.testing.assert_close(torch.cat(chunks, dim=1)[valid], full[valid], rtol=1e-4, atol=FP32_ATOL)
 
 
-def test_beam_search_sampling_and_static_cache_equal_uncached(model):
-    ids, mask = left_padded_batch(torch.Generator().manual_seed(6))
-    greedy = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=PAD)
-    uncached = model.generate(ids, use_cache=False, **greedy)
-    assert torch.equal(model.generate(ids, **greedy), uncached)
-    assert torch.equal(model.generate(ids, cache_implementation="static", **greedy), uncached)
-    beams = dict(greedy, num_beams=3)
-    uncached_beams = model.generate(ids, use_cache=False, **beams)
-    assert torch.equal(model.generate(ids, **beams), uncached_beams)
-    assert torch.equal(model.generate(ids, cache_implementation="static", **beams), uncached_beams)
-    sampling = dict(max_new_tokens=16, do_sample=True, top_k=0, pad_token_id=PAD)
-    short = random_ids(2, 6, torch.Generator().manual_seed(7))
-    torch.manual_seed(0)
-    cached = model.generate(short, use_cache=True, **sampling)
-    torch.manual_seed(0)
-    assert torch.equal(cached, model.generate(short, use_cache=False, **sampling))
-
-
-def test_cache_crop_and_prompt_lookup_decoding(model):
-    ids = random_ids(1, 12, torch.Generator().manual_seed(9))
-    with torch.no_grad():
-        cache = DynamicCache(config=model.config)
-        model(ids[:, :8], cache=cache, use_cache=True)
-        cache.activate_past_recording()  # as assisted decoding does before it may crop
-        model(ids[:, 8:11], cache=cache, use_cache=True)
-        cache.crop(-3)
-        assert cache.get_seq_length() == 8
-        resumed = model(ids[:, 8:], cache=cache, use_cache=True).logits
-        full = model(ids).logits[:, 8:]
-    torch.testing.assert_close(resumed, full, rtol=1e-4, atol=FP32_ATOL)
-    pattern = random_ids(1, 5, torch.Generator().manual_seed(8))
-    prompt = torch.cat([pattern, pattern, pattern[:, :3]], dim=1)
-    kwargs = dict(max_new_tokens=16, do_sample=False, pad_token_id=PAD)
-    assert torch.equal(model.generate(prompt, prompt_lookup_num_tokens=3, **kwargs), model.generate(prompt, **kwargs))
-
-
-def test_compiled_decoding_with_static_cache_equals_eager(model):
-    from transformers import CompileConfig
-
-    ids, mask = left_padded_batch(torch.Generator().manual_seed(4))
-    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=PAD)
-    compile_config = CompileConfig(backend="eager", fullgraph=True, dynamic=False)
-    compile_config._compile_all_devices = True  # generate compiles on accelerators only by default
-    compiled = model.generate(ids, cache_implementation="static", compile_config=compile_config, **kwargs)
-    assert hasattr(model, "_compiled_call")
-    del model._compiled_call  # the module-scoped model is reused eagerly by the other tests
-    assert torch.equal(compiled, model.generate(ids, **kwargs))
-
-
-@pytest.mark.parametrize("implementation", ["eager", "flex_attention"])
-def test_attention_implementations_agree_with_sdpa(model, implementation, tmp_path):
-    if implementation == "flex_attention" and model.config.mosaic_placement == "parallel":
+def test_flex_attention_agrees_with_sdpa(model, tmp_path):
+    """Eager against sdpa is test_modeling's test_eager_and_sdpa_agree."""
+    if model.config.mosaic_placement == "parallel":
         # torch 2.13's inductor emits C++ that does not compile for this model's CPU flex kernels
         # ("cur_kvSplitSize5 was not declared"); the "replace" model covers the flex path on the CPU.
         pytest.skip("torch inductor CPU flex-attention codegen bug")
     model.save_pretrained(tmp_path)
     ids, mask = left_padded_batch(torch.Generator().manual_seed(11))
     logits = {}
-    for name in ("sdpa", implementation):
+    for name in ("sdpa", "flex_attention"):
         loaded = MemoryLlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation=name)
         with torch.no_grad():
             logits[name] = loaded(ids, attention_mask=mask, position_ids=positions_of(mask)).logits
     valid = mask.bool()
-    torch.testing.assert_close(logits[implementation][valid], logits["sdpa"][valid], rtol=1e-4, atol=FP32_ATOL)
+    torch.testing.assert_close(logits["flex_attention"][valid], logits["sdpa"][valid], rtol=1e-4, atol=FP32_ATOL)
 
 
 def test_gradients_reach_every_parameter_of_the_memory():
