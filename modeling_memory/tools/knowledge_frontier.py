@@ -251,8 +251,8 @@ def compare_at_best_recall(points: list[dict], other_points: list[dict]) -> dict
 
 
 def plot_frontier(runs: list[dict], path: str, title: str) -> str:
-    """Recall (training phrasing, and held-out dashed) against general knowledge kept: one colour per method, every
-    evaluated point of every learning rate, and each method's upper envelope."""
+    """Recall (dots: training phrasing, x: held-out) against general knowledge kept: one colour per method, every
+    evaluated point of every learning rate, and each method's upper envelope from the base (the star)."""
     from modeling_memory.tools.plots import agg_pyplot, save_figure
 
     plt = agg_pyplot()
@@ -267,8 +267,13 @@ def plot_frontier(runs: list[dict], path: str, title: str) -> str:
             kept = [p["general knowledge kept"] for p in points]
             axis.scatter(kept, [p["training phrasing"] for p in points], color=colours[method], s=14, alpha=0.6)
             axis.scatter(kept, [p["held-out phrasing"] for p in points], color=colours[method], s=14, marker="x", alpha=0.6)
-            envelope = _upper_envelope([(p["general knowledge kept"], p["training phrasing"]) for p in points])
+            # Every run starts at the base: the envelope starts there too.
+            start = next(run["points"][0] for run in runs if run["method"] == method and run["replay"] == replay)
+            envelope = _upper_envelope([(p["general knowledge kept"], p["training phrasing"]) for p in [start, *points]])
             axis.plot(*zip(*envelope), color=colours[method], label=METHOD_LABELS[method])
+        base = next(run["points"][0] for run in runs if run["replay"] == replay)
+        axis.scatter([base["general knowledge kept"]], [base["training phrasing"]], color="black", marker="*", s=60,
+                     zorder=3, label="the base")
         axis.axvline(MIN_KEPT, color="black", linestyle=":", linewidth=1)
         axis.set_xlabel("general knowledge kept (share of what the base answered)")
         axis.set_title("with natural-text replay" if replay else "facts alone (no replay)")
@@ -276,9 +281,9 @@ def plot_frontier(runs: list[dict], path: str, title: str) -> str:
         axis.set_ylim(-0.03, 1.03)
     axes[0][0].set_ylabel("recall of the new facts (dots: training phrasing, x: held-out)")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=2 * len(panels), fontsize=8)  # below the axes, over no point
+    figure.legend(handles, labels, loc="lower center", ncol=3 * len(panels), fontsize=8)  # below the axes, over no point
     figure.suptitle(title, fontsize=10)
-    figure.tight_layout(rect=(0, 0.07, 1, 1))
+    figure.tight_layout(rect=(0, 0.1, 1, 1))
     try:
         return save_figure(figure, path)
     finally:
