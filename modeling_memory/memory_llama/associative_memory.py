@@ -363,8 +363,15 @@ class MemoryLlamaAssociativeMemory(nn.Module):
         batch, num_heads, seq_len, head_dim = queries.shape
         query_positions = torch.arange(seq_len, device=queries.device) + start  # (S,)
         key_positions = torch.arange(keys.shape[2], device=queries.device)  # (K,)
+        window = seq_len + self.short_window - 1
+        if short_term and keys.shape[2] > window:
+            # Decoding: only the last h - 1 cached pairs and the new ones are in reach, so read those, not the whole
+            # cache (a fixed number of positions, which a compiled static-cache step needs too).
+            key_positions = key_positions[:window] + (start - (self.short_window - 1))
+            cached = key_positions.clamp(min=0)
+            keys, values = keys.index_select(2, cached), values.index_select(2, cached)
         lag = query_positions[:, None] - key_positions[None, :]  # (S, K)
-        real_keys = keys[:, 0, :, head_dim] > 0  # (B, K)
+        real_keys = (keys[:, 0, :, head_dim] > 0) & (key_positions >= 0)  # (B, K)
         if short_term:
             readable = (lag >= 1) & (lag <= self.short_window - 1)
             readable = readable[None] & real_keys[:, None, :]
@@ -378,7 +385,8 @@ class MemoryLlamaAssociativeMemory(nn.Module):
         scaled_queries = (queries.float() * beta[..., None]).to(queries.dtype)
         # A row that reads nothing gets one placeholder key (a finite softmax) and a zero output.
         reads_some = pairs_read > 0
-        readable = readable | (~reads_some[:, :, None] & (key_positions == 0)[None, None, :])
+        first_key = torch.arange(keys.shape[2], device=queries.device) == 0
+        readable = readable | (~reads_some[:, :, None] & first_key[None, None, :])
         output = self._attention(scaled_queries, keys[..., :head_dim], values, readable[:, None])
         output = output * reads_some[:, :, None, None].to(output.dtype)
         return output.reshape(batch, seq_len, num_heads * head_dim)
