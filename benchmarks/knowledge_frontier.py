@@ -28,6 +28,8 @@ from modeling_memory.tools.knowledge_frontier import (
     MIN_KEPT,
     best_point,
     compare_at_best_recall,
+    method_points,
+    percent,
     plot_frontier,
     prepare_data,
     train_and_trace,
@@ -37,10 +39,6 @@ FIGURE = Path(__file__).resolve().parent / "figures" / "knowledge_frontier.png"
 RUNS_FILE = Path("outputs") / "knowledge_frontier" / "runs.json"  # every run's points, written as each run ends
 
 
-def _percent(value) -> str:
-    return "-" if value is None else f"{value:.0%}"
-
-
 def run_rows(runs: list[dict]) -> list[list]:
     rows = []
     for run in runs:
@@ -48,10 +46,10 @@ def run_rows(runs: list[dict]) -> list[list]:
         rows.append([
             METHOD_LABELS[run["method"]], f"{run['learning_rate']:g}", "yes" if run["replay"] else "no",
             last["step"],
-            _percent(best and best["training phrasing"]), _percent(best and best["held-out phrasing"]),
-            _percent(best and best["after unrelated text"]), best["step"] if best else "-",
-            _percent(last["training phrasing"]), _percent(last["held-out phrasing"]),
-            _percent(last["general knowledge kept"]), f"{last['perplexity']:.2f}", _percent(run.get("harness_acc")),
+            percent(best and best["training phrasing"]), percent(best and best["held-out phrasing"]),
+            percent(best and best["after unrelated text"]), best["step"] if best else "-",
+            percent(last["training phrasing"]), percent(last["held-out phrasing"]),
+            percent(last["general knowledge kept"]), f"{last['perplexity']:.2f}", percent(run.get("harness_acc")),
         ])
     return rows
 
@@ -87,14 +85,12 @@ def frontier_summary(runs: list[dict]) -> list[str]:
 def _comparisons(runs: list[dict], replay: bool) -> list[str]:
     """Sparse memory fine-tuning against LoRA and full fine-tuning at the most recall each reaches (any learning
     rate, any step): the general knowledge each keeps there."""
-    def points(method):
-        return [p for run in runs if run["method"] == method and run["replay"] == replay for p in run["points"][1:]]
-
-    ours, lines = points("sparse_memory"), []
+    ours, lines = method_points(runs, "sparse_memory", replay), []
     for other in ("lora", "full"):
-        if not ours or not points(other):
+        theirs = method_points(runs, other, replay)
+        if not ours or not theirs:
             continue
-        comparison = compare_at_best_recall(ours, points(other))
+        comparison = compare_at_best_recall(ours, theirs)
         kept = "never recalls as much" if comparison["kept"] is None else f"keeps {comparison['kept']:.0%}"
         lines.append(f"- at the most {METHOD_LABELS[other]} recalls ({comparison['recall']:.0%}, keeping "
                      f"{comparison['other_kept']:.0%}), {METHOD_LABELS['sparse_memory']} {kept}")

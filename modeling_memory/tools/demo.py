@@ -88,14 +88,10 @@ def graft_checked(base, tokenizer, preset: str) -> bool:
     return check_identical(base, memory, tokenizer)
 
 
-def _percent(value) -> str:
-    return "-" if value is None else f"{value:.0%}"
-
-
 def results_table(runs: list[dict]) -> str:
     """One row for the base and one per run: its best point at >= MIN_KEPT general knowledge kept, and the point
     where it recalled the most (with what it kept there)."""
-    from modeling_memory.tools.knowledge_frontier import METHOD_LABELS, MIN_KEPT, best_point, most_recall_point
+    from modeling_memory.tools.knowledge_frontier import METHOD_LABELS, MIN_KEPT, best_point, most_recall_point, percent
 
     base = runs[0]["points"][0]
     rows = [
@@ -103,16 +99,16 @@ def results_table(runs: list[dict]) -> str:
         "unrelated text | most recall: training phrasing | held-out | general knowledge kept there | at step | "
         "perplexity, last step |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        f"| base SmolLM2-135M | - | 0 | {_percent(base['training phrasing'])} | {_percent(base['held-out phrasing'])} | "
-        f"{_percent(base['after unrelated text'])} | - | - | 100% | - | {base['perplexity']:.2f} |",
+        f"| base SmolLM2-135M | - | 0 | {percent(base['training phrasing'])} | {percent(base['held-out phrasing'])} | "
+        f"{percent(base['after unrelated text'])} | - | - | 100% | - | {base['perplexity']:.2f} |",
     ]
     for letter, run in zip("abcd", runs):
         best, most = best_point(run), most_recall_point(run["points"][1:])
         rows.append(
             f"| ({letter}) {METHOD_LABELS[run['method']]} | {run['learning_rate']:g} | {run['trainable_parameters']:,} | "
-            f"{_percent(best and best['training phrasing'])} | {_percent(best and best['held-out phrasing'])} | "
-            f"{_percent(best and best['after unrelated text'])} | {_percent(most['training phrasing'])} | "
-            f"{_percent(most['held-out phrasing'])} | {_percent(most['general knowledge kept'])} | {most['step']} | "
+            f"{percent(best and best['training phrasing'])} | {percent(best and best['held-out phrasing'])} | "
+            f"{percent(best and best['after unrelated text'])} | {percent(most['training phrasing'])} | "
+            f"{percent(most['held-out phrasing'])} | {percent(most['general knowledge kept'])} | {most['step']} | "
             f"{run['points'][-1]['perplexity']:.2f} |"
         )
     return "\n".join(rows)
@@ -122,11 +118,13 @@ def write_outputs(runs: list[dict], facts: dict) -> str:
     """results.md (the table), results.json (every point of every run) and frontier.png in OUTPUT_DIR; returns the
     table."""
     from modeling_memory.tools.knowledge_frontier import plot_frontier
+    from modeling_memory.tools.safe_write import atomic_file
 
-    OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
     table = results_table(runs)
-    (OUTPUT_DIR / "results.md").write_text(table + "\n")
-    (OUTPUT_DIR / "results.json").write_text(json.dumps({"runs": runs, **facts}, indent=1))
+    with atomic_file(OUTPUT_DIR / "results.md") as staging:
+        staging.write_text(table + "\n")
+    with atomic_file(OUTPUT_DIR / "results.json") as staging:
+        staging.write_text(json.dumps({"runs": runs, **facts}, indent=1))
     plot_frontier(runs, str(OUTPUT_DIR / "frontier.png"),
                   f"SmolLM2-135M, {facts.get('facts', '?')} new facts, {TRAIN_STEPS} steps (memory-llama demo)")
     return table

@@ -210,7 +210,8 @@ def train_and_trace(data: FrontierData, method: str, learning_rate: float, repla
     label = f"{method} lr={learning_rate:g}{' +replay' if replay else ''}"
     points = [{"step": 0, **data.before_training}]
     args = MemoryTrainingArguments(
-        output_dir=os.path.join(tempfile.gettempdir(), "memory_llama_frontier"), max_steps=max_steps, per_device_train_batch_size=batch_size,
+        output_dir=os.path.join(tempfile.gettempdir(), "memory_llama_frontier"), max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
         learning_rate=learning_rate, lr_scheduler_type="constant_with_warmup", warmup_steps=min(5, max_steps // 4),
         weight_decay=0.0, logging_steps=every,
         save_strategy="no", report_to="none", seed=seed, dataloader_pin_memory=False, disable_tqdm=True,
@@ -250,6 +251,16 @@ def compare_at_best_recall(points: list[dict], other_points: list[dict]) -> dict
             "other_kept": other_best["general knowledge kept"]}
 
 
+def method_points(runs: list[dict], method: str, replay: bool) -> list[dict]:
+    """Every evaluated point (after training began) of `method`'s runs with or without replay, all learning rates."""
+    return [p for run in runs if run["method"] == method and run["replay"] == replay for p in run["points"][1:]]
+
+
+def percent(share: float | None) -> str:
+    """A share as the tables print it: "92%", or "-" for none."""
+    return "-" if share is None else f"{share:.0%}"
+
+
 def plot_frontier(runs: list[dict], path: str, title: str) -> str:
     """Recall (dots: training phrasing, x: held-out) against general knowledge kept: one colour per method, every
     evaluated point of every learning rate, and each method's upper envelope from the base (the star)."""
@@ -261,7 +272,7 @@ def plot_frontier(runs: list[dict], path: str, title: str) -> str:
     colours = dict(zip(METHODS, ("tab:red", "tab:purple", "tab:blue", "tab:gray")))
     for axis, replay in zip(axes[0], panels):
         for method in METHODS:
-            points = [p for run in runs if run["method"] == method and run["replay"] == replay for p in run["points"][1:]]
+            points = method_points(runs, method, replay)
             if not points:
                 continue
             kept = [p["general knowledge kept"] for p in points]
@@ -311,7 +322,9 @@ __all__ = [
     "compare_at_best_recall",
     "evaluate_point",
     "kept_at_recall",
+    "method_points",
     "most_recall_point",
+    "percent",
     "plot_frontier",
     "prepare_data",
     "summarise",

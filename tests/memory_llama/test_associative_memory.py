@@ -2,7 +2,7 @@
 mode with the cache against uncached decoding, chunked prefill into a static cache, flex attention, and the
 placements' promises (a "parallel" graft computes what Llama computes; "replace" has no self-attention). Causality,
 padding, chunked prefill, rows ending early, beam search, sampling, static caches, compiled decoding, cache
-cropping and prompt-lookup decoding are test_modeling.py's tests, run on these layouts too (`trained_model`)."""
+cropping and prompt-lookup decoding are test_modeling.py's tests, run on these layouts too (`each_trained_layout`)."""
 
 import pytest
 import torch

@@ -247,7 +247,8 @@ def test_cached_greedy_generation_equals_uncached_with_rows_ending_early(layout)
     assert torch.equal(cached, uncached)
 
 
-def test_static_cache_generation_equals_dynamic(trained_model):
+def test_static_cache_generation_equals_dynamic(each_trained_layout):
+    trained_model = each_trained_layout
     ids, mask = left_padded_batch(torch.Generator().manual_seed(4))
     kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=PAD)
     dynamic = trained_model.generate(ids, **kwargs)
@@ -257,11 +258,12 @@ def test_static_cache_generation_equals_dynamic(trained_model):
                        trained_model.generate(ids, use_cache=False, **beams))
 
 
-def test_compiled_decoding_with_static_cache_equals_eager(trained_model):
+def test_compiled_decoding_with_static_cache_equals_eager(each_trained_layout):
     """`generate` compiles the decode step (whole graph, no breaks) when the cache is static; the eager
     backend checks the traced graph without the C++ build (the inductor build is the same graph)."""
     from transformers import CompileConfig
 
+    trained_model = each_trained_layout
     ids, mask = left_padded_batch(torch.Generator().manual_seed(4))
     kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=PAD)
     compile_config = CompileConfig(backend="eager", fullgraph=True, dynamic=False)
@@ -291,13 +293,15 @@ def test_chunked_prefill_equals_full_forward(each_trained_layout):
     torch.testing.assert_close(chunked[valid], full[valid], rtol=1e-4, atol=FP32_ATOL)
 
 
-def test_beam_search_with_cache_equals_without(trained_model):
+def test_beam_search_with_cache_equals_without(each_trained_layout):
+    trained_model = each_trained_layout
     ids, mask = left_padded_batch(torch.Generator().manual_seed(6))
     kwargs = dict(attention_mask=mask, max_new_tokens=12, num_beams=3, do_sample=False, pad_token_id=PAD)
     assert torch.equal(trained_model.generate(ids, use_cache=True, **kwargs), trained_model.generate(ids, use_cache=False, **kwargs))
 
 
-def test_sampling_with_cache_equals_without(trained_model):
+def test_sampling_with_cache_equals_without(each_trained_layout):
+    trained_model = each_trained_layout
     ids = random_ids(2, 6, torch.Generator().manual_seed(7))
     kwargs = dict(max_new_tokens=16, do_sample=True, top_k=0, pad_token_id=PAD)
     torch.manual_seed(0)
@@ -307,8 +311,9 @@ def test_sampling_with_cache_equals_without(trained_model):
     assert torch.equal(cached, uncached)
 
 
-def test_cache_cropping_prompt_lookup_decoding(trained_model):
+def test_cache_cropping_prompt_lookup_decoding(each_trained_layout):
     """Prompt-lookup decoding proposes tokens and crops the cache when they are rejected."""
+    trained_model = each_trained_layout
     pattern = random_ids(1, 5, torch.Generator().manual_seed(8))
     ids = torch.cat([pattern, pattern, pattern[:, :3]], dim=1)
     kwargs = dict(max_new_tokens=16, do_sample=False, pad_token_id=PAD)
@@ -316,7 +321,8 @@ def test_cache_cropping_prompt_lookup_decoding(trained_model):
     assert torch.equal(assisted, trained_model.generate(ids, **kwargs))
 
 
-def test_cache_crop_restores_engram_state(trained_model):
+def test_cache_crop_restores_memory_state(each_trained_layout):
+    trained_model = each_trained_layout
     ids = random_ids(1, 12, torch.Generator().manual_seed(9))
     with torch.no_grad():
         cache = DynamicCache(config=trained_model.config)
@@ -368,7 +374,8 @@ def test_gradient_checkpointing_same_loss_and_gradients(trained_model):
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_eager_and_sdpa_agree(trained_model, tmp_path):
+def test_eager_and_sdpa_agree(each_trained_layout, tmp_path):
+    trained_model = each_trained_layout
     trained_model.save_pretrained(tmp_path)
     ids, mask = left_padded_batch(torch.Generator().manual_seed(11))
     logits = {}
