@@ -36,6 +36,9 @@ TRAIN = ["--knowledge-entities", "6", "--block-size", "48", "--mode", "full", "-
 # class) writes MARKER and waits for a signal instead of running.
 _BLOCKED_COMMAND = r"""
 import functools, importlib, signal, sys
+# Ctrl-C raises KeyboardInterrupt, as in a shell's foreground job: a test run from a background job (`cmd &`,
+# nohup) would otherwise hand down SIGINT ignored, and the Ctrl-C test would wait forever.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 target, call, marker, *arguments = sys.argv[1:]
 module_name, attribute_path = target.split(":")
 owner = importlib.import_module(module_name)
@@ -77,7 +80,11 @@ def run_blocked(tmp_path, target: str, arguments: list[str], call: int = 1) -> s
 def stop(process: subprocess.Popen, signum: int) -> int:
     assert process.poll() is None  # still at work: the signal lands mid-run
     process.send_signal(signum)
-    return process.wait()
+    try:
+        return process.wait(timeout=300)  # a guard against a hang, far above the seconds it takes
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"the command did not end on signal {signal.Signals(signum).name}")
 
 
 def hidden(folder) -> list[str]:
