@@ -42,6 +42,7 @@ RECOMMENDED_TRAINING_ARGUMENTS = {
     "per_device_train_batch_size": 8,
     "num_train_epochs": 10,
     "block_size": 64,
+    "logging_steps": 5,  # a run is tens of steps; Trainer's 500 would log no loss, and draw no loss curve
 }
 
 
